@@ -1,0 +1,28 @@
+# Two commands do all set-up on a fresh machine:
+#   make run    creates .venv, installs the package, runs OPTune on the embedded default
+#   make test   creates .venv, installs the package with its test extra, runs the test suite
+# Extra Hydra overrides: make run ARGS="optune.rho=0.7 exp_dir=runs/rho07"
+PYTHON ?= python3
+VENV ?= .venv
+PY := $(VENV)/bin/python
+ARGS ?=
+PYTEST_ARGS ?=
+
+$(VENV)/.installed: pyproject.toml
+	$(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install -q --upgrade pip
+	$(PY) -m pip install -q -e '.[test]'
+	touch $@
+
+.PHONY: install run test lint
+install: $(VENV)/.installed
+
+run: $(VENV)/.installed
+	$(PY) -m optune_nemo.train $(ARGS)
+
+test: $(VENV)/.installed
+	$(PY) -m ruff check optune_nemo tests bench
+	$(PY) -m pytest $(PYTEST_ARGS) tests
+
+lint: $(VENV)/.installed
+	$(PY) -m ruff check optune_nemo tests bench

@@ -1,0 +1,346 @@
+"""Typed configuration of an OPTune run: the only place where defaults live.
+
+Every section is a dataclass registered with Hydra's ConfigStore, so `conf/optune.yaml` and
+command-line overrides are type-checked and unknown keys are rejected by Hydra itself. Value
+checks that types cannot express (ranges, choices, divisibility) live in `validate`, which the
+entry point runs once before any work and which raises `ConfigError` naming the key.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Optional
+
+CONF_DIR = Path(__file__).resolve().parents[1] / "conf"
+
+
+class ConfigError(ValueError):
+    """A configuration value is not allowed. The message names the key and what is allowed."""
+
+
+@dataclass
+class ModelConfig:
+    """Llama-style decoder (megatron-core GPTModel). Upstream names are kept where they exist."""
+
+    num_layers: int = 2
+    """Transformer layers."""
+    hidden_size: int = 64
+    """Model width."""
+    ffn_hidden_size: int = 176
+    """Width of the SwiGLU MLP (per gate/up projection)."""
+    num_attention_heads: int = 4
+    """Query heads."""
+    num_query_groups: int = 2
+    """Key/value heads (grouped-query attention); must divide num_attention_heads."""
+    kv_channels: Optional[int] = None
+    """Head dimension; None means hidden_size // num_attention_heads."""
+    seq_length: int = 256
+    """Longest sequence (prompt + response) the model is run on."""
+    rotary_base: int = 10000
+    """RoPE base frequency."""
+    norm_epsilon: float = 1e-5
+    """RMSNorm epsilon."""
+    untie_embeddings_and_output_weights: bool = False
+    """False ties the output layer to the input embedding."""
+    add_qkv_bias: bool = False
+    """Bias on the QKV projection (Qwen2)."""
+    init_method_std: float = 0.02
+    """Standard deviation of the random initialisation."""
+    make_vocab_size_divisible_by: int = 128
+    """The embedding is padded to a multiple of this times the TP size."""
+    transformer_impl: str = "local"
+    """Layer spec: `local` (pure torch, runs anywhere) or `transformer_engine` (GPU, needs TE)."""
+
+
+@dataclass
+class ParallelConfig:
+    """Parallel layout. data parallel size = world size / (tensor * pipeline)."""
+
+    tensor_model_parallel_size: int = 1
+    """Tensor-parallel ranks; must divide num_attention_heads, num_query_groups and the world size."""
+    pipeline_model_parallel_size: int = 1
+    """Pipeline stages; must divide num_layers and the world size."""
+    use_distributed_optimizer: bool = False
+    """Shard optimizer state over data-parallel ranks (megatron DistributedOptimizer)."""
+
+
+@dataclass
+class OptimConfig:
+    """Optimizer and learning-rate schedule, built through megatron.core.optimizer."""
+
+    optimizer: str = "adam"
+    """`adam` or `sgd`."""
+    lr: float = 5e-4
+    """Peak learning rate."""
+    min_lr: float = 0.0
+    """Learning rate at the end of the decay."""
+    weight_decay: float = 0.0
+    """Decoupled weight decay."""
+    adam_beta1: float = 0.9
+    """Adam beta1."""
+    adam_beta2: float = 0.95
+    """Adam beta2."""
+    adam_eps: float = 1e-8
+    """Adam epsilon."""
+    clip_grad: float = 1.0
+    """Global gradient-norm clip; 0 disables it."""
+    warmup_ratio: float = 0.1
+    """Fraction of all optimizer steps of the run spent warming up linearly from 0."""
+    lr_decay_style: str = "constant"
+    """After warm-up: `constant`, `linear` or `cosine` (down to min_lr at the last step)."""
+
+
+@dataclass
+class TrainConfig:
+    """Batching of preference pairs for the policy update."""
+
+    micro_batch_size: int = 4
+    """Pairs per forward/backward on one data-parallel rank."""
+    global_batch_size: int = 16
+    """Pairs per optimizer step, over all data-parallel ranks (gradient accumulation fills it)."""
+    epochs_per_iteration: int = 1
+    """Passes over the iteration's training set D_t."""
+    shuffle: bool = True
+    """Shuffle pair order each epoch (seeded by seed, iteration and epoch)."""
+
+
+@dataclass
+class GenerationConfig:
+    """Sampling of responses (paper Appendix C: temperature 1.0, top_p 0.9)."""
+
+    engine: str = "torch"
+    """`torch` (runs anywhere)."""
+    temperature: float = 1.0
+    """Softmax temperature; 0 means greedy."""
+    top_p: float = 0.9
+    """Nucleus sampling mass; 1.0 disables it."""
+    top_k: int = 0
+    """Keep the k most likely tokens; 0 disables it."""
+    max_new_tokens: int = 24
+    """Longest response."""
+    batch_size: int = 32
+    """Prompts per generation batch on one data-parallel rank."""
+
+
+@dataclass
+class RewardConfig:
+    """Reward model. `function` is a Hydra `_target_` node: any importable callable
+    `fn(prompts: list[str], responses: list[str], **metadata) -> list[float]` works."""
+
+    function: Any = field(
+        default_factory=lambda: {"_target_": "optune_nemo.reward.rules.arithmetic_reward"}
+    )
+    """Hydra node instantiated (with `_partial_: true` semantics) into the scoring callable."""
+    batch_size: int = 64
+    """Responses scored per call."""
+
+
+@dataclass
+class DataConfig:
+    """Prompt source. With `path: null` the built-in task generates its prompts."""
+
+    path: Optional[str] = None
+    """JSONL or Parquet file with a `prompt` string or a chat `messages` list per row."""
+    task: str = "arithmetic"
+    """Built-in task used when path is null: `arithmetic`."""
+    num_prompts: int = 64
+    """Prompts used for training (the first num_prompts rows; the built-in task generates them)."""
+    max_prompt_length: int = 48
+    """Longest prompt in tokens, after the chat template."""
+    overlong_prompts: str = "truncate"
+    """What to do with longer prompts: `truncate` (keep the last tokens) or `reject` (drop)."""
+
+
+@dataclass
+class OptuneConfig:
+    """The OPTune loop (SPEC.md)."""
+
+    iterations: int = 3
+    """Total iterations, iteration 0 (fully online) included."""
+    rho: float = 0.5
+    """Fraction of prompts regenerated at iterations t >= 1, in (0, 1]."""
+    selection: str = "lowest_reward"
+    """`lowest_reward` (OPTune), `random` (baseline) or `all` (online DPO, forces rho = 1)."""
+    min_reward_gap: float = 0.0
+    """Pairs with |r_w - r_l| <= this carry no preference and are left out of the loss."""
+
+
+@dataclass
+class LossConfig:
+    """Preference loss (SPEC.md)."""
+
+    name: str = "wdpo"
+    """`wdpo` (reward-gap weighted) or `dpo`."""
+    beta1: float = 0.1
+    """Scale of the implicit reward in the sigmoid."""
+    beta2: float = 1.0
+    """Scale of the reward gap in the wDPO weight."""
+
+
+@dataclass
+class CheckpointConfig:
+    """Checkpoints under exp_dir/checkpoints/iter_NNNNNN/."""
+
+    save: bool = True
+    """Write a checkpoint after every iteration."""
+    keep_last: int = 0
+    """Keep only the newest this many checkpoints; 0 keeps all."""
+
+
+@dataclass
+class LoggingConfig:
+    """Metrics and console output."""
+
+    tensorboard: bool = True
+    """Write TensorBoard events under exp_dir/tensorboard."""
+    progress: bool = True
+    """Progress bars on rank 0."""
+    level: str = "INFO"
+    """Python logging level on rank 0 (other ranks log warnings only)."""
+
+
+@dataclass
+class OptuneNemoConfig:
+    """A whole run."""
+
+    exp_dir: str = "runs/default"
+    """Every output of the run goes under this directory."""
+    seed: int = 1234
+    """Seeds initialisation, sampling, selection and shuffling."""
+    resume: str = "auto"
+    """`auto` continues from the latest complete checkpoint in exp_dir, `never` refuses to start
+    over an existing one, or a path to a checkpoint directory."""
+    precision: str = "fp32"
+    """`fp32`."""
+    model: ModelConfig = field(default_factory=ModelConfig)
+    parallel: ParallelConfig = field(default_factory=ParallelConfig)
+    optim: OptimConfig = field(default_factory=OptimConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    generation: GenerationConfig = field(default_factory=GenerationConfig)
+    reward: RewardConfig = field(default_factory=RewardConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    optune: OptuneConfig = field(default_factory=OptuneConfig)
+    loss: LossConfig = field(default_factory=LossConfig)
+    checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
+    logging: LoggingConfig = field(default_factory=LoggingConfig)
+
+
+def register_schema() -> None:
+    """Register the schema with Hydra's ConfigStore as `optune_schema`."""
+    from hydra.core.config_store import ConfigStore
+
+    ConfigStore.instance().store(name="optune_schema", node=OptuneNemoConfig)
+
+
+# --------------------------------------------------------------------------- validation
+
+
+def _choice(key: str, value: Any, allowed: tuple) -> None:
+    if value not in allowed:
+        raise ConfigError(f"{key}: must be one of {', '.join(map(str, allowed))} (got {value!r})")
+
+
+def _positive(key: str, value: float) -> None:
+    if not value > 0:
+        raise ConfigError(f"{key}: must be > 0 (got {value!r})")
+
+
+def _divides(key: str, value: int, what: str, total: int) -> None:
+    if value < 1 or total % value != 0:
+        raise ConfigError(f"{key}: must be a positive divisor of {what} = {total} (got {value!r})")
+
+
+def validate(cfg: OptuneNemoConfig, world_size: int = 1) -> None:
+    """Check every value the types cannot. Raises ConfigError naming the first bad key."""
+    o, m, p, t, g, lo = cfg.optune, cfg.model, cfg.parallel, cfg.train, cfg.generation, cfg.loss
+    if not (isinstance(o.rho, (int, float)) and 0 < o.rho <= 1):
+        raise ConfigError(f"optune.rho: must be in (0, 1] (got {o.rho!r})")
+    if o.iterations < 1:
+        raise ConfigError(f"optune.iterations: must be >= 1 (got {o.iterations})")
+    _choice("optune.selection", o.selection, ("lowest_reward", "random", "all"))
+    if o.selection == "all" and o.rho != 1:
+        raise ConfigError(f"optune.rho: selection=all regenerates every prompt, set rho=1 (got {o.rho})")
+    if o.min_reward_gap < 0:
+        raise ConfigError(f"optune.min_reward_gap: must be >= 0 (got {o.min_reward_gap})")
+    _choice("loss.name", lo.name, ("wdpo", "dpo"))
+    _positive("loss.beta1", lo.beta1)
+    _positive("loss.beta2", lo.beta2)
+    _choice("precision", cfg.precision, ("fp32",))
+    if cfg.resume not in ("auto", "never") and not Path(cfg.resume).is_dir():
+        raise ConfigError(f"resume: must be auto, never or an existing checkpoint directory (got {cfg.resume!r})")
+    if not cfg.exp_dir:
+        raise ConfigError("exp_dir: must be a non-empty path")
+
+    for key in ("num_layers", "hidden_size", "ffn_hidden_size", "num_attention_heads",
+                "num_query_groups", "seq_length", "rotary_base", "make_vocab_size_divisible_by"):
+        _positive(f"model.{key}", getattr(m, key))
+    _positive("model.norm_epsilon", m.norm_epsilon)
+    _divides("model.num_query_groups", m.num_query_groups, "model.num_attention_heads",
+             m.num_attention_heads)
+    if m.kv_channels is None and m.hidden_size % m.num_attention_heads:
+        raise ConfigError(
+            f"model.hidden_size: must be divisible by model.num_attention_heads = "
+            f"{m.num_attention_heads} when model.kv_channels is null (got {m.hidden_size})")
+    _choice("model.transformer_impl", m.transformer_impl, ("local", "transformer_engine"))
+
+    tp, pp = p.tensor_model_parallel_size, p.pipeline_model_parallel_size
+    _divides("parallel.tensor_model_parallel_size", tp, "model.num_attention_heads", m.num_attention_heads)
+    _divides("parallel.tensor_model_parallel_size", tp, "model.num_query_groups", m.num_query_groups)
+    _divides("parallel.tensor_model_parallel_size", tp, "the world size", world_size)
+    _divides("parallel.pipeline_model_parallel_size", pp, "model.num_layers", m.num_layers)
+    if world_size % (tp * pp):
+        raise ConfigError(
+            f"parallel: tensor_model_parallel_size * pipeline_model_parallel_size = {tp * pp} "
+            f"must divide the world size {world_size}")
+    dp = world_size // (tp * pp)
+
+    _choice("optim.optimizer", cfg.optim.optimizer, ("adam", "sgd"))
+    _positive("optim.lr", cfg.optim.lr)
+    if not 0 <= cfg.optim.warmup_ratio < 1:
+        raise ConfigError(f"optim.warmup_ratio: must be in [0, 1) (got {cfg.optim.warmup_ratio})")
+    _choice("optim.lr_decay_style", cfg.optim.lr_decay_style, ("constant", "linear", "cosine"))
+    if cfg.optim.clip_grad < 0:
+        raise ConfigError(f"optim.clip_grad: must be >= 0 (got {cfg.optim.clip_grad})")
+
+    _positive("train.micro_batch_size", t.micro_batch_size)
+    _positive("train.epochs_per_iteration", t.epochs_per_iteration)
+    if t.global_batch_size % (t.micro_batch_size * dp):
+        raise ConfigError(
+            f"train.global_batch_size: must be a multiple of train.micro_batch_size * data-parallel "
+            f"size = {t.micro_batch_size * dp} (got {t.global_batch_size})")
+
+    _choice("generation.engine", g.engine, ("torch",))
+    if g.temperature < 0:
+        raise ConfigError(f"generation.temperature: must be >= 0 (got {g.temperature})")
+    if not 0 < g.top_p <= 1:
+        raise ConfigError(f"generation.top_p: must be in (0, 1] (got {g.top_p})")
+    if g.top_k < 0:
+        raise ConfigError(f"generation.top_k: must be >= 0 (got {g.top_k})")
+    _positive("generation.max_new_tokens", g.max_new_tokens)
+    _positive("generation.batch_size", g.batch_size)
+
+    _positive("reward.batch_size", cfg.reward.batch_size)
+    if not (hasattr(cfg.reward.function, "get") and cfg.reward.function.get("_target_")):
+        raise ConfigError("reward.function: must be a node with a `_target_` naming a callable")
+
+    _positive("data.num_prompts", cfg.data.num_prompts)
+    _positive("data.max_prompt_length", cfg.data.max_prompt_length)
+    _choice("data.overlong_prompts", cfg.data.overlong_prompts, ("truncate", "reject"))
+    _choice("data.task", cfg.data.task, ("arithmetic",))
+    if cfg.data.path is not None and Path(cfg.data.path).suffix not in (".jsonl", ".parquet"):
+        raise ConfigError(f"data.path: must end in .jsonl or .parquet (got {cfg.data.path!r})")
+    if cfg.data.max_prompt_length + g.max_new_tokens > m.seq_length:
+        raise ConfigError(
+            f"model.seq_length: must be >= data.max_prompt_length + generation.max_new_tokens = "
+            f"{cfg.data.max_prompt_length + g.max_new_tokens} (got {m.seq_length})")
+
+    if cfg.checkpoint.keep_last < 0:
+        raise ConfigError(f"checkpoint.keep_last: must be >= 0 (got {cfg.checkpoint.keep_last})")
+    _choice("logging.level", cfg.logging.level, ("DEBUG", "INFO", "WARNING", "ERROR"))
+
+
+def num_regenerated(rho: float, num_prompts: int) -> int:
+    """K = ceil(rho * N), guarded against float noise (0.3 * 10 = 3.0000000000000004)."""
+    return min(num_prompts, math.ceil(round(rho * num_prompts, 9)))
