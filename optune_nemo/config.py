@@ -122,6 +122,9 @@ class GenerationConfig:
     """Longest response."""
     batch_size: int = 32
     """Prompts per generation batch on one data-parallel rank."""
+    chunk_size: int = 32
+    """Prompts per persisted chunk of generation and scoring: a pre-emption loses at most one chunk.
+    Best a multiple of batch_size times the data-parallel size."""
 
 
 @dataclass
@@ -234,6 +237,18 @@ def register_schema() -> None:
     ConfigStore.instance().store(name="optune_schema", node=OptuneNemoConfig)
 
 
+def load_config(overrides: list[str] | tuple[str, ...] = ()) -> OptuneNemoConfig:
+    """conf/optune.yaml with Hydra command-line style overrides, as a typed config object
+    (what `python -m optune_nemo.train` sees; for tests, notebooks and tools)."""
+    from hydra import compose, initialize_config_dir
+    from omegaconf import OmegaConf
+
+    register_schema()
+    with initialize_config_dir(config_dir=str(CONF_DIR), version_base=None):
+        dcfg = compose(config_name="optune", overrides=list(overrides))
+    return OmegaConf.to_object(dcfg)
+
+
 # --------------------------------------------------------------------------- validation
 
 
@@ -320,6 +335,7 @@ def validate(cfg: OptuneNemoConfig, world_size: int = 1) -> None:
         raise ConfigError(f"generation.top_k: must be >= 0 (got {g.top_k})")
     _positive("generation.max_new_tokens", g.max_new_tokens)
     _positive("generation.batch_size", g.batch_size)
+    _positive("generation.chunk_size", g.chunk_size)
 
     _positive("reward.batch_size", cfg.reward.batch_size)
     if not (hasattr(cfg.reward.function, "get") and cfg.reward.function.get("_target_")):
@@ -344,3 +360,76 @@ def validate(cfg: OptuneNemoConfig, world_size: int = 1) -> None:
 def num_regenerated(rho: float, num_prompts: int) -> int:
     """K = ceil(rho * N), guarded against float noise (0.3 * 10 = 3.0000000000000004)."""
     return min(num_prompts, math.ceil(round(rho * num_prompts, 9)))
+
+
+# --------------------------------------------------------------------------- conf/optune.yaml
+
+_YAML_HEADER = """\
+# OPTune run configuration: every key with its default and what it means.
+# GENERATED from optune_nemo/config.py (the schema, the only home of defaults) by
+#   python -m optune_nemo.config > conf/optune.yaml
+# Edit the schema, not this file; a test checks they agree. Override any key on the command line:
+#   python -m optune_nemo.train optune.rho=0.7 exp_dir=runs/rho07 ++model.num_layers=4
+defaults:
+  - optune_schema
+  - _self_
+  - override hydra/job_logging: none
+  - override hydra/hydra_logging: none
+
+hydra:
+  run:
+    dir: .            # outputs go under exp_dir, never into a Hydra run directory
+  output_subdir: null
+"""
+
+
+def _field_docs(cls) -> dict[str, str]:
+    """Attribute docstrings (the string literal under each field) read from the source."""
+    import ast
+    import inspect
+    import textwrap
+
+    tree = ast.parse(textwrap.dedent(inspect.getsource(cls)))
+    body, docs = tree.body[0].body, {}
+    for node, nxt in zip(body, body[1:] + [None]):
+        if isinstance(node, ast.AnnAssign) and isinstance(nxt, ast.Expr) and isinstance(nxt.value, ast.Constant):
+            docs[node.target.id] = " ".join(nxt.value.value.split())
+    return docs
+
+
+def _yaml_value(value: Any) -> str:
+    import json
+
+    if value is None:
+        return "null"
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    if isinstance(value, (int, float)):
+        return repr(value)
+    return json.dumps(value)
+
+
+def _render(obj, indent: int) -> list[str]:
+    import dataclasses
+
+    docs, lines, pad = _field_docs(type(obj)), [], "  " * indent
+    for f in dataclasses.fields(obj):
+        value = getattr(obj, f.name)
+        if dataclasses.is_dataclass(value):
+            lines += ["", f"{pad}# {type(value).__doc__.splitlines()[0]}", f"{pad}{f.name}:"]
+            lines += _render(value, indent + 1)
+        elif isinstance(value, dict):
+            lines.append(f"{pad}{f.name}:  # {docs.get(f.name, '')}")
+            lines += [f"{pad}  {k}: {_yaml_value(v)}" for k, v in value.items()]
+        else:
+            lines.append(f"{pad}{f.name}: {_yaml_value(value)}  # {docs.get(f.name, '')}")
+    return lines
+
+
+def render_yaml() -> str:
+    """conf/optune.yaml as it must read: the schema's defaults with their docstrings as comments."""
+    return _YAML_HEADER + "\n".join(_render(OptuneNemoConfig(), 0)) + "\n"
+
+
+if __name__ == "__main__":
+    print(render_yaml(), end="")

@@ -1,0 +1,137 @@
+"""Hydra entry point: `python -m optune_nemo.train key=value ...`.
+
+config -> validate -> distributed -> builders -> resume -> OPTune.fit() -> summary.
+Exit codes: 0 finished or stopped cleanly for pre-emption (then `exp_dir/COMPLETED` is absent),
+2 bad configuration or input (one line naming the key), 1 anything else.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import os
+import sys
+from pathlib import Path
+
+import hydra
+from omegaconf import DictConfig, OmegaConf
+
+from optune_nemo.config import CONF_DIR, ConfigError, OptuneNemoConfig, register_schema, validate
+
+log = logging.getLogger("optune_nemo.train")
+
+COMPLETED = "COMPLETED"
+
+
+def world_size_from_env() -> int:
+    """The world size before any process group exists (torchrun, then Slurm, else 1)."""
+    for var in ("WORLD_SIZE", "SLURM_NTASKS"):
+        if os.environ.get(var):
+            return int(os.environ[var])
+    return 1
+
+
+def to_config(dcfg: DictConfig) -> OptuneNemoConfig:
+    cfg = OmegaConf.to_object(dcfg)
+    assert isinstance(cfg, OptuneNemoConfig)
+    return cfg
+
+
+def total_train_steps(cfg: OptuneNemoConfig, num_prompts: int) -> int:
+    """Optimizer steps of the whole run, for the LR schedule. An upper bound: tied pairs are left
+    out of the loss, so an iteration may have fewer steps than ceil(N / global_batch_size)."""
+    per_iteration = math.ceil(num_prompts / cfg.train.global_batch_size) * cfg.train.epochs_per_iteration
+    return per_iteration * cfg.optune.iterations
+
+
+def build_and_fit(cfg: OptuneNemoConfig) -> str:
+    """Everything after validation. Returns `completed` or `preempted`."""
+    from optune_nemo.algorithm.optune import OPTune
+    from optune_nemo.algorithm.store import RolloutStore
+    from optune_nemo.checkpoint import CheckpointManager
+    from optune_nemo.data import build_tokenizer, load_prompts
+    from optune_nemo.distributed import init_distributed
+    from optune_nemo.generation import build_engine
+    from optune_nemo.logging import MetricsWriter, setup_logging
+    from optune_nemo.policy import build_policy
+    from optune_nemo.preemption import PreemptionGuard
+    from optune_nemo.reward.base import build_reward
+
+    guard = PreemptionGuard()   # first: a signal during start-up must not kill the job
+    dist = init_distributed(cfg.parallel.tensor_model_parallel_size,
+                            cfg.parallel.pipeline_model_parallel_size)
+    setup_logging(dist.rank, cfg.logging.level)
+    exp_dir = Path(cfg.exp_dir)
+    if dist.rank == 0:
+        exp_dir.mkdir(parents=True, exist_ok=True)
+        (exp_dir / "config.yaml").write_text(OmegaConf.to_yaml(OmegaConf.structured(cfg)))
+    tokenizer = build_tokenizer(cfg)
+    prompts = load_prompts(cfg.data, tokenizer)
+    policy = build_policy(cfg, vocab_size=tokenizer.vocab_size, pad_token_id=tokenizer.pad_token_id,
+                          dist=dist, total_train_steps=total_train_steps(cfg, len(prompts)))
+    engine = build_engine(cfg.generation, model=policy.unwrapped_model(), tokenizer=tokenizer,
+                          dist=dist, vocab_size=tokenizer.vocab_size)
+    store = RolloutStore(prompts)
+    checkpoints = CheckpointManager(exp_dir, keep_last=cfg.checkpoint.keep_last)
+    metrics = MetricsWriter(exp_dir, tensorboard=cfg.logging.tensorboard, enabled=dist.rank == 0)
+    next_iteration = resume(cfg, checkpoints, policy, store)
+    metrics.truncate_from(next_iteration)
+    loop = OPTune(cfg, prompts=prompts, policy=policy, engine=engine, reward=build_reward(cfg.reward),
+                  store=store, checkpoints=checkpoints, metrics=metrics, guard=guard,
+                  stop_token_ids=tokenizer.stop_token_ids, next_iteration=next_iteration)
+    outcome = loop.fit()
+    metrics.close()
+    if outcome == "completed" and dist.rank == 0:
+        (exp_dir / COMPLETED).write_text("ok\n")
+        summarize(exp_dir)
+    return outcome
+
+
+def resume(cfg: OptuneNemoConfig, checkpoints, policy, store) -> int:
+    """Restore the newest complete checkpoint (per `resume`) and return the next iteration."""
+    from optune_nemo.algorithm.store import RolloutStore
+
+    if cfg.resume == "never":
+        if checkpoints.complete_checkpoints():
+            raise ConfigError(f"resume: never, but {checkpoints.root} already holds checkpoints; "
+                              "use resume=auto or another exp_dir")
+        return 0
+    directory = Path(cfg.resume) if cfg.resume != "auto" else checkpoints.latest_valid()
+    if directory is None:
+        return 0
+    log.info("resuming from %s", directory)
+    policy.load_checkpoint(str(directory / "model"))
+    store.load_state_dict(RolloutStore.from_parquet(directory / "rollouts.parquet").state_dict())
+    return checkpoints.load_trainer_state(directory)["next_iteration"]
+
+
+def summarize(exp_dir: Path) -> None:
+    from optune_nemo.logging import read_metrics
+
+    records = read_metrics(exp_dir)
+    if not records:
+        return
+    gen = sum(r["time_generation_s"] for r in records)
+    total = sum(r["time_total_s"] for r in records)
+    log.info("done: %d iterations, %d prompts regenerated, chosen reward %.4f -> %.4f, "
+             "generation %.1f s of %.1f s (%.0f %%)", len(records),
+             sum(r["regenerated"] for r in records), records[0]["reward_chosen_mean"],
+             records[-1]["reward_chosen_mean"], gen, total, 100 * gen / max(total, 1e-9))
+
+
+register_schema()
+
+
+@hydra.main(config_path=str(CONF_DIR), config_name="optune", version_base=None)
+def main(dcfg: DictConfig) -> None:
+    try:
+        cfg = to_config(dcfg)
+        validate(cfg, world_size=world_size_from_env())
+        build_and_fit(cfg)
+    except ConfigError as e:
+        print(f"optune_nemo: configuration error: {e}", file=sys.stderr)
+        sys.exit(2)
+
+
+if __name__ == "__main__":
+    main()
