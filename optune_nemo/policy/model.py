@@ -1,0 +1,102 @@
+"""A Llama-style megatron-core GPTModel built from `ModelConfig`.
+
+RMSNorm, SwiGLU MLP, RoPE (configurable base), grouped-query attention, no linear biases (optional
+QKV bias for Qwen2), tied or untied embeddings. Layer spec: the local (pure torch) spec, or the
+Transformer Engine spec when `model.transformer_impl=transformer_engine` and TE is installed.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+from optune_nemo.config import ConfigError, ModelConfig
+
+try:
+    import transformer_engine  # noqa: F401
+
+    HAVE_TE = True
+except ImportError:
+    HAVE_TE = False
+
+
+def padded_vocab_size(vocab_size: int, model_cfg: ModelConfig, tp_size: int) -> int:
+    """The embedding rows: vocab_size rounded up to make_vocab_size_divisible_by * tp."""
+    multiple = model_cfg.make_vocab_size_divisible_by * tp_size
+    return -(-vocab_size // multiple) * multiple
+
+
+def build_transformer_config(model_cfg: ModelConfig, *, tp_size: int, pp_size: int,
+                             params_dtype: torch.dtype = torch.float32):
+    from megatron.core.transformer import TransformerConfig
+
+    on_gpu = torch.cuda.is_available()
+    return TransformerConfig(
+        num_layers=model_cfg.num_layers,
+        hidden_size=model_cfg.hidden_size,
+        ffn_hidden_size=model_cfg.ffn_hidden_size,
+        num_attention_heads=model_cfg.num_attention_heads,
+        num_query_groups=model_cfg.num_query_groups,
+        kv_channels=model_cfg.kv_channels,
+        normalization="RMSNorm",
+        layernorm_epsilon=model_cfg.norm_epsilon,
+        gated_linear_unit=True,
+        activation_func=F.silu,
+        add_bias_linear=False,
+        add_qkv_bias=model_cfg.add_qkv_bias,
+        hidden_dropout=0.0,
+        attention_dropout=0.0,
+        init_method_std=model_cfg.init_method_std,
+        tensor_model_parallel_size=tp_size,
+        pipeline_model_parallel_size=pp_size,
+        params_dtype=params_dtype,
+        pipeline_dtype=params_dtype,
+        bf16=params_dtype == torch.bfloat16,
+        use_cpu_initialization=not on_gpu,
+        # fused kernels need Apex/TE/CUDA; the local spec runs the plain torch paths
+        bias_activation_fusion=False,
+        bias_dropout_fusion=False,
+        masked_softmax_fusion=False,
+        persist_layer_norm=False,
+        apply_rope_fusion=False,
+        gradient_accumulation_fusion=False,
+        sequence_parallel=False,
+    )
+
+
+def layer_spec(model_cfg: ModelConfig):
+    from megatron.core.models.gpt import gpt_layer_specs
+
+    if model_cfg.transformer_impl == "transformer_engine":
+        if not HAVE_TE:
+            raise ConfigError(
+                "model.transformer_impl: transformer_engine is not installed; install "
+                "`optune-nemo[gpu]` or use the NGC container (see docs/container.md), or set local")
+        return gpt_layer_specs.get_gpt_layer_with_transformer_engine_spec()
+    return gpt_layer_specs.get_gpt_layer_local_spec(normalization="RMSNorm")
+
+
+def build_gpt_model(model_cfg: ModelConfig, *, vocab_size: int, tp_size: int = 1, pp_size: int = 1,
+                    pre_process: bool = True, post_process: bool = True,
+                    params_dtype: torch.dtype = torch.float32):
+    """This rank's GPTModel chunk. `vocab_size` is the tokenizer's; the embedding is padded.
+    Call after `init_distributed` (megatron's parallel state must exist)."""
+    from megatron.core.models.gpt import GPTModel
+
+    config = build_transformer_config(model_cfg, tp_size=tp_size, pp_size=pp_size,
+                                      params_dtype=params_dtype)
+    model = GPTModel(
+        config=config,
+        transformer_layer_spec=layer_spec(model_cfg),
+        vocab_size=padded_vocab_size(vocab_size, model_cfg, tp_size),
+        max_sequence_length=model_cfg.seq_length,
+        pre_process=pre_process,
+        post_process=post_process,
+        parallel_output=True,
+        share_embeddings_and_output_weights=not model_cfg.untie_embeddings_and_output_weights,
+        position_embedding_type="rope",
+        rotary_base=model_cfg.rotary_base,
+    )
+    if torch.cuda.is_available():
+        model.cuda(torch.cuda.current_device())
+    return model
