@@ -1,0 +1,190 @@
+"""The rollout store: for every prompt exactly one pair (y_a, y_b) with its rewards (SPEC.md).
+
+Persisted as `rollouts.parquet` inside each checkpoint, one row per prompt:
+
+| column | type | meaning |
+|---|---|---|
+| prompt_id | int64 | the prompt's id |
+| prompt | string | prompt text (before the chat template) |
+| prompt_token_ids | list<int64> | prompt tokens after the chat template |
+| response_a, response_b | string | decoded responses |
+| response_a_token_ids, response_b_token_ids | list<int64> | response tokens |
+| finish_reason_a, finish_reason_b | string | `stop` or `length` |
+| reward_a, reward_b | float64 | rewards |
+| generated_at_iteration | int64 | iteration that sampled this pair (-1: none yet) |
+| metadata | string | the prompt's metadata as JSON |
+
+The chosen response is the one with the higher reward; on an exact tie, response_a.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from dataclasses import dataclass
+from pathlib import Path
+
+from optune_nemo.types import Prompt, Sample
+
+
+@dataclass
+class PairRecord:
+    prompt: Prompt
+    response_a: Sample | None = None
+    response_b: Sample | None = None
+    reward_a: float = float("nan")
+    reward_b: float = float("nan")
+    generated_at_iteration: int = -1
+
+    @property
+    def has_pair(self) -> bool:
+        return self.response_a is not None
+
+    @property
+    def ranking_score(self) -> float:
+        """max(r_a, r_b): the reward of the chosen response."""
+        return max(self.reward_a, self.reward_b)
+
+
+@dataclass(frozen=True)
+class PreferencePair:
+    """A pair oriented for the loss: chosen = higher reward."""
+
+    prompt_id: int
+    prompt_token_ids: tuple[int, ...]
+    chosen_token_ids: tuple[int, ...]
+    rejected_token_ids: tuple[int, ...]
+    chosen_reward: float
+    rejected_reward: float
+
+
+class RolloutStore:
+    """Stateful: `state_dict()` / `load_state_dict()`; `to_parquet()` / `from_parquet()`."""
+
+    def __init__(self, prompts: list[Prompt]):
+        self._records = {p.prompt_id: PairRecord(p) for p in prompts}
+        if len(self._records) != len(prompts):
+            raise ValueError("prompt ids must be unique")
+
+    # ------------------------------------------------------------------ access
+
+    def prompt_ids(self) -> list[int]:
+        return sorted(self._records)
+
+    def pair(self, prompt_id: int) -> PairRecord:
+        return self._records[prompt_id]
+
+    def is_complete(self) -> bool:
+        return all(r.has_pair for r in self._records.values())
+
+    def set_pair(self, prompt_id: int, sample_a: Sample, sample_b: Sample, reward_a: float,
+                 reward_b: float, iteration: int) -> None:
+        rec = self._records[prompt_id]
+        rec.response_a, rec.response_b = sample_a, sample_b
+        rec.reward_a, rec.reward_b = float(reward_a), float(reward_b)
+        rec.generated_at_iteration = iteration
+
+    def ranking_scores(self) -> dict[int, float]:
+        """{prompt_id: max(r_a, r_b)} over prompts that have a pair."""
+        return {pid: r.ranking_score for pid, r in sorted(self._records.items()) if r.has_pair}
+
+    def preference_pairs(self, min_reward_gap: float = 0.0) -> tuple[list[PreferencePair], int]:
+        """Pairs for the loss (prompt-id order) and the number of ties left out
+        (|r_a - r_b| <= min_reward_gap: no preference; they stay in the store and the ranking)."""
+        pairs, ties = [], 0
+        for pid, r in sorted(self._records.items()):
+            if not r.has_pair:
+                continue
+            if abs(r.reward_a - r.reward_b) <= min_reward_gap:
+                ties += 1
+                continue
+            a_wins = r.reward_a >= r.reward_b
+            w, lo = (r.response_a, r.response_b) if a_wins else (r.response_b, r.response_a)
+            pairs.append(PreferencePair(
+                pid, tuple(r.prompt.token_ids), tuple(w.token_ids), tuple(lo.token_ids),
+                max(r.reward_a, r.reward_b), min(r.reward_a, r.reward_b)))
+        return pairs, ties
+
+    # ------------------------------------------------------------------ persistence
+
+    def state_dict(self) -> dict[str, list]:
+        """Column lists (the parquet layout)."""
+        cols: dict[str, list] = {k: [] for k in _COLUMNS}
+        for pid, r in sorted(self._records.items()):
+            a, b = r.response_a, r.response_b
+            row = {
+                "prompt_id": pid, "prompt": r.prompt.text, "prompt_token_ids": list(r.prompt.token_ids),
+                "response_a": a.text if a else None, "response_b": b.text if b else None,
+                "response_a_token_ids": list(a.token_ids) if a else None,
+                "response_b_token_ids": list(b.token_ids) if b else None,
+                "finish_reason_a": a.finish_reason if a else None,
+                "finish_reason_b": b.finish_reason if b else None,
+                "reward_a": r.reward_a, "reward_b": r.reward_b,
+                "generated_at_iteration": r.generated_at_iteration,
+                "metadata": json.dumps(r.prompt.metadata, sort_keys=True),
+            }
+            for k in _COLUMNS:
+                cols[k].append(row[k])
+        return cols
+
+    def load_state_dict(self, state: dict[str, list]) -> None:
+        records = {}
+        for i, pid in enumerate(state["prompt_id"]):
+            prompt = Prompt(int(pid), state["prompt"][i], tuple(int(t) for t in state["prompt_token_ids"][i]),
+                            json.loads(state["metadata"][i]))
+            rec = PairRecord(prompt, reward_a=float(state["reward_a"][i]), reward_b=float(state["reward_b"][i]),
+                             generated_at_iteration=int(state["generated_at_iteration"][i]))
+            if state["response_a"][i] is not None:
+                rec.response_a = Sample(list(state["response_a_token_ids"][i]), state["response_a"][i],
+                                        state["finish_reason_a"][i])
+                rec.response_b = Sample(list(state["response_b_token_ids"][i]), state["response_b"][i],
+                                        state["finish_reason_b"][i])
+            records[prompt.prompt_id] = rec
+        self._records = records
+
+    def to_parquet(self, path: str | Path) -> None:
+        """Atomic: a temporary file renamed into place."""
+        import pyarrow as pa
+        import pyarrow.parquet as pq
+
+        path = Path(path)
+        table = pa.table(self.state_dict(), schema=_schema())
+        tmp = path.with_name(path.name + ".tmp")
+        try:
+            pq.write_table(table, tmp)
+            with open(tmp, "rb") as f:
+                os.fsync(f.fileno())
+            os.replace(tmp, path)
+        finally:
+            tmp.unlink(missing_ok=True)
+
+    @classmethod
+    def from_parquet(cls, path: str | Path) -> RolloutStore:
+        import pyarrow.parquet as pq
+
+        store = cls([])
+        store.load_state_dict(pq.read_table(path).to_pydict())
+        return store
+
+    def __eq__(self, other) -> bool:
+        return isinstance(other, RolloutStore) and self.state_dict() == other.state_dict()
+
+    def __len__(self) -> int:
+        return len(self._records)
+
+
+_COLUMNS = ("prompt_id", "prompt", "prompt_token_ids", "response_a", "response_b",
+            "response_a_token_ids", "response_b_token_ids", "finish_reason_a", "finish_reason_b",
+            "reward_a", "reward_b", "generated_at_iteration", "metadata")
+
+
+def _schema():
+    import pyarrow as pa
+
+    ids = pa.list_(pa.int64())
+    types = {"prompt_id": pa.int64(), "prompt": pa.string(), "prompt_token_ids": ids,
+             "response_a": pa.string(), "response_b": pa.string(), "response_a_token_ids": ids,
+             "response_b_token_ids": ids, "finish_reason_a": pa.string(), "finish_reason_b": pa.string(),
+             "reward_a": pa.float64(), "reward_b": pa.float64(), "generated_at_iteration": pa.int64(),
+             "metadata": pa.string()}
+    return pa.schema([(k, types[k]) for k in _COLUMNS])
