@@ -53,7 +53,7 @@ def build_and_fit(cfg: OptuneNemoConfig) -> str:
     from optune_nemo.distributed import init_distributed
     from optune_nemo.generation import build_engine
     from optune_nemo.logging import MetricsWriter, setup_logging
-    from optune_nemo.policy import build_policy
+    from optune_nemo.policy.megatron_policy import build_policy
     from optune_nemo.preemption import PreemptionGuard
     from optune_nemo.reward.base import build_reward
 
@@ -70,7 +70,8 @@ def build_and_fit(cfg: OptuneNemoConfig) -> str:
     policy = build_policy(cfg, vocab_size=tokenizer.vocab_size, pad_token_id=tokenizer.pad_token_id,
                           dist=dist, total_train_steps=total_train_steps(cfg, len(prompts)))
     engine = build_engine(cfg.generation, model=policy.unwrapped_model(), tokenizer=tokenizer,
-                          dist=dist, vocab_size=tokenizer.vocab_size)
+                          dist=dist, vocab_size=tokenizer.vocab_size,
+                          max_sequence_length=cfg.model.seq_length)
     store = RolloutStore(prompts)
     checkpoints = CheckpointManager(exp_dir, keep_last=cfg.checkpoint.keep_last)
     metrics = MetricsWriter(exp_dir, tensorboard=cfg.logging.tensorboard, enabled=dist.rank == 0)
