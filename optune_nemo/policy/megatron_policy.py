@@ -197,8 +197,10 @@ class MegatronPolicy:
 
     # ------------------------------------------------------------------ checkpoints
 
-    def _sharded_state_dict(self, *, is_loading: bool) -> dict:
+    def _sharded_state_dict(self, *, is_loading: bool, optimizer: bool = True) -> dict:
         model_sd = self.model[0].module.sharded_state_dict()
+        if not optimizer:
+            return {"model": model_sd}
         meta = _DIST_OPT_METADATA if self.cfg.parallel.use_distributed_optimizer else None
         return {"model": model_sd,
                 "optimizer": self.optimizer.sharded_state_dict(model_sd, is_loading=is_loading,
@@ -211,14 +213,21 @@ class MegatronPolicy:
         tdist.barrier()
         dist_checkpointing.save(self._sharded_state_dict(is_loading=False), directory)
 
-    def load_checkpoint(self, directory: str) -> None:
+    def load_checkpoint(self, directory: str, *, load_optimizer: bool = True) -> None:
+        """Restore model and optimizer; `load_optimizer=False` takes the weights only (starting
+        a run from another run's or an imported model)."""
         from megatron.core import dist_checkpointing
 
         with torch.no_grad():
-            state = dist_checkpointing.load(self._sharded_state_dict(is_loading=True), directory)
+            state = dist_checkpointing.load(
+                self._sharded_state_dict(is_loading=True, optimizer=load_optimizer), directory)
             self.model[0].module.load_state_dict(state["model"])
-            self.optimizer.load_state_dict(state["optimizer"])
-        _restore_adam_steps(self.optimizer)
+            if load_optimizer:
+                self.optimizer.load_state_dict(state["optimizer"])
+        if load_optimizer:
+            _restore_adam_steps(self.optimizer)
+        # the optimizer's fp32 main params alias the model params here (fp32 training); nothing
+        # else to refresh
 
 
 def _restore_adam_steps(optimizer) -> None:

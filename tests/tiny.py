@@ -1,0 +1,49 @@
+"""Tiny models and data shared by the tests (module-level so multi-rank workers can import them)."""
+
+from __future__ import annotations
+
+from functools import partial
+
+import torch
+
+from optune_nemo import losses
+from optune_nemo.config import load_config
+from optune_nemo.types import PreferenceBatch
+
+VOCAB = 300
+TINY = ["model.num_layers=2", "model.hidden_size=64", "model.ffn_hidden_size=96",
+        "model.num_attention_heads=4", "model.num_query_groups=2", "model.init_method_std=0.2",
+        "model.seq_length=64", "optim.warmup_ratio=0.0", "optim.lr=0.002", "train.shuffle=false"]
+
+
+def tiny_config(*overrides: str):
+    return load_config([*TINY, *overrides])
+
+
+def random_pairs(n: int, seed: int = 0):
+    g = torch.Generator().manual_seed(seed)
+
+    def seq(lo, hi):
+        return torch.randint(1, VOCAB, (int(torch.randint(lo, hi, (1,), generator=g)),), generator=g).tolist()
+
+    prompts = [seq(3, 10) for _ in range(n)]
+    return prompts, [seq(1, 8) for _ in range(n)], [seq(1, 8) for _ in range(n)]
+
+
+def preference_batch(policy, n: int, seed: int = 0) -> PreferenceBatch:
+    prompts, chosen, rejected = random_pairs(n, seed)
+    ref = policy.sequence_logprobs(prompts + prompts, chosen + rejected)
+    g = torch.Generator().manual_seed(seed + 1)
+    return PreferenceBatch(prompts, chosen, rejected, ref[:n], ref[n:],
+                           torch.rand(n, generator=g), torch.rand(n, generator=g))
+
+
+WDPO = partial(losses.wdpo_per_pair, beta1=0.5, beta2=2.0)
+
+
+def build(cfg):
+    from optune_nemo.distributed import init_distributed
+    from optune_nemo.policy.megatron_policy import build_policy
+
+    d = init_distributed(cfg.parallel.tensor_model_parallel_size, cfg.parallel.pipeline_model_parallel_size)
+    return build_policy(cfg, vocab_size=VOCAB, pad_token_id=0, dist=d)
