@@ -49,7 +49,7 @@ class ModelConfig:
     init_method_std: float = 0.02
     """Standard deviation of the random initialisation."""
     make_vocab_size_divisible_by: int = 128
-    """The embedding is padded to a multiple of this times the TP size."""
+    """The embedding is padded to a multiple of lcm(this, TP size)."""
     transformer_impl: str = "local"
     """Layer spec: `local` (pure torch, runs anywhere) or `transformer_engine` (GPU, needs TE)."""
 

@@ -44,8 +44,8 @@ def total_train_steps(cfg: OptuneNemoConfig, num_prompts: int) -> int:
     return per_iteration * cfg.optune.iterations
 
 
-def build_and_fit(cfg: OptuneNemoConfig) -> str:
-    """Everything after validation. Returns `completed` or `preempted`."""
+def build_loop(cfg: OptuneNemoConfig):
+    """Distributed set-up, every component, and resume: the OPTune loop ready to `fit()`."""
     from optune_nemo.algorithm.optune import OPTune
     from optune_nemo.algorithm.store import RolloutStore
     from optune_nemo.checkpoint import CheckpointManager
@@ -80,11 +80,17 @@ def build_and_fit(cfg: OptuneNemoConfig) -> str:
     loop = OPTune(cfg, prompts=prompts, policy=policy, engine=engine, reward=build_reward(cfg.reward),
                   store=store, checkpoints=checkpoints, metrics=metrics, guard=guard,
                   stop_token_ids=tokenizer.stop_token_ids, next_iteration=next_iteration)
+    return loop
+
+
+def build_and_fit(cfg: OptuneNemoConfig) -> str:
+    """Everything after validation. Returns `completed` or `preempted`."""
+    loop = build_loop(cfg)
     outcome = loop.fit()
-    metrics.close()
-    if outcome == "completed" and dist.rank == 0:
-        (exp_dir / COMPLETED).write_text("ok\n")
-        summarize(exp_dir)
+    loop.metrics.close()
+    if outcome == "completed" and loop.policy.dist.rank == 0:
+        (Path(cfg.exp_dir) / COMPLETED).write_text("ok\n")
+        summarize(Path(cfg.exp_dir))
     return outcome
 
 

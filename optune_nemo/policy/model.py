@@ -7,6 +7,8 @@ Transformer Engine spec when `model.transformer_impl=transformer_engine` and TE 
 
 from __future__ import annotations
 
+import math
+
 import torch
 import torch.nn.functional as F
 
@@ -21,8 +23,11 @@ except ImportError:
 
 
 def padded_vocab_size(vocab_size: int, model_cfg: ModelConfig, tp_size: int) -> int:
-    """The embedding rows: vocab_size rounded up to make_vocab_size_divisible_by * tp."""
-    multiple = model_cfg.make_vocab_size_divisible_by * tp_size
+    """The embedding rows: vocab_size rounded up to a multiple of lcm(make_vocab_size_divisible_by,
+    tp). Megatron's usual `divisible_by * tp` changes the row count with the TP size, and with it
+    every random draw of the initialisation; the lcm keeps the same padded vocabulary (hence the
+    same initial weights) for every TP size that divides make_vocab_size_divisible_by."""
+    multiple = math.lcm(model_cfg.make_vocab_size_divisible_by, tp_size)
     return -(-vocab_size // multiple) * multiple
 
 

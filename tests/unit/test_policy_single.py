@@ -1,0 +1,149 @@
+"""One rank, in process: log-probs against a float64 reference, the CPU compatibility layer, and
+the generation engine against a step-by-step forward without KV cache."""
+
+import math
+
+import pytest
+import torch
+import torch.nn.functional as F
+from tiny import VOCAB, WDPO, build, random_pairs, tiny_config
+
+from optune_nemo.generation.torch_engine import TorchEngine, filter_logits, sample_generator
+from optune_nemo.policy.logprobs import make_sequence_batch
+from optune_nemo.types import PreferenceBatch, SamplingParams
+
+
+@pytest.fixture(scope="module")
+def policy():
+    return build(tiny_config())
+
+
+def _full_logits(model, seq):
+    model.eval()
+    with torch.no_grad():
+        return model(torch.tensor([seq]), torch.arange(len(seq))[None], None)[0, :, :VOCAB].double()
+
+
+def test_batch_layout_worked_example():
+    b = make_sequence_batch([[5, 6, 7]], [[8, 9]], pad_id=0, length=6)
+    assert b.tokens_BT.tolist() == [[5, 6, 7, 8, 9, 0]]
+    assert b.labels_BT.tolist() == [[6, 7, 8, 9, 0, 0]]
+    assert b.loss_mask_BT.tolist() == [[0, 0, 1, 1, 0, 0]]
+
+
+def test_logprobs_match_float64_reference(policy):
+    prompts, responses, _ = random_pairs(7, seed=3)
+    got = policy.sequence_logprobs(prompts, responses)
+    model = policy.unwrapped_model()
+    for i, (p, r) in enumerate(zip(prompts, responses)):
+        logp = F.log_softmax(_full_logits(model, p + r), dim=-1)   # unpadded vocabulary only
+        ref = sum(float(logp[len(p) - 1 + k, tok]) for k, tok in enumerate(r))
+        assert abs(got[i].item() - ref) < 1e-4 * max(1.0, abs(ref)), (i, got[i].item(), ref)
+
+
+def test_logprobs_do_not_depend_on_batching(policy):
+    prompts, responses, _ = random_pairs(9, seed=4)
+    together = policy.sequence_logprobs(prompts, responses)
+    alone = torch.cat([policy.sequence_logprobs([p], [r]) for p, r in zip(prompts, responses)])
+    torch.testing.assert_close(together, alone, atol=1e-5, rtol=0)
+
+
+def test_train_step_gradient_is_mean_over_pairs(policy):
+    """One SGD-free check: the reported loss equals the float64 wDPO mean recomputed by hand."""
+    prompts, chosen, rejected = random_pairs(6, seed=8)
+    ref = policy.sequence_logprobs(prompts + prompts, chosen + rejected)
+    rewards = torch.linspace(0, 1, 12)
+    batch = PreferenceBatch(prompts, chosen, rejected, ref[:6] + 0.3, ref[6:] - 0.2, rewards[:6], rewards[6:])
+    pc, pr = ref[:6].double(), ref[6:].double()
+    expected = sum(-1 / (1 + math.exp(-2.0 * float(rewards[i] - rewards[6 + i])))
+                   * math.log(1 / (1 + math.exp(-0.5 * float((pc[i] - ref[i] - 0.3) - (pr[i] - ref[6 + i] + 0.2)))))
+                   for i in range(6)) / 6
+    steps = policy.train(batch, WDPO, epochs=1, seed=0)
+    assert len(steps) == 1 and steps[0]["num_pairs"] == 6
+    assert abs(steps[0]["loss"] - expected) < 1e-5
+
+
+# ------------------------------------------------------------------ generation
+
+@pytest.fixture(scope="module")
+def engine(policy):
+    return TorchEngine(policy.unwrapped_model(), decode=lambda ids: ",".join(map(str, ids)), dist=policy.dist,
+                       vocab_size=VOCAB, batch_size=4, max_sequence_length=64)
+
+
+def _greedy_reference(model, prompt, steps, stop=()):
+    seq, out = list(prompt), []
+    for _ in range(steps):
+        tok = int(_full_logits(model, seq)[-1].argmax())
+        out.append(tok)
+        seq.append(tok)
+        if tok in stop:
+            break
+    return out
+
+
+def test_greedy_equals_forward_without_cache(policy, engine):
+    prompts = random_pairs(6, seed=11)[0]          # lengths 3..9 in one call: padding is exercised
+    out = engine.generate(prompts, SamplingParams(n=2, temperature=0, max_new_tokens=10), keys=list(range(6)))
+    model = policy.unwrapped_model()
+    for p, samples in zip(prompts, out):
+        ref = _greedy_reference(model, p, 10)
+        assert len(set(ref)) > 1, "degenerate reference; use a model with more varied logits"
+        assert [s.token_ids for s in samples] == [ref, ref]
+        assert all(s.finish_reason == "length" and s.num_tokens == 10 for s in samples)
+
+
+def test_stop_token_ends_only_its_row(policy, engine):
+    prompts = random_pairs(4, seed=12)[0]
+    model = policy.unwrapped_model()
+    refs = [_greedy_reference(model, p, 8) for p in prompts]
+    stop = refs[0][2]                                 # row 0 stops at its third token
+    out = engine.generate(prompts, SamplingParams(n=1, temperature=0, max_new_tokens=8,
+                                                  stop_token_ids=(stop,)), keys=[0, 1, 2, 3])
+    for ref, (s,) in zip(refs, out):
+        cut = ref.index(stop) + 1 if stop in ref else len(ref)
+        assert s.token_ids == ref[:cut]
+        assert s.finish_reason == ("stop" if stop in ref else "length")
+
+
+def test_samples_do_not_depend_on_batch_and_prefill_runs_once(engine):
+    prompts = random_pairs(5, seed=13)[0]
+    params = SamplingParams(n=3, temperature=1.0, top_p=0.9, max_new_tokens=6, seed=7)
+    before = engine.forward_calls
+    together = engine.generate(prompts, params, keys=[10, 11, 12, 13, 14])
+    # 5 prompts, batch size 4 -> 2 batches; each: 1 prefill + at most 5 decode steps
+    assert engine.forward_calls - before <= 2 * (1 + 5)
+    for i, p in enumerate(prompts):
+        alone = engine.generate([p], params, keys=[10 + i])[0]
+        assert [s.token_ids for s in alone] == [s.token_ids for s in together[i]]
+    again = engine.generate(prompts, params, keys=[10, 11, 12, 13, 14])
+    assert [[s.token_ids for s in g] for g in again] == [[s.token_ids for s in g] for g in together]
+    other = engine.generate(prompts, SamplingParams(n=3, temperature=1.0, top_p=0.9, max_new_tokens=6, seed=8),
+                            keys=[10, 11, 12, 13, 14])
+    assert [[s.token_ids for s in g] for g in other] != [[s.token_ids for s in g] for g in together]
+    assert len({tuple(s.token_ids) for s in together[0]}) > 1, "the n samples of a prompt must differ"
+
+
+def test_first_token_distribution_matches_softmax(policy, engine):
+    """Exact distribution at temperature 1: empirical first-token frequencies vs softmax."""
+    prompt = random_pairs(1, seed=14)[0][0]
+    probs = _full_logits(policy.unwrapped_model(), prompt)[-1].softmax(-1)
+    n = 4000
+    out = engine.generate([prompt], SamplingParams(n=n, temperature=1.0, top_p=1.0, max_new_tokens=1), keys=[0])[0]
+    counts = torch.bincount(torch.tensor([s.token_ids[0] for s in out]), minlength=VOCAB).double()
+    top = probs.argsort(descending=True)[:5]
+    for t in top:   # binomial standard error, 5 sigma
+        se = math.sqrt(float(probs[t]) * (1 - float(probs[t])) / n)
+        assert abs(counts[t] / n - probs[t]) < 5 * se + 1e-3
+    assert int(counts[VOCAB:].sum()) == 0
+
+
+def test_filter_logits_top_k_top_p():
+    logits = torch.log(torch.tensor([[0.5, 0.2, 0.15, 0.1, 0.05]], dtype=torch.float64))
+    kept = lambda **kw: torch.isfinite(filter_logits(logits, temperature=1.0, **kw))[0].tolist()
+    assert kept(top_k=2, top_p=1.0) == [True, True, False, False, False]
+    assert kept(top_k=0, top_p=0.6) == [True, True, False, False, False]      # 0.5 < 0.6 -> keep 2nd
+    assert kept(top_k=0, top_p=0.45) == [True, False, False, False, False]
+    assert kept(top_k=0, top_p=0.86) == [True, True, True, True, False]
+    g1, g2 = sample_generator(1, 2, 3), sample_generator(1, 2, 3)
+    assert torch.equal(torch.rand(4, generator=g1), torch.rand(4, generator=g2))
