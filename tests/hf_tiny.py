@@ -1,0 +1,77 @@
+"""Tiny random Hugging Face Llama / Mistral / Qwen2 models for the import/export tests (module-level so
+multi-rank workers can import them). fp32, seeded, every parameter randomised (norm weights and Qwen2
+biases too: HF initialises those to constants, which would hide layout mistakes)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+
+VOCAB = 250   # not a multiple of 128: the megatron embedding is padded, and TP=2 splits a padded block
+
+KINDS = {
+    # name: (architecture, extra config) -- GQA everywhere (4 heads, 2 KV heads)
+    "llama_tied": ("LlamaForCausalLM", {"tie_word_embeddings": True}),
+    "llama_untied": ("LlamaForCausalLM", {"tie_word_embeddings": False, "rope_theta": 50000.0}),
+    "mistral": ("MistralForCausalLM", {"tie_word_embeddings": False, "sliding_window": 4096,
+                                       "head_dim": 24}),
+    "qwen2_tied": ("Qwen2ForCausalLM", {"tie_word_embeddings": True, "rope_theta": 1000000.0}),
+    "qwen2_untied": ("Qwen2ForCausalLM", {"tie_word_embeddings": False}),
+}
+
+
+def hf_config(kind: str, **overrides):
+    import transformers
+
+    arch, extra = KINDS[kind]
+    cls = getattr(transformers, arch.replace("ForCausalLM", "Config"))
+    kw = dict(vocab_size=VOCAB, hidden_size=64, intermediate_size=96, num_hidden_layers=2,
+              num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=128, rms_norm_eps=1e-5,
+              bos_token_id=1, eos_token_id=2, pad_token_id=0)
+    kw.update(extra)
+    kw.update(overrides)
+    cfg = cls(**kw)
+    cfg.architectures = [arch]
+    return cfg
+
+
+def make_hf_model(kind: str, seed: int = 0, **overrides):
+    import transformers
+
+    torch.manual_seed(seed)
+    cfg = hf_config(kind, **overrides)
+    model = getattr(transformers, KINDS[kind][0])(cfg).float().eval()
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            noise = torch.randn(p.shape, generator=g, dtype=torch.float32)
+            p.copy_(1.0 + 0.1 * noise if name.endswith("norm.weight") else 0.15 * noise)
+    return model
+
+
+def save_hf_model(kind: str, directory: Path, seed: int = 0, **overrides) -> Path:
+    make_hf_model(kind, seed, **overrides).save_pretrained(directory)
+    return Path(directory)
+
+
+def tokens(batch: int = 2, length: int = 12, seed: int = 1) -> torch.Tensor:
+    return torch.randint(0, VOCAB, (batch, length), generator=torch.Generator().manual_seed(seed))
+
+
+def hf_logits(hf_dir_or_model, ids: torch.Tensor) -> torch.Tensor:
+    from transformers import AutoModelForCausalLM
+
+    model = hf_dir_or_model
+    if isinstance(model, (str, Path)):
+        model = AutoModelForCausalLM.from_pretrained(model, dtype=torch.float32).eval()
+    with torch.no_grad():
+        return model(ids).logits.float()
+
+
+def megatron_logits(model, ids: torch.Tensor) -> torch.Tensor:
+    """This rank's vocab shard of the logits [B, T, V/tp] (eval mode, no grad)."""
+    positions = torch.arange(ids.shape[1]).unsqueeze(0).expand_as(ids)
+    model.eval()
+    with torch.no_grad():
+        return model(ids, positions, None).float()
