@@ -38,7 +38,7 @@ from optune_nemo.config import ModelConfig
 log = logging.getLogger(__name__)
 
 SUPPORTED_ARCHITECTURES = ("LlamaForCausalLM", "MistralForCausalLM", "Qwen2ForCausalLM")
-_LAYER = re.compile(r"^decoder\.layers\.(\d+)\.(.+)$")
+LAYER_PATTERN = re.compile(r"^decoder\.layers\.(\d+)\.(.+)$")
 
 
 @dataclass(frozen=True)
@@ -283,14 +283,14 @@ def _layer_shard(reader: SafetensorsReader, layer: int, suffix: str, d: _Dims) -
     raise ValueError(f"megatron parameter decoder.layers.*.{suffix} has no Hugging Face counterpart")
 
 
-def _global_layer_numbers(model) -> dict[int, int]:
+def global_layer_numbers(model) -> dict[int, int]:
     """Local layer index -> global 0-based layer index (megatron applies the pipeline offset)."""
     return {i: layer.layer_number - 1 for i, layer in enumerate(model.decoder.layers)}
 
 
 def _shard_for(name: str, reader: SafetensorsReader, d: _Dims, layer_map: dict[int, int],
                tied: bool) -> torch.Tensor:
-    m = _LAYER.match(name)
+    m = LAYER_PATTERN.match(name)
     if m:
         return _layer_shard(reader, layer_map[int(m.group(1))], m.group(2), d)
     if name == "embedding.word_embeddings.weight":
@@ -313,7 +313,7 @@ def load_hf_weights_into(model, hf_dir: str | Path, *, model_cfg: ModelConfig, t
     """
     info = read_hf_config(hf_dir)
     vocab = info.vocab_size
-    model = _unwrap(model)
+    model = unwrap_model(model)
     num_layers = len(model.decoder.layers)
     if num_layers * pp_size != model_cfg.num_layers:
         raise ValueError(f"model chunk has {num_layers} layers; with pp_size={pp_size} the config needs "
@@ -322,7 +322,7 @@ def load_hf_weights_into(model, hf_dir: str | Path, *, model_cfg: ModelConfig, t
     d = _Dims.of(model_cfg, vocab=vocab, padded_vocab=padded or vocab, tp_rank=tp_rank, tp_size=tp_size)
     reader = SafetensorsReader(hf_dir)
     tied = not model_cfg.untie_embeddings_and_output_weights
-    layer_map = _global_layer_numbers(model)
+    layer_map = global_layer_numbers(model)
     count = 0
     with torch.no_grad():
         for name, param in model.named_parameters():
@@ -345,7 +345,7 @@ def _padded_rows(model, tp_size: int) -> int | None:
     return None
 
 
-def _unwrap(model):
+def unwrap_model(model):
     """The GPTModel inside DDP / Float16Module wrappers."""
     while hasattr(model, "module"):
         model = model.module
