@@ -11,7 +11,7 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Optional
+from typing import Any
 
 CONF_DIR = Path(__file__).resolve().parents[1] / "conf"
 
@@ -34,7 +34,7 @@ class ModelConfig:
     """Query heads."""
     num_query_groups: int = 2
     """Key/value heads (grouped-query attention); must divide num_attention_heads."""
-    kv_channels: Optional[int] = None
+    kv_channels: int | None = None
     """Head dimension; None means hidden_size // num_attention_heads."""
     seq_length: int = 256
     """Longest sequence (prompt + response) the model is run on."""
@@ -144,7 +144,7 @@ class RewardConfig:
 class DataConfig:
     """Prompt source. With `path: null` the built-in task generates its prompts."""
 
-    path: Optional[str] = None
+    path: str | None = None
     """JSONL or Parquet file with a `prompt` string or a chat `messages` list per row."""
     task: str = "arithmetic"
     """Built-in task used when path is null: `arithmetic`."""

@@ -7,8 +7,9 @@ import logging
 import math
 import os
 import sys
+from collections.abc import Iterable
 from pathlib import Path
-from typing import Iterable, TypeVar
+from typing import TypeVar
 
 T = TypeVar("T")
 

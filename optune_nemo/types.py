@@ -6,8 +6,9 @@ Token sequences are plain `list[int]`, unpadded: padding is the business of whoe
 
 from __future__ import annotations
 
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
-from typing import Callable, Protocol, Sequence
+from typing import Protocol
 
 import torch
 

@@ -27,7 +27,7 @@ from optune_nemo.checkpoint import CheckpointManager, GenerationChunks
 from optune_nemo.config import OptuneNemoConfig
 from optune_nemo.logging import MetricsWriter, progress
 from optune_nemo.preemption import PreemptionGuard
-from optune_nemo.types import GenerationEngine, Policy, PreferenceBatch, Prompt, Sample, SamplingParams
+from optune_nemo.types import GenerationEngine, Policy, PreferenceBatch, Prompt, SamplingParams
 
 log = logging.getLogger(__name__)
 

@@ -119,7 +119,8 @@ class RolloutStore:
                 "response_b_token_ids": list(b.token_ids) if b else None,
                 "finish_reason_a": a.finish_reason if a else None,
                 "finish_reason_b": b.finish_reason if b else None,
-                "reward_a": r.reward_a, "reward_b": r.reward_b,
+                # null (not NaN) for a prompt without a pair yet, so states compare equal
+                "reward_a": r.reward_a if a else None, "reward_b": r.reward_b if b else None,
                 "generated_at_iteration": r.generated_at_iteration,
                 "metadata": json.dumps(r.prompt.metadata, sort_keys=True),
             }
@@ -132,7 +133,9 @@ class RolloutStore:
         for i, pid in enumerate(state["prompt_id"]):
             prompt = Prompt(int(pid), state["prompt"][i], tuple(int(t) for t in state["prompt_token_ids"][i]),
                             json.loads(state["metadata"][i]))
-            rec = PairRecord(prompt, reward_a=float(state["reward_a"][i]), reward_b=float(state["reward_b"][i]),
+            ra, rb = state["reward_a"][i], state["reward_b"][i]
+            rec = PairRecord(prompt, reward_a=float("nan") if ra is None else float(ra),
+                             reward_b=float("nan") if rb is None else float(rb),
                              generated_at_iteration=int(state["generated_at_iteration"][i]))
             if state["response_a"][i] is not None:
                 rec.response_a = Sample(list(state["response_a_token_ids"][i]), state["response_a"][i],

@@ -19,8 +19,8 @@ from __future__ import annotations
 import logging
 import math
 import os
+from collections.abc import Sequence
 from functools import partial
-from typing import Sequence
 
 import torch
 import torch.distributed as tdist

@@ -8,7 +8,7 @@ same node), so a user points `reward.function._target_` at their own function.
 from __future__ import annotations
 
 import math
-from typing import Sequence
+from collections.abc import Sequence
 
 from optune_nemo.config import ConfigError, RewardConfig
 from optune_nemo.types import Prompt, RewardFn
@@ -31,10 +31,15 @@ class RewardModel:
                 raise ValueError(f"reward function {self.name} returned {len(got)} rewards for "
                                  f"{len(ps)} responses")
             for p, r in zip(ps, got):
-                if not isinstance(r, (int, float)) or not math.isfinite(r):
+                try:
+                    value = float(r)     # python, numpy and 0-d torch numbers alike
+                except (TypeError, ValueError):
+                    raise ValueError(f"reward function {self.name} returned {r!r} (not a number) "
+                                     f"for prompt id {p.prompt_id}") from None
+                if not math.isfinite(value):
                     raise ValueError(f"reward function {self.name} returned a non-finite reward "
                                      f"{r!r} for prompt id {p.prompt_id}")
-            out += [float(r) for r in got]
+                out.append(value)
         self.scored += len(out)
         return out
 

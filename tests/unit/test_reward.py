@@ -192,3 +192,17 @@ def test_build_reward_bad_target(target):
         build_reward(RewardConfig(function={"_target_": target}))
     msg = str(e.value)
     assert "reward.function._target_" in msg and target in msg
+
+
+def test_numpy_and_torch_scalars_are_numbers():
+    import numpy as np
+    import torch
+
+    from optune_nemo.reward.base import RewardModel
+    from optune_nemo.types import Prompt
+
+    prompts = [Prompt(0, "p", (1,)), Prompt(1, "q", (2,))]
+    rm = RewardModel(lambda p, r, m: [np.float32(0.5), torch.tensor(-1.5)], batch_size=8)
+    assert rm.score(prompts, ["a", "b"]) == [0.5, -1.5]
+    with pytest.raises(ValueError, match="not a number.*prompt id 1"):
+        RewardModel(lambda p, r, m: [1.0, "high"], batch_size=8).score(prompts, ["a", "b"])

@@ -260,3 +260,15 @@ def test_equality():
     other.set_pair(1, _sample([1], "z"), _sample([2], "w"), 0.0, 0.0, iteration=9)
     assert other != _filled(3)
     assert _filled(3) != "not a store"
+
+
+def test_partial_store_round_trip_equal(tmp_path):
+    from optune_nemo.algorithm.store import RolloutStore
+    from optune_nemo.types import Prompt, Sample
+
+    store = RolloutStore([Prompt(0, "a", (1, 2)), Prompt(1, "b", (3,))])
+    store.set_pair(0, Sample([4], "x", "stop"), Sample([5], "y", "length"), 0.0, 1.0, 0)
+    store.to_parquet(tmp_path / "s.parquet")
+    loaded = RolloutStore.from_parquet(tmp_path / "s.parquet")
+    assert loaded == store
+    assert not loaded.pair(1).has_pair and loaded.pair(1).reward_a != loaded.pair(1).reward_a  # NaN
