@@ -75,3 +75,31 @@ def megatron_logits(model, ids: torch.Tensor) -> torch.Tensor:
     model.eval()
     with torch.no_grad():
         return model(ids, positions, None).float()
+
+
+CHAT_TEMPLATE = ("{% for m in messages %}<|im_start|>{{ m['role'] }} {{ m['content'] }}<|im_end|> "
+                 "{% endfor %}{% if add_generation_prompt %}<|im_start|>assistant {% endif %}")
+
+
+def tiny_tokenizer():
+    """A word-level tokenizer with VOCAB entries: specials, a few words, then filler words w5..w249."""
+    from tokenizers import Tokenizer, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    specials = ["<unk>", "<s>", "</s>", "<|im_start|>", "<|im_end|>"]
+    words = ["hello", "world", "what", "is", "2", "+", "3", "?", "user", "assistant", "system"]
+    vocab = {w: i for i, w in enumerate(specials + words)}
+    vocab.update({f"w{i}": i for i in range(len(vocab), VOCAB)})
+    backend = Tokenizer(models.WordLevel(vocab, unk_token="<unk>"))
+    backend.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
+    tok = PreTrainedTokenizerFast(tokenizer_object=backend, unk_token="<unk>", bos_token="<s>",
+                                  eos_token="</s>", pad_token="<unk>",
+                                  additional_special_tokens=["<|im_start|>", "<|im_end|>"])
+    tok.chat_template = CHAT_TEMPLATE
+    return tok
+
+
+def save_hf_model_with_tokenizer(kind: str, directory: Path, seed: int = 0, **overrides) -> Path:
+    save_hf_model(kind, directory, seed, **overrides)
+    tiny_tokenizer().save_pretrained(directory)
+    return Path(directory)
