@@ -76,8 +76,8 @@ def _rope(cfg: dict, path: Path) -> float:
     5 (`rope_parameters`) spellings."""
     params = dict(cfg.get("rope_parameters") or {})
     scaling = cfg.get("rope_scaling") or {}
-    rope_type = params.get("rope_type") or params.get("type") or scaling.get("rope_type") or \
-        scaling.get("type") or "default"
+    kinds = {d.get("rope_type") or d.get("type") or "default" for d in (params, scaling)}
+    rope_type = next((k for k in sorted(kinds) if k != "default"), "default")
     if rope_type != "default":
         raise ValueError(f"{path}: rope scaling {rope_type!r} is not supported (only unscaled RoPE is "
                          "imported exactly); remove `rope_scaling` only if the model was trained without it")
