@@ -231,10 +231,13 @@ def _expected_vs_checkpoint(model, weights: Path) -> list[str]:
     from megatron.core.dist_checkpointing.mapping import ShardedTensor
 
     stored = dist_checkpointing.load_tensors_metadata(str(weights))
-    problems = []
+    problems, seen = [], set()
+    # ShardedTensorFactory entries (megatron's gated linear_fc1) carry no global shape; a wrong
+    # ffn_hidden_size still shows in linear_fc2
     for sh in model.sharded_state_dict().values():
-        if not isinstance(sh, ShardedTensor):
+        if not isinstance(sh, ShardedTensor) or sh.key in seen:
             continue
+        seen.add(sh.key)
         if sh.key not in stored:
             problems.append(f"{sh.key}: missing from the checkpoint")
         elif tuple(stored[sh.key].global_shape) != tuple(sh.global_shape):
