@@ -365,10 +365,20 @@ def gguf_to_hf_dir(gguf_file: str | Path, out_dir: str | Path, *,
     out_dir = Path(out_dir)
     model = AutoModelForCausalLM.from_pretrained(gguf_file.parent, gguf_file=gguf_file.name, dtype=dtype)
     tokenizer = AutoTokenizer.from_pretrained(gguf_file.parent, gguf_file=gguf_file.name)
-    # the dequantised model is plain float; the GGUF quantisation note would make loaders re-quantise
+    # the weights are plain float now, but transformers still marks the model as GGUF-quantised and
+    # refuses save_pretrained: write config and tensors directly, without the quantisation note
+    from safetensors.torch import save_file
+
+    out_dir.mkdir(parents=True, exist_ok=True)
     if hasattr(model.config, "quantization_config"):
         del model.config.quantization_config
-    model.save_pretrained(out_dir)
+    model.config.architectures = [type(model).__name__]
+    model.config.save_pretrained(out_dir)
+    model.generation_config.save_pretrained(out_dir)
+    state = {k: v.detach().contiguous().clone() for k, v in model.state_dict().items()}
+    if model.config.tie_word_embeddings:
+        state.pop("lm_head.weight", None)
+    save_file(state, str(out_dir / "model.safetensors"), metadata={"format": "pt"})
     tokenizer.save_pretrained(out_dir)
     return out_dir
 
