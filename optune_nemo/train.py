@@ -45,11 +45,12 @@ def total_train_steps(cfg: OptuneNemoConfig, num_prompts: int) -> int:
 
 
 def build_loop(cfg: OptuneNemoConfig):
-    """Distributed set-up, every component, and resume: the OPTune loop ready to `fit()`."""
+    """Distributed set-up, every component, and resume: the OPTune loop ready to `fit()`.
+    `cfg.model` is replaced by the pretrained model's shape when `policy.hf_path` is set."""
     from optune_nemo.algorithm.optune import OPTune
     from optune_nemo.algorithm.store import RolloutStore
     from optune_nemo.checkpoint import CheckpointManager
-    from optune_nemo.data import build_tokenizer, load_prompts
+    from optune_nemo.data import ByteTokenizer, load_prompts
     from optune_nemo.distributed import init_distributed
     from optune_nemo.generation import build_engine
     from optune_nemo.logging import MetricsWriter, setup_logging
@@ -64,8 +65,19 @@ def build_loop(cfg: OptuneNemoConfig):
     exp_dir = Path(cfg.exp_dir)
     if dist.rank == 0:
         exp_dir.mkdir(parents=True, exist_ok=True)
+    hf_dir = None
+    if cfg.policy.hf_path is not None:
+        from optune_nemo.data.hf_tokenizer import HFTokenizer
+        from optune_nemo.policy.pretrained import pretrained_model_config, resolve_hf_dir
+
+        hf_dir = resolve_hf_dir(cfg.policy.hf_path, exp_dir, rank=dist.rank)
+        cfg.model = pretrained_model_config(cfg, hf_dir)
+        tokenizer = HFTokenizer.from_pretrained(hf_dir, chat_template=cfg.policy.chat_template,
+                                                stop_tokens=cfg.policy.stop_tokens)
+    else:
+        tokenizer = ByteTokenizer()
+    if dist.rank == 0:
         (exp_dir / "config.yaml").write_text(OmegaConf.to_yaml(OmegaConf.structured(cfg)))
-    tokenizer = build_tokenizer(cfg)
     prompts = load_prompts(cfg.data, tokenizer)
     policy = build_policy(cfg, vocab_size=tokenizer.vocab_size, pad_token_id=tokenizer.pad_token_id,
                           dist=dist, total_train_steps=total_train_steps(cfg, len(prompts)))
@@ -76,22 +88,65 @@ def build_loop(cfg: OptuneNemoConfig):
     checkpoints = CheckpointManager(exp_dir, keep_last=cfg.checkpoint.keep_last)
     metrics = MetricsWriter(exp_dir, tensorboard=cfg.logging.tensorboard, enabled=dist.rank == 0)
     next_iteration = resume(cfg, checkpoints, policy, store)
+    if next_iteration == 0 and hf_dir is not None:
+        from optune_nemo.policy.pretrained import load_pretrained_weights
+
+        load_pretrained_weights(policy, hf_dir)
     metrics.truncate_from(next_iteration)
     loop = OPTune(cfg, prompts=prompts, policy=policy, engine=engine, reward=build_reward(cfg.reward),
                   store=store, checkpoints=checkpoints, metrics=metrics, guard=guard,
                   stop_token_ids=tokenizer.stop_token_ids, next_iteration=next_iteration)
+    loop.tokenizer, loop.hf_dir = tokenizer, hf_dir
+    if hf_dir is not None and cfg.policy.export_hf_every_iteration:
+        from optune_nemo.policy.pretrained import export_policy
+
+        loop.callbacks.append(lambda t: export_policy(policy, hf_dir, exp_dir / "hf" / f"iter_{t:06d}",
+                                                      tokenizer=tokenizer))
     return loop
 
 
 def build_and_fit(cfg: OptuneNemoConfig) -> str:
     """Everything after validation. Returns `completed` or `preempted`."""
     loop = build_loop(cfg)
+    exp_dir, rank = Path(cfg.exp_dir), loop.policy.dist.rank
+    heldout = heldout_prompts(cfg, loop.tokenizer)
+    if heldout and loop.next_iteration == 0:
+        run_eval(loop, heldout, "before")
     outcome = loop.fit()
     loop.metrics.close()
-    if outcome == "completed" and loop.policy.dist.rank == 0:
-        (Path(cfg.exp_dir) / COMPLETED).write_text("ok\n")
-        summarize(Path(cfg.exp_dir))
+    if outcome != "completed":
+        return outcome
+    if heldout:
+        run_eval(loop, heldout, "after")
+    if loop.hf_dir is not None and cfg.policy.export_hf_final:
+        from optune_nemo.policy.pretrained import export_policy
+
+        export_policy(loop.policy, loop.hf_dir, exp_dir / "hf" / "final", tokenizer=loop.tokenizer)
+    if rank == 0:
+        (exp_dir / COMPLETED).write_text("ok\n")
+        summarize(exp_dir)
     return outcome
+
+
+def heldout_prompts(cfg: OptuneNemoConfig, tokenizer):
+    from dataclasses import replace
+
+    from optune_nemo.data import load_prompts
+
+    if not cfg.eval.num_prompts:
+        return []
+    return load_prompts(replace(cfg.data, num_prompts=cfg.eval.num_prompts), tokenizer, split="heldout")
+
+
+def run_eval(loop, prompts, key: str) -> None:
+    from optune_nemo.evaluation import evaluate, write_eval
+
+    result = evaluate(loop.engine, loop.reward, prompts, max_new_tokens=loop.cfg.eval.max_new_tokens,
+                      stop_token_ids=loop.tokenizer.stop_token_ids)
+    if loop.policy.dist.rank == 0:
+        write_eval(Path(loop.cfg.exp_dir), key, result)
+    log.info("held-out %s: accuracy %.3f, mean reward %.4f (%d prompts)", key, result["accuracy"],
+             result["reward_mean"], result["num_prompts"])
 
 
 def resume(cfg: OptuneNemoConfig, checkpoints, policy, store) -> int:
@@ -113,6 +168,8 @@ def resume(cfg: OptuneNemoConfig, checkpoints, policy, store) -> int:
 
 
 def summarize(exp_dir: Path) -> None:
+    """The end-of-run summary, and the reward plot."""
+    from optune_nemo.evaluation import plot_rewards, read_eval
     from optune_nemo.logging import read_metrics
 
     records = read_metrics(exp_dir)
@@ -124,6 +181,12 @@ def summarize(exp_dir: Path) -> None:
              "generation %.1f s of %.1f s (%.0f %%)", len(records),
              sum(r["regenerated"] for r in records), records[0]["reward_chosen_mean"],
              records[-1]["reward_chosen_mean"], gen, total, 100 * gen / max(total, 1e-9))
+    evals = read_eval(exp_dir)
+    if "before" in evals and "after" in evals:
+        b, a = evals["before"], evals["after"]
+        log.info("held-out (%d prompts): accuracy %.3f -> %.3f, mean reward %.4f -> %.4f",
+                 a["num_prompts"], b["accuracy"], a["accuracy"], b["reward_mean"], a["reward_mean"])
+    log.info("plot: %s", plot_rewards(exp_dir, records, evals))
 
 
 register_schema()

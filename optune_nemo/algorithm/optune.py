@@ -76,6 +76,7 @@ class OPTune:
         self.chunks = GenerationChunks(cfg.exp_dir)
         self.loss_fn = pair_loss_fn(cfg)
         self.next_iteration = next_iteration
+        self.callbacks: list = []   # f(iteration) after each iteration's checkpoint (e.g. HF export)
         g = cfg.generation
         self.sampling = SamplingParams(n=2, temperature=g.temperature, top_p=g.top_p, top_k=g.top_k,
                                        max_new_tokens=g.max_new_tokens,
@@ -96,6 +97,8 @@ class OPTune:
                 self.save_checkpoint(t)
             self.chunks.reset_except(self.next_iteration)
             self.metrics.write(record)
+            for callback in self.callbacks:
+                callback(t)
             if self.next_iteration < self.cfg.optune.iterations and self.guard.requested():
                 return "preempted"
         return "completed"

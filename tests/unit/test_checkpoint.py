@@ -128,3 +128,20 @@ def test_preemption_guard_single_process():
     assert guard.requested()  # sticky
     signal.signal(signal.SIGUSR1, signal.SIG_DFL)
     signal.signal(signal.SIGTERM, signal.SIG_DFL)
+
+
+def test_kill_between_rename_and_pointer_uses_newest(tmp_path):
+    mgr = CheckpointManager(tmp_path)
+    _save(mgr, 0)
+    _save(mgr, 1)
+    (tmp_path / "checkpoints" / "latest").write_text("iter_000000\n")   # pointer update lost
+    assert mgr.latest_valid().name == "iter_000001"
+
+
+def test_torn_metrics_line_is_dropped(tmp_path):
+    w = MetricsWriter(tmp_path, tensorboard=False, enabled=True)
+    w.write({"iteration": 0, "loss": 1.0})
+    with open(tmp_path / "metrics.jsonl", "a") as f:
+        f.write('{"iteration": 1, "lo')
+    w.truncate_from(1)
+    assert read_metrics(tmp_path) == [{"iteration": 0, "loss": 1.0}]
