@@ -54,21 +54,21 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
-def _launcher_env() -> tuple[int, int, int]:
-    """(rank, world_size, local_rank), exporting MASTER_ADDR/PORT where a launcher left them out."""
+def _launcher_env() -> tuple[int, int, int, str]:
+    """(rank, world_size, local_rank, init_method), exporting MASTER_ADDR/PORT where a Slurm launch
+    left them out. A single process uses a fresh local port and leaves the environment alone (its
+    children must not inherit a port it holds)."""
     env = os.environ
     if "RANK" in env and "WORLD_SIZE" in env:
-        return int(env["RANK"]), int(env["WORLD_SIZE"]), int(env.get("LOCAL_RANK", 0))
+        return int(env["RANK"]), int(env["WORLD_SIZE"]), int(env.get("LOCAL_RANK", 0)), "env://"
     if "SLURM_PROCID" in env and "SLURM_NTASKS" in env:
         if "MASTER_ADDR" not in env:
             hosts = subprocess.run(["scontrol", "show", "hostnames", env["SLURM_JOB_NODELIST"]],
                                    capture_output=True, text=True, check=True).stdout.split()
             env["MASTER_ADDR"] = hosts[0]
         env.setdefault("MASTER_PORT", str(20000 + int(env.get("SLURM_JOB_ID", "0")) % 20000))
-        return int(env["SLURM_PROCID"]), int(env["SLURM_NTASKS"]), int(env.get("SLURM_LOCALID", 0))
-    env.setdefault("MASTER_ADDR", "127.0.0.1")
-    env.setdefault("MASTER_PORT", str(_free_port()))
-    return 0, 1, 0
+        return int(env["SLURM_PROCID"]), int(env["SLURM_NTASKS"]), int(env.get("SLURM_LOCALID", 0)), "env://"
+    return 0, 1, 0, f"tcp://127.0.0.1:{_free_port()}"
 
 
 def init_distributed(tensor_model_parallel_size: int, pipeline_model_parallel_size: int) -> DistEnv:
@@ -77,7 +77,7 @@ def init_distributed(tensor_model_parallel_size: int, pipeline_model_parallel_si
 
     from optune_nemo.policy.cpu_compat import enable_cpu_compat
 
-    rank, world, local_rank = _launcher_env()
+    rank, world, local_rank, init_method = _launcher_env()
     tp, pp = tensor_model_parallel_size, pipeline_model_parallel_size
     if world % (tp * pp):
         raise ValueError(
@@ -90,7 +90,7 @@ def init_distributed(tensor_model_parallel_size: int, pipeline_model_parallel_si
         enable_cpu_compat()
         device, backend = torch.device("cpu"), "gloo"
     if not dist.is_initialized():
-        dist.init_process_group(backend=backend, rank=rank, world_size=world,
+        dist.init_process_group(backend=backend, init_method=init_method, rank=rank, world_size=world,
                                 timeout=datetime.timedelta(minutes=30))
     if not ps.model_parallel_is_initialized():
         ps.initialize_model_parallel(tensor_model_parallel_size=tp, pipeline_model_parallel_size=pp)
