@@ -140,7 +140,7 @@ class GenerationConfig:
     """Sampling of responses (paper Appendix C: temperature 1.0, top_p 0.9)."""
 
     engine: str = "torch"
-    """`torch` (runs anywhere)."""
+    """`torch` (runs anywhere, on the training weights) or `trtllm` (TensorRT-LLM, GPU; needs policy.hf_path)."""
     temperature: float = 1.0
     """Softmax temperature; 0 means greedy."""
     top_p: float = 0.9
@@ -151,6 +151,15 @@ class GenerationConfig:
     """Longest response."""
     batch_size: int = 32
     """Prompts per generation batch on one data-parallel rank."""
+    tensor_parallel_size: int = 1
+    """trtllm only: the engine's own tensor-parallel size, independent of training's."""
+    offload_during_training: bool = True
+    """trtllm only: release the engine's weights and KV cache while the policy trains on the same GPUs."""
+    refit: str = "in_memory"
+    """trtllm only: `in_memory` pushes each iteration's weights into the running engine (CUDA IPC);
+    `rebuild` restarts it from a fresh Hugging Face export (slower, for TensorRT-LLM without refit)."""
+    kv_cache_fraction: float = 0.3
+    """trtllm only: fraction of free GPU memory for the engine's KV cache."""
     chunk_size: int = 32
     """Prompts per persisted chunk of generation and scoring: a pre-emption loses at most one chunk.
     Best a multiple of batch_size times the data-parallel size."""
@@ -357,7 +366,13 @@ def validate(cfg: OptuneNemoConfig, world_size: int = 1) -> None:
             f"train.global_batch_size: must be a multiple of train.micro_batch_size * data-parallel "
             f"size = {t.micro_batch_size * dp} (got {t.global_batch_size})")
 
-    _choice("generation.engine", g.engine, ("torch",))
+    _choice("generation.engine", g.engine, ("torch", "trtllm"))
+    _choice("generation.refit", g.refit, ("in_memory", "rebuild"))
+    _positive("generation.tensor_parallel_size", g.tensor_parallel_size)
+    if not 0 < g.kv_cache_fraction < 1:
+        raise ConfigError(f"generation.kv_cache_fraction: must be in (0, 1) (got {g.kv_cache_fraction})")
+    if g.engine == "trtllm" and cfg.policy.hf_path is None:
+        raise ConfigError("generation.engine: trtllm serves a Hugging Face model; set policy.hf_path")
     if g.temperature < 0:
         raise ConfigError(f"generation.temperature: must be >= 0 (got {g.temperature})")
     if not 0 < g.top_p <= 1:

@@ -81,9 +81,9 @@ def build_loop(cfg: OptuneNemoConfig):
     prompts = load_prompts(cfg.data, tokenizer)
     policy = build_policy(cfg, vocab_size=tokenizer.vocab_size, pad_token_id=tokenizer.pad_token_id,
                           dist=dist, total_train_steps=total_train_steps(cfg, len(prompts)))
-    engine = build_engine(cfg.generation, model=policy.unwrapped_model(), tokenizer=tokenizer,
-                          dist=dist, vocab_size=tokenizer.vocab_size,
-                          max_sequence_length=cfg.model.seq_length)
+    engine = build_engine(cfg.generation, policy=policy, tokenizer=tokenizer, dist=dist,
+                          vocab_size=tokenizer.vocab_size, max_sequence_length=cfg.model.seq_length,
+                          hf_dir=hf_dir)
     store = RolloutStore(prompts)
     checkpoints = CheckpointManager(exp_dir, keep_last=cfg.checkpoint.keep_last)
     metrics = MetricsWriter(exp_dir, tensorboard=cfg.logging.tensorboard, enabled=dist.rank == 0)

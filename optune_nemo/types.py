@@ -64,6 +64,15 @@ class GenerationEngine(Protocol):
         the iteration), so a prompt's samples do not depend on which other prompts share its batch."""
         ...
 
+    def begin_generation(self) -> None:
+        """Before an iteration's generation: take the policy's current weights (engines that hold
+        their own copy refit them here)."""
+        ...
+
+    def end_generation(self) -> None:
+        """After generation, before training: release memory the policy needs."""
+        ...
+
 
 @dataclass
 class PreferenceBatch:

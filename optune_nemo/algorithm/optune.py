@@ -109,7 +109,9 @@ class OPTune:
         regenerate = self.select(t)                                          # step 1
         log.info("iteration %d: phase=generation, regenerating %d of %d prompts",
                  t, len(regenerate), len(self.prompts))
+        self.engine.begin_generation()
         new_pairs = self.sample_and_score(t, regenerate, phase)              # step 2
+        self.engine.end_generation()
         if new_pairs is None:
             return None
         for pid, (a, b, r_a, r_b) in new_pairs.items():                      # step 3

@@ -89,6 +89,12 @@ class TorchEngine:
         self.last_stats: dict = {}
         self.forward_calls = 0   # model evaluations, for tests and stats
 
+    def begin_generation(self) -> None:
+        """Nothing to do: the engine runs on the training weights themselves."""
+
+    def end_generation(self) -> None:
+        """Nothing to release: the KV cache lives only inside a generate() call."""
+
     # ------------------------------------------------------------------ the model, step by step
 
     def _rotary(self, positions_RS: torch.Tensor) -> torch.Tensor:
