@@ -62,14 +62,29 @@ def sample_tokens(logits_RV: torch.Tensor, params: SamplingParams,
 
 
 class _Cache:
-    """Per-layer keys/values [R, groups, slots, dim] plus each row's first valid slot (left pad)."""
+    """Pre-allocated keys/values per layer, [R, groups, slots, dim], `slots` = longest prompt +
+    max_new_tokens, filled in place; `length` slots are written. `start_R` is each row's first valid
+    slot (its left padding)."""
 
-    def __init__(self, num_layers: int):
+    def __init__(self, num_layers: int, slots: int):
         self.k: list[torch.Tensor | None] = [None] * num_layers
         self.v: list[torch.Tensor | None] = [None] * num_layers
+        self.slots, self.length = slots, 0
         self.start_R: torch.Tensor | None = None
 
+    def write(self, li: int, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Store this step's keys/values of layer `li` ([R, groups, S, dim]); return all so far."""
+        if self.k[li] is None:
+            R, G, _, D = k.shape
+            self.k[li] = k.new_empty(R, G, self.slots, D)
+            self.v[li] = v.new_empty(R, G, self.slots, D)
+        end = self.length + k.shape[2]
+        self.k[li][:, :, self.length:end] = k
+        self.v[li][:, :, self.length:end] = v
+        return self.k[li][:, :, :end], self.v[li][:, :, :end]
+
     def select(self, rows: torch.Tensor) -> None:
+        """Keep / repeat rows (prefix sharing, finished rows leaving)."""
         self.k = [k.index_select(0, rows) for k in self.k]
         self.v = [v.index_select(0, rows) for v in self.v]
         self.start_R = self.start_R.index_select(0, rows)
@@ -88,6 +103,7 @@ class TorchEngine:
         self.max_sequence_length = max_sequence_length
         self.last_stats: dict = {}
         self.forward_calls = 0   # model evaluations, for tests and stats
+        self._rotary_table = None
 
     def begin_generation(self) -> None:
         """Nothing to do: the engine runs on the training weights themselves."""
@@ -98,8 +114,9 @@ class TorchEngine:
     # ------------------------------------------------------------------ the model, step by step
 
     def _rotary(self, positions_RS: torch.Tensor) -> torch.Tensor:
-        table = self.model.rotary_pos_emb(self.max_sequence_length)      # [L, 1, 1, dim]
-        return table[positions_RS.clamp(min=0), 0, 0].transpose(0, 1).unsqueeze(2)  # [S, R, 1, dim]
+        if self._rotary_table is None:   # depends on no weight: computed once
+            self._rotary_table = self.model.rotary_pos_emb(self.max_sequence_length)[:, 0, 0]   # [L, dim]
+        return self._rotary_table[positions_RS.clamp(min=0)].transpose(0, 1).unsqueeze(2)  # [S, R, 1, dim]
 
     def _attention(self, layer, hidden_SRH, freqs, cache: _Cache, li: int, mask_RSK):
         from megatron.core.models.common.embeddings.rope_utils import apply_rotary_pos_emb
@@ -109,13 +126,11 @@ class TorchEngine:
         cfg = attn.config
         q = apply_rotary_pos_emb(q, freqs, config=cfg)
         k = apply_rotary_pos_emb(k, freqs, config=cfg)
-        k, v = k.permute(1, 2, 0, 3), v.permute(1, 2, 0, 3)                # [R, groups, S, dim]
-        cache.k[li] = k if cache.k[li] is None else torch.cat([cache.k[li], k], dim=2)
-        cache.v[li] = v if cache.v[li] is None else torch.cat([cache.v[li], v], dim=2)
+        keys, values = cache.write(li, k.permute(1, 2, 0, 3), v.permute(1, 2, 0, 3))  # [R, groups, T, dim]
         q = q.permute(1, 2, 0, 3)                                           # [R, heads, S, dim]
-        rep = q.shape[1] // cache.k[li].shape[1]
-        keys = cache.k[li].repeat_interleave(rep, dim=1)
-        values = cache.v[li].repeat_interleave(rep, dim=1)
+        rep = q.shape[1] // keys.shape[1]
+        keys = keys.repeat_interleave(rep, dim=1)
+        values = values.repeat_interleave(rep, dim=1)
         ctx = F.scaled_dot_product_attention(q, keys, values, attn_mask=mask_RSK.unsqueeze(1))
         S, R = hidden_SRH.shape[:2]
         out, bias = attn.linear_proj(ctx.permute(2, 0, 1, 3).reshape(S, R, -1))
@@ -130,7 +145,7 @@ class TorchEngine:
         hidden = m.embedding(input_ids=tokens_RS, position_ids=positions_RS)   # [S, R, H]
         freqs = self._rotary(positions_RS)
         S = tokens_RS.shape[1]
-        total = (cache.k[0].shape[2] if cache.k[0] is not None else 0) + S
+        total = cache.length + S
         slots = torch.arange(total)
         query_slots = slots[total - S:]
         # key slot visible to a query when it is not left padding and not in the future
@@ -141,6 +156,7 @@ class TorchEngine:
             hidden = residual + self._attention(layer, layer.input_layernorm(hidden), freqs, cache, li, mask)
             out, bias = layer.mlp(layer.pre_mlp_layernorm(hidden))
             hidden = hidden + (out if bias is None else out + bias)
+        cache.length = total
         hidden = m.decoder.final_layernorm(hidden[-1:])
         weight = m.shared_embedding_or_output_weight() if m.share_embeddings_and_output_weights else None
         logits, _ = m.output_layer(hidden, weight=weight)
@@ -160,7 +176,7 @@ class TorchEngine:
         for i, p in enumerate(prompts):
             tokens[i, pad[i]:] = torch.tensor(p)
         positions = torch.arange(L)[None, :] - pad[:, None]
-        cache = _Cache(len(self.model.decoder.layers))
+        cache = _Cache(len(self.model.decoder.layers), slots=L + params.max_new_tokens)
         cache.start_R = pad
         logits = self._forward(tokens, positions, cache)                 # prefill, once per prompt
         rows = torch.arange(B).repeat_interleave(n)                      # prompt i -> rows i*n..i*n+n-1
