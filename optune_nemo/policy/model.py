@@ -31,11 +31,28 @@ def padded_vocab_size(vocab_size: int, model_cfg: ModelConfig, tp_size: int) -> 
     return -(-vocab_size // multiple) * multiple
 
 
+def precision_kwargs(precision: str, fp8_cfg=None) -> dict:
+    """TransformerConfig keywords of `precision` (fp32 | bf16 | fp8)."""
+    if precision == "fp32":
+        return {"params_dtype": torch.float32, "bf16": False}
+    kwargs = {"params_dtype": torch.bfloat16, "bf16": True}
+    if precision == "fp8":
+        if not (HAVE_TE and torch.cuda.is_available()):
+            raise ConfigError("precision: fp8 needs a CUDA GPU with Transformer Engine (the NGC container, "
+                              "docs/container.md); use bf16 or fp32 here")
+        kwargs.update(fp8=fp8_cfg.format, fp8_recipe=fp8_cfg.recipe, fp8_margin=fp8_cfg.margin,
+                      fp8_amax_history_len=fp8_cfg.amax_history_len,
+                      fp8_amax_compute_algo=fp8_cfg.amax_compute_algo)
+    return kwargs
+
+
 def build_transformer_config(model_cfg: ModelConfig, *, tp_size: int, pp_size: int,
-                             params_dtype: torch.dtype = torch.float32):
+                             params_dtype: torch.dtype = torch.float32, precision: str = "fp32", fp8_cfg=None):
     from megatron.core.transformer import TransformerConfig
 
     on_gpu = torch.cuda.is_available()
+    prec = precision_kwargs(precision, fp8_cfg) if precision != "fp32" else {"params_dtype": params_dtype,
+                                                                             "bf16": params_dtype == torch.bfloat16}
     return TransformerConfig(
         num_layers=model_cfg.num_layers,
         hidden_size=model_cfg.hidden_size,
@@ -54,9 +71,8 @@ def build_transformer_config(model_cfg: ModelConfig, *, tp_size: int, pp_size: i
         init_method_std=model_cfg.init_method_std,
         tensor_model_parallel_size=tp_size,
         pipeline_model_parallel_size=pp_size,
-        params_dtype=params_dtype,
-        pipeline_dtype=params_dtype,
-        bf16=params_dtype == torch.bfloat16,
+        pipeline_dtype=prec["params_dtype"],
+        **prec,
         use_cpu_initialization=not on_gpu,
         # fused kernels need Apex/TE/CUDA; the local spec runs the plain torch paths
         bias_activation_fusion=False,
@@ -83,13 +99,13 @@ def layer_spec(model_cfg: ModelConfig):
 
 def build_gpt_model(model_cfg: ModelConfig, *, vocab_size: int, tp_size: int = 1, pp_size: int = 1,
                     pre_process: bool = True, post_process: bool = True,
-                    params_dtype: torch.dtype = torch.float32):
+                    params_dtype: torch.dtype = torch.float32, precision: str = "fp32", fp8_cfg=None):
     """This rank's GPTModel chunk. `vocab_size` is the tokenizer's; the embedding is padded.
     Call after `init_distributed` (megatron's parallel state must exist)."""
     from megatron.core.models.gpt import GPTModel
 
-    config = build_transformer_config(model_cfg, tp_size=tp_size, pp_size=pp_size,
-                                      params_dtype=params_dtype)
+    config = build_transformer_config(model_cfg, tp_size=tp_size, pp_size=pp_size, params_dtype=params_dtype,
+                                      precision=precision, fp8_cfg=fp8_cfg)
     model = GPTModel(
         config=config,
         transformer_layer_spec=layer_spec(model_cfg),

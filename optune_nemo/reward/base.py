@@ -59,3 +59,33 @@ def build_reward(cfg: RewardConfig) -> RewardModel:
     if not callable(fn):
         raise ConfigError(f"reward.function._target_: {target!r} is not callable")
     return RewardModel(fn, batch_size=cfg.batch_size, name=target)
+
+
+class ShardedReward:
+    """Scores a batch spread over every rank (response i on rank i % world), then all-gathers, so a
+    model-based reward uses all devices. The result does not depend on the world size. An error on
+    any rank is raised on every rank (a rank failing alone would leave the others in a collective)."""
+
+    def __init__(self, reward: RewardModel, *, rank: int, world_size: int):
+        self.reward, self.rank, self.world_size = reward, rank, world_size
+
+    def __getattr__(self, name):
+        return getattr(self.reward, name)
+
+    def score(self, prompts: Sequence[Prompt], responses: Sequence[str]) -> list[float]:
+        from optune_nemo.distributed import all_gather_object
+
+        mine = list(range(self.rank, len(prompts), self.world_size))
+        try:
+            part: object = self.reward.score([prompts[i] for i in mine], [responses[i] for i in mine])
+        except ValueError as e:
+            part = e
+        parts = all_gather_object(part)
+        for p in parts:
+            if isinstance(p, Exception):
+                raise ValueError(str(p))
+        out = [0.0] * len(prompts)
+        for rank, values in enumerate(parts):
+            for i, v in zip(range(rank, len(prompts), self.world_size), values):
+                out[i] = v
+        return out

@@ -7,23 +7,25 @@ import re
 _NUMBER = re.compile(r"-?\d+(?:\.\d+)?")
 
 
-def arithmetic_score(response: str, answer: float, *, max_chars: int = 48) -> float:
+def arithmetic_score(response: str, answer: float, *, max_chars: int = 48, free_numbers: int = 3) -> float:
     """Graded reward in [-1, 1] for an arithmetic answer.
 
     - no number in the response: -1
-    - x = the first number: 1 if x == answer, else 0.5 * max(0, 1 - |x - answer| / max(|answer|, 1))
-      (partial credit falling linearly with the relative error, 0 beyond 100 %)
-    - minus 0.1 per further number (at most 0.3) and 0.2 when longer than `max_chars`: rambling.
+    - x = the LAST number (the conclusion: "81 - 70 = 11" answers 11): 1 if x == answer, else
+      0.5 * max(0, 1 - |x - answer| / max(|answer|, 1)) (partial credit falling linearly with the
+      relative error, 0 beyond 100 %)
+    - rambling: minus 0.1 per number beyond `free_numbers` (an equation "a op b = c" is free; at most
+      0.3) and 0.2 when longer than `max_chars`.
     """
     numbers = _NUMBER.findall(response.replace(",", ""))
     if not numbers:
         return -1.0
-    x = float(numbers[0])
+    x = float(numbers[-1])
     if x == answer:
         score = 1.0
     else:
         score = 0.5 * max(0.0, 1.0 - abs(x - answer) / max(abs(answer), 1.0))
-    score -= min(0.3, 0.1 * (len(numbers) - 1))
+    score -= min(0.3, 0.1 * max(0, len(numbers) - free_numbers))
     if len(response) > max_chars:
         score -= 0.2
     return max(-1.0, score)
@@ -42,6 +44,6 @@ def length_reward(prompts: list[str], responses: list[str], metadata: list[dict]
 
 
 def is_exact(response: str, answer: float) -> bool:
-    """True when the first number in the response equals the answer."""
+    """True when the last number in the response (its conclusion) equals the answer."""
     numbers = _NUMBER.findall(response.replace(",", ""))
-    return bool(numbers) and float(numbers[0]) == answer
+    return bool(numbers) and float(numbers[-1]) == answer

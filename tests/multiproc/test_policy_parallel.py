@@ -95,3 +95,31 @@ def test_resume_is_exact_and_reshards(reference, tmp_path):
     for losses2, logps2 in run_ranks(_resume, 2, [*over, "parallel.tensor_model_parallel_size=2"], init, ckpt):
         assert max(abs(a - b) for a, b in zip(losses2, straight_losses)) < 1e-5
         torch.testing.assert_close(logps2, straight_logps, atol=1e-5, rtol=0)
+
+
+def _bf16(rank, init_dir, ckpt_dir, resume):
+    policy = build(tiny_config("precision=bf16", "parallel.use_distributed_optimizer=true",
+                               "train.global_batch_size=8", "train.micro_batch_size=2"))
+    assert next(policy.unwrapped_model().parameters()).dtype == torch.bfloat16
+    if resume:
+        policy.load_checkpoint(ckpt_dir)
+    else:
+        policy.load_checkpoint(init_dir, load_optimizer=False)
+        policy.train(preference_batch(policy, 8), WDPO, epochs=1, seed=0)
+        policy.save_checkpoint(ckpt_dir)
+    batch = preference_batch(policy, 8, seed=5)
+    return [s["loss"] for s in policy.train(batch, WDPO, epochs=1, seed=1)], batch.ref_chosen_logps
+
+
+def test_bf16_trains_close_to_fp32_and_resumes_exactly(reference, tmp_path):
+    init, _ = reference
+    ckpt = str(tmp_path / "bf16")
+    straight_losses, _ = run_ranks(_bf16, 1, init, ckpt, False)[0]
+    resumed_losses, _ = run_ranks(_bf16, 1, init, ckpt, True)[0]
+    assert resumed_losses == straight_losses              # fp32 master weights restored exactly
+    (fp32_logps, fp32_steps, _), = run_ranks(_train, 1, ["train.global_batch_size=8", "train.micro_batch_size=2"],
+                                             init)
+    (_, bf16_steps, _), = run_ranks(_train, 1, ["train.global_batch_size=8", "train.micro_batch_size=2",
+                                                "precision=bf16", "parallel.use_distributed_optimizer=true"], init)
+    for (loss, _, _), (rloss, _, _) in zip(bf16_steps, fp32_steps):
+        assert abs(loss - rloss) < 0.02 * max(1.0, abs(rloss)), (bf16_steps, fp32_steps)

@@ -27,9 +27,14 @@ def _partial(x, answer):
     ("500", 42, 0.0),           # beyond 100 %: clipped at 0
     ("I do not know", 42, -1.0),
     ("", 3, -1.0),
-    ("41 or 42", 42, 0.5 * (1 - 1 / 42) - 0.1),
-    ("1 2 3 4 5", 1, 1.0 - 0.3),    # 4 further numbers: penalty capped at 0.3
-    ("7 and 8", 7, 1.0 - 0.1),
+    ("42 or 41", 42, 0.5 * (1 - 1 / 42)),       # the last number is graded
+    ("41 or 42", 42, 1.0),
+    ("81 - 70 = 11.", 11, 1.0),                 # an equation: three numbers are free
+    ("70 - 81 = -11", -11, 1.0),
+    ("2 x 42 = 82.", 84, 0.5 * (1 - 2 / 84)),
+    ("1 2 3 4 5", 5, 1.0 - 0.2),                # two numbers beyond three
+    ("1 2 3 4 5 6 7 8", 8, 1.0 - 0.3),          # penalty capped at 0.3
+    ("8 and 7", 7, 1.0),
     ("-7", -7, 1.0),
     ("7", -7, 0.0),
     ("-6", -7, 0.5 * (1 - 1 / 7)),
@@ -40,7 +45,7 @@ def _partial(x, answer):
     ("12,345,678 exactly", 12345678, 1.0),
     ("x" * 49 + " 42", 42, 0.8),        # longer than 48 chars
     ("x" * 45 + " 42", 42, 1.0),        # exactly 48 chars: no penalty
-    ("9 8 7 6 " + "y" * 60, 42, _partial(9, 42) - 0.3 - 0.2),
+    ("9 8 7 6 5 4 " + "y" * 60, 42, _partial(4, 42) - 0.3 - 0.2),
     ("no number here " * 5, 42, -1.0),  # no number: -1, whatever the length
 ])
 def test_arithmetic_score(response, answer, expected):
@@ -50,7 +55,7 @@ def test_arithmetic_score(response, answer, expected):
 
 def test_arithmetic_score_lower_bound_and_max_chars():
     # worst case with a number: 0 - 0.3 - 0.2 = -0.5, never below -1
-    assert arithmetic_score("1000 2000 3000 4000 5000 " + "z" * 80, 1) == pytest.approx(-0.5)
+    assert arithmetic_score("1000 2000 3000 4000 5000 6000 " + "z" * 80, 1) == pytest.approx(-0.5)
     assert arithmetic_score("42 apples", 42, max_chars=5) == pytest.approx(0.8)
     assert arithmetic_score("42 apples", 42, max_chars=9) == pytest.approx(1.0)
 
@@ -78,7 +83,9 @@ def test_is_exact():
     assert is_exact("-12", -12)
     assert is_exact("1,000", 1000)
     assert not is_exact("41", 42)
-    assert not is_exact("41 then 42", 42)  # first number only
+    assert is_exact("41 then 42", 42)       # the last number is the answer
+    assert not is_exact("42 then 41", 42)
+    assert is_exact("81 - 70 = 11.", 11)
     assert not is_exact("", 42)
     assert not is_exact("forty-two", 42)
 
