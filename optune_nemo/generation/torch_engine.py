@@ -95,9 +95,6 @@ class TorchEngine:
 
     def __init__(self, model, *, decode: Callable[[list[int]], str], dist, vocab_size: int,
                  batch_size: int, max_sequence_length: int):
-        if dist.pp_size > 1:
-            raise ValueError("generation.engine=torch: pipeline_model_parallel_size > 1 is not "
-                             "supported by the torch engine yet; use pipeline_model_parallel_size=1")
         self.model, self.decode, self.dist = model, decode, dist
         self.vocab_size, self.batch_size = vocab_size, batch_size
         self.max_sequence_length = max_sequence_length
@@ -136,15 +133,20 @@ class TorchEngine:
         out, bias = attn.linear_proj(ctx.permute(2, 0, 1, 3).reshape(S, R, -1))
         return out if bias is None else out + bias
 
-    def _forward(self, tokens_RS: torch.Tensor, positions_RS: torch.Tensor, cache: _Cache) -> torch.Tensor:
-        """Logits of the last position [R, V_padded] (gathered over TP); appends to the cache."""
+    def _forward(self, tokens_RS: torch.Tensor, positions_RS: torch.Tensor, cache: _Cache) -> torch.Tensor | None:
+        """Logits of the last position [R, V] (gathered over TP) on the last pipeline stage, None on
+        the others; appends to this stage's cache. Stages pass hidden states with send/recv."""
         from megatron.core import tensor_parallel
 
         self.forward_calls += 1
-        m = self.model
-        hidden = m.embedding(input_ids=tokens_RS, position_ids=positions_RS)   # [S, R, H]
+        m, d = self.model, self.dist
+        S, R = tokens_RS.shape[1], tokens_RS.shape[0]
+        if m.pre_process:
+            hidden = m.embedding(input_ids=tokens_RS, position_ids=positions_RS)   # [S, R, H]
+        else:
+            hidden = torch.empty(S, R, m.config.hidden_size, dtype=m.config.params_dtype)
+            torch.distributed.recv(hidden, src=self._pp_neighbour(-1), group=d.pp_group)
         freqs = self._rotary(positions_RS)
-        S = tokens_RS.shape[1]
         total = cache.length + S
         slots = torch.arange(total)
         query_slots = slots[total - S:]
@@ -157,11 +159,31 @@ class TorchEngine:
             out, bias = layer.mlp(layer.pre_mlp_layernorm(hidden))
             hidden = hidden + (out if bias is None else out + bias)
         cache.length = total
+        if not m.post_process:
+            torch.distributed.send(hidden.contiguous(), dst=self._pp_neighbour(+1), group=d.pp_group)
+            return None
         hidden = m.decoder.final_layernorm(hidden[-1:])
         weight = m.shared_embedding_or_output_weight() if m.share_embeddings_and_output_weights else None
         logits, _ = m.output_layer(hidden, weight=weight)
         logits = tensor_parallel.gather_from_tensor_model_parallel_region(logits)
         return logits[0, :, : self.vocab_size].float()
+
+    def _pp_neighbour(self, step: int) -> int:
+        from megatron.core import parallel_state as ps
+
+        return ps.get_pipeline_model_parallel_next_rank() if step > 0 else ps.get_pipeline_model_parallel_prev_rank()
+
+    def _sample(self, logits, params: SamplingParams, gens) -> list[int]:
+        """The last stage samples; with pipeline stages, it broadcasts the tokens to the others."""
+        tokens = sample_tokens(logits, params, gens) if self.model.post_process else None
+        if self.dist.pp_size > 1:
+            from megatron.core import parallel_state as ps
+
+            from optune_nemo.distributed import broadcast_object
+
+            tokens = broadcast_object(tokens, src=ps.get_pipeline_model_parallel_last_rank(),
+                                      group=self.dist.pp_group)
+        return tokens
 
     # ------------------------------------------------------------------ generation
 
@@ -181,7 +203,8 @@ class TorchEngine:
         logits = self._forward(tokens, positions, cache)                 # prefill, once per prompt
         rows = torch.arange(B).repeat_interleave(n)                      # prompt i -> rows i*n..i*n+n-1
         cache.select(rows)
-        logits = logits.index_select(0, rows)
+        if logits is not None:
+            logits = logits.index_select(0, rows)
         gens = [sample_generator(params.seed, keys[i], j) for i in range(B) for j in range(n)]
         owner = list(range(B * n))                                       # row -> output slot
         out_tokens: list[list[int]] = [[] for _ in range(B * n)]
@@ -189,7 +212,7 @@ class TorchEngine:
         next_pos = (L - pad).repeat_interleave(n)
         stop = set(params.stop_token_ids)
         for step in range(params.max_new_tokens):
-            new = sample_tokens(logits, params, gens)
+            new = self._sample(logits, params, gens)
             alive = []
             for r, tok in enumerate(new):
                 out_tokens[owner[r]].append(tok)

@@ -73,10 +73,14 @@ class MegatronPolicy:
         mine = list(range(d.dp_rank, n, d.dp_size))
         rows = 2 * self.cfg.train.micro_batch_size
         T = max(len(p) + len(r) for p, r in zip(prompts, responses))
-        data = [make_sequence_batch([prompts[i] for i in mine[k:k + rows]],
-                                    [responses[i] for i in mine[k:k + rows]],
-                                    pad_id=self.pad_token_id, length=T).to(d.device)
-                for k in range(0, len(mine), rows)]
+        # every micro-batch has exactly `rows` sequences (pipeline stages exchange fixed shapes):
+        # the last one is filled with copies of its first sequence, dropped afterwards
+        data = []
+        for k in range(0, len(mine), rows):
+            idx = mine[k:k + rows]
+            idx = idx + [idx[0]] * (rows - len(idx))
+            data.append(make_sequence_batch([prompts[i] for i in idx], [responses[i] for i in idx],
+                                            pad_id=self.pad_token_id, length=T).to(d.device))
 
         def loss_func(batch, output):
             logps = self._logps(output, batch).detach()
@@ -91,7 +95,7 @@ class MegatronPolicy:
             # equal micro-batch counts are only needed within a pipeline, not across DP ranks
             out = self._forward_backward(data, forward_step=forward_step, seq_length=T,
                                          rows=rows, forward_only=True) if data else []
-        local = torch.cat([o["logps"].cpu() for o in out]) if out else torch.zeros(0)
+        local = torch.cat([o["logps"].cpu() for o in out])[:len(mine)] if out else torch.zeros(0)
         if d.pp_size > 1:
             from megatron.core import parallel_state as ps
 
@@ -276,7 +280,7 @@ def build_policy(cfg: OptuneNemoConfig, *, vocab_size: int, pad_token_id: int, d
     model_parallel_seed(cfg.seed)
     gpt = build_gpt_model(cfg.model, vocab_size=vocab_size, tp_size=dist.tp_size, pp_size=dist.pp_size,
                           pre_process=ps.is_pipeline_first_stage(), post_process=ps.is_pipeline_last_stage(),
-                          precision=cfg.precision, fp8_cfg=cfg.fp8)
+                          precision=cfg.precision, fp8_cfg=cfg.fp8, init_seed=cfg.seed)
     tcfg = gpt.config
     tcfg.calculate_per_token_loss = True
     ddp_cfg = DistributedDataParallelConfig(

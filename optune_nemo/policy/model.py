@@ -85,7 +85,10 @@ def build_transformer_config(model_cfg: ModelConfig, *, tp_size: int, pp_size: i
     )
 
 
-def layer_spec(model_cfg: ModelConfig):
+def layer_spec(model_cfg: ModelConfig, *, init_seed: int | None = None):
+    """The layer spec; with `init_seed`, every layer draws its initial weights from a generator state
+    seeded by (init_seed, global layer number), so a pipeline stage builds the same layers as a
+    single rank does (otherwise stage k would continue the RNG stream where stage k-1's rank began)."""
     from megatron.core.models.gpt import gpt_layer_specs
 
     if model_cfg.transformer_impl == "transformer_engine":
@@ -93,13 +96,31 @@ def layer_spec(model_cfg: ModelConfig):
             raise ConfigError(
                 "model.transformer_impl: transformer_engine is not installed; install "
                 "`optune-nemo[gpu]` or use the NGC container (see docs/container.md), or set local")
-        return gpt_layer_specs.get_gpt_layer_with_transformer_engine_spec()
-    return gpt_layer_specs.get_gpt_layer_local_spec(normalization="RMSNorm")
+        spec = gpt_layer_specs.get_gpt_layer_with_transformer_engine_spec()
+    else:
+        spec = gpt_layer_specs.get_gpt_layer_local_spec(normalization="RMSNorm")
+    if init_seed is not None:
+        spec.module = _seeded_layer_class(spec.module, init_seed)
+    return spec
+
+
+def _seeded_layer_class(base, init_seed: int):
+    from megatron.core.transformer.transformer_layer import get_transformer_layer_offset
+
+    class SeededLayer(base):
+        def __init__(self, config, submodules, layer_number: int = 1, *args, **kwargs):
+            global_number = layer_number + get_transformer_layer_offset(config, kwargs.get("vp_stage"))
+            torch.manual_seed(init_seed + 7919 * global_number)
+            super().__init__(config, submodules, layer_number, *args, **kwargs)
+
+    SeededLayer.__name__ = SeededLayer.__qualname__ = base.__name__
+    return SeededLayer
 
 
 def build_gpt_model(model_cfg: ModelConfig, *, vocab_size: int, tp_size: int = 1, pp_size: int = 1,
                     pre_process: bool = True, post_process: bool = True,
-                    params_dtype: torch.dtype = torch.float32, precision: str = "fp32", fp8_cfg=None):
+                    params_dtype: torch.dtype = torch.float32, precision: str = "fp32", fp8_cfg=None,
+                    init_seed: int | None = None):
     """This rank's GPTModel chunk. `vocab_size` is the tokenizer's; the embedding is padded.
     Call after `init_distributed` (megatron's parallel state must exist)."""
     from megatron.core.models.gpt import GPTModel
@@ -108,7 +129,7 @@ def build_gpt_model(model_cfg: ModelConfig, *, vocab_size: int, tp_size: int = 1
                                       precision=precision, fp8_cfg=fp8_cfg)
     model = GPTModel(
         config=config,
-        transformer_layer_spec=layer_spec(model_cfg),
+        transformer_layer_spec=layer_spec(model_cfg, init_seed=init_seed),
         vocab_size=padded_vocab_size(vocab_size, model_cfg, tp_size),
         max_sequence_length=model_cfg.seq_length,
         pre_process=pre_process,

@@ -123,13 +123,24 @@ def _store(exp_dir, it=2):
     return pq.read_table(exp_dir / "checkpoints" / f"iter_{it:06d}" / "rollouts.parquet").to_pydict()
 
 
+@pytest.fixture(scope="module")
+def one_rank(tmp_path_factory):
+    exp = tmp_path_factory.mktemp("one")
+    run_ranks(_plain_run, 1, [], str(exp))
+    return exp
+
+
 @pytest.mark.multiproc
-def test_tp2_equals_tp1(tmp_path):
-    run_ranks(_plain_run, 1, [], str(tmp_path / "tp1"))
-    run_ranks(_plain_run, 2, ["parallel.tensor_model_parallel_size=2"], str(tmp_path / "tp2"))
-    a, b = _store(tmp_path / "tp1"), _store(tmp_path / "tp2")
+@pytest.mark.parametrize("layout", [["parallel.tensor_model_parallel_size=2"],
+                                    ["parallel.pipeline_model_parallel_size=2"],
+                                    ["parallel.use_distributed_optimizer=true"]], ids=["tp2", "pp2", "dp2"])
+def test_two_ranks_equal_one(one_rank, tmp_path, layout):
+    """The whole loop on two ranks (generation, scoring, reference, training, checkpoints) gives the
+    same rollout store and the same metrics as one rank."""
+    run_ranks(_plain_run, 2, layout, str(tmp_path / "two"))
+    a, b = _store(one_rank), _store(tmp_path / "two")
     assert a == b
-    ma, mb = _metrics(tmp_path / "tp1"), _metrics(tmp_path / "tp2")
+    ma, mb = _metrics(one_rank), _metrics(tmp_path / "two")
     for ra, rb in zip(ma, mb):
         # at the first step of an iteration the policy IS the reference: every margin is 0 up to
         # fp32 rounding, so the sign-counting accuracy is a coin flip per pair; loss and margin_mean
