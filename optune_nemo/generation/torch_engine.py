@@ -52,13 +52,19 @@ def filter_logits(logits_RV: torch.Tensor, *, temperature: float, top_k: int, to
 
 def sample_tokens(logits_RV: torch.Tensor, params: SamplingParams,
                   generators: Sequence[torch.Generator]) -> list[int]:
-    """One token per row: argmax at temperature 0, else a draw from the filtered softmax with the
-    row's own generator."""
+    """One token per row: argmax at temperature 0, else a draw from the filtered softmax by inverse
+    CDF with one uniform from the row's own generator (exact in distribution, independent of the
+    other rows)."""
     if params.temperature == 0:
         return logits_RV.argmax(-1).tolist()
-    probs = filter_logits(logits_RV.double(), temperature=params.temperature, top_k=params.top_k,
+    probs = filter_logits(logits_RV.float(), temperature=params.temperature, top_k=params.top_k,
                           top_p=params.top_p).softmax(-1)
-    return [int(torch.multinomial(probs[r], 1, generator=g)) for r, g in enumerate(generators)]
+    cdf = probs.double().cumsum(-1)
+    u = torch.cat([torch.rand(1, generator=g, dtype=torch.float64) for g in generators])
+    idx = torch.searchsorted(cdf, (u * cdf[:, -1]).unsqueeze(1)).squeeze(1)
+    # never past the last token with mass (rounding at the top of the cdf)
+    last = (probs > 0).to(torch.int64).cumsum(-1).argmax(-1)
+    return torch.minimum(idx, last).tolist()
 
 
 class _Cache:
@@ -125,10 +131,9 @@ class TorchEngine:
         k = apply_rotary_pos_emb(k, freqs, config=cfg)
         keys, values = cache.write(li, k.permute(1, 2, 0, 3), v.permute(1, 2, 0, 3))  # [R, groups, T, dim]
         q = q.permute(1, 2, 0, 3)                                           # [R, heads, S, dim]
-        rep = q.shape[1] // keys.shape[1]
-        keys = keys.repeat_interleave(rep, dim=1)
-        values = values.repeat_interleave(rep, dim=1)
-        ctx = F.scaled_dot_product_attention(q, keys, values, attn_mask=mask_RSK.unsqueeze(1))
+        # grouped-query attention without copying the cache to every head (head h uses group h // rep)
+        ctx = F.scaled_dot_product_attention(q, keys, values, attn_mask=mask_RSK.unsqueeze(1),
+                                             enable_gqa=keys.shape[1] != q.shape[1])
         S, R = hidden_SRH.shape[:2]
         out, bias = attn.linear_proj(ctx.permute(2, 0, 1, 3).reshape(S, R, -1))
         return out if bias is None else out + bias
