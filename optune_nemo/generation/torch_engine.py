@@ -26,6 +26,7 @@ from collections.abc import Callable, Sequence
 import torch
 import torch.nn.functional as F
 
+from optune_nemo.policy.cpu_compat import cpu_compat_suspended
 from optune_nemo.types import Sample, SamplingParams
 
 
@@ -41,13 +42,24 @@ def filter_logits(logits_RV: torch.Tensor, *, temperature: float, top_k: int, to
         kth = torch.topk(logits, top_k, dim=-1).values[:, -1:]
         logits = logits.masked_fill(logits < kth, float("-inf"))
     if top_p < 1.0:
-        sorted_logits, order = torch.sort(logits, dim=-1, descending=True)
-        probs = sorted_logits.softmax(-1)
-        # drop a token when the mass before it already reaches top_p (the first token always stays)
-        drop_sorted = probs.cumsum(-1) - probs >= top_p
-        drop = torch.zeros_like(drop_sorted).scatter(-1, order, drop_sorted)
-        logits = logits.masked_fill(drop, float("-inf"))
+        logits = _nucleus(logits, top_p)
     return logits
+
+
+def _nucleus(logits: torch.Tensor, top_p: float, candidates: int = 1024) -> torch.Tensor:
+    """Drop a token when the probability mass of the tokens ranked above it already reaches top_p
+    (the first token always stays). Exact: the ranking is taken over the top `candidates` tokens when
+    they hold at least top_p of every row's mass (a full sort of the vocabulary otherwise)."""
+    k = min(candidates, logits.shape[-1])
+    top, order = torch.topk(logits, k, dim=-1)
+    # probabilities under the FULL softmax, for the candidates only
+    probs = torch.exp(top - torch.logsumexp(logits, -1, keepdim=True))
+    if k < logits.shape[-1] and not bool((probs.sum(-1) >= top_p).all()):
+        top, order = torch.sort(logits, dim=-1, descending=True)
+        probs = top.softmax(-1)
+    keep_sorted = probs.cumsum(-1) - probs < top_p
+    keep = torch.zeros_like(logits, dtype=torch.bool).scatter(-1, order, keep_sorted)
+    return logits.masked_fill(~keep, float("-inf"))
 
 
 def sample_tokens(logits_RV: torch.Tensor, params: SamplingParams,
@@ -258,7 +270,7 @@ class TorchEngine:
         was_training = self.model.training
         self.model.eval()
         try:
-            with torch.inference_mode():
+            with torch.inference_mode(), cpu_compat_suspended():
                 local = self._generate_local([prompts[i] for i in mine], [keys[i] for i in mine], params)
         finally:
             self.model.train(was_training)
