@@ -119,3 +119,40 @@ def test_kill_at_random_moments(reference, tmp_path):
         _run_in_session(cmd, tmp_path / "kills.log", kill_after=delay)
     _train_cli(exp)
     _assert_same(reference, exp)
+
+
+def _preempt_when(log: Path, needle: str, cmd, timeout: float = 300) -> int:
+    """Start the run, send SIGUSR1 once `needle` appears in its log, return its exit code."""
+    with open(log, "ab") as out:
+        proc = subprocess.Popen(cmd, cwd=ROOT, stdout=out, stderr=out, start_new_session=True,
+                                env={**os.environ, "OMP_NUM_THREADS": "1"})
+    try:
+        deadline = time.time() + timeout
+        while needle not in log.read_text(errors="replace"):
+            assert proc.poll() is None, f"run ended before {needle!r}:\n{log.read_text()[-2000:]}"
+            assert time.time() < deadline, f"no {needle!r} in {timeout} s"
+            time.sleep(0.05)
+        proc.send_signal(signal.SIGUSR1)
+        return proc.wait(timeout=timeout)
+    finally:
+        try:
+            os.killpg(proc.pid, signal.SIGKILL)
+        except ProcessLookupError:
+            pass
+
+
+@pytest.mark.parametrize("needle", ["iteration 1: phase=generation", "iteration 1: phase=train"],
+                         ids=["during-generation", "during-training"])
+def test_preemption_signal_stops_cleanly_and_resumes_identically(reference, tmp_path, needle):
+    """SIGUSR1 (Slurm's pre-emption warning): the run stops at the next safe point with exit code 0
+    and without COMPLETED; the rerun resumes by itself and ends identical to an uninterrupted run."""
+    exp = tmp_path / "run"
+    cmd = [sys.executable, "-m", "optune_nemo.train", *E2E, f"exp_dir={exp}"]
+    assert _preempt_when(tmp_path / "run.log", needle, cmd) == 0
+    assert not (exp / "COMPLETED").exists()
+    assert "stop requested" in (tmp_path / "run.log").read_text()
+    if "train" in needle:   # training finishes its iteration, which is then checkpointed
+        assert (exp / "checkpoints" / "iter_000001").is_dir()
+    _train_cli(exp)
+    assert (exp / "COMPLETED").exists()
+    _assert_same(reference, exp)
