@@ -57,23 +57,30 @@ _CRASHER = textwrap.dedent("""
 """)
 
 
-def _run_in_session(cmd, log, *, kill_after=None, timeout=600):
+def _run_in_session(cmd, log, *, trigger=None, timeout=600):
     """Run in a new session, logging to a file (not a pipe: dist-checkpointing's spawned
-    multiprocessing manager inherits pipes and outlives a killed parent); afterwards kill the
-    whole group so no orphan is left behind. Returns the exit code."""
+    multiprocessing manager inherits pipes and outlives a killed parent). `trigger(proc)` runs while
+    it does (to signal it); afterwards the whole group is killed so no orphan is left behind.
+    Returns the exit code."""
     with open(log, "ab") as out:
         proc = subprocess.Popen(cmd, cwd=ROOT, stdout=out, stderr=out, start_new_session=True,
                                 env={**os.environ, "OMP_NUM_THREADS": "1"})
+    try:
+        if trigger is not None:
+            trigger(proc)
+        return proc.wait(timeout=timeout)
+    finally:
         try:
-            if kill_after is not None:
-                time.sleep(kill_after)
-                proc.send_signal(signal.SIGKILL)
-            return proc.wait(timeout=timeout)
-        finally:
-            try:
-                os.killpg(proc.pid, signal.SIGKILL)
-            except ProcessLookupError:
-                pass
+            os.killpg(proc.pid, signal.SIGKILL)
+        except ProcessLookupError:
+            pass
+
+
+def _kill_after(delay):
+    def trigger(proc):
+        time.sleep(delay)
+        proc.send_signal(signal.SIGKILL)
+    return trigger
 
 
 def _crash(exp_dir, where):
@@ -116,29 +123,22 @@ def test_kill_at_random_moments(reference, tmp_path):
     exp, rng = tmp_path / "run", random.Random(1234)
     cmd = [sys.executable, "-m", "optune_nemo.train", *E2E, f"exp_dir={exp}"]
     for delay in sorted(rng.uniform(5.0, 12.0) for _ in range(3)):
-        _run_in_session(cmd, tmp_path / "kills.log", kill_after=delay)
+        _run_in_session(cmd, tmp_path / "kills.log", trigger=_kill_after(delay))
     _train_cli(exp)
     _assert_same(reference, exp)
 
 
 def _preempt_when(log: Path, needle: str, cmd, timeout: float = 300) -> int:
     """Start the run, send SIGUSR1 once `needle` appears in its log, return its exit code."""
-    with open(log, "ab") as out:
-        proc = subprocess.Popen(cmd, cwd=ROOT, stdout=out, stderr=out, start_new_session=True,
-                                env={**os.environ, "OMP_NUM_THREADS": "1"})
-    try:
+    def trigger(proc):
         deadline = time.time() + timeout
         while needle not in log.read_text(errors="replace"):
             assert proc.poll() is None, f"run ended before {needle!r}:\n{log.read_text()[-2000:]}"
             assert time.time() < deadline, f"no {needle!r} in {timeout} s"
             time.sleep(0.05)
         proc.send_signal(signal.SIGUSR1)
-        return proc.wait(timeout=timeout)
-    finally:
-        try:
-            os.killpg(proc.pid, signal.SIGKILL)
-        except ProcessLookupError:
-            pass
+
+    return _run_in_session(cmd, log, trigger=trigger, timeout=timeout)
 
 
 @pytest.mark.parametrize("needle", ["iteration 1: phase=generation", "iteration 1: phase=train"],
