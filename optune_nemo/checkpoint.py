@@ -25,11 +25,12 @@ import random
 import shutil
 from collections.abc import Callable
 from pathlib import Path
-from typing import Any
 
 import numpy as np
 import torch
 import torch.distributed as dist
+
+from optune_nemo.distributed import all_gather_object, broadcast_object
 
 log = logging.getLogger(__name__)
 
@@ -45,22 +46,6 @@ def _rank() -> int:
 def _barrier() -> None:
     if dist.is_initialized():
         dist.barrier()
-
-
-def _gather(obj: Any) -> list[Any]:
-    if not dist.is_initialized():
-        return [obj]
-    out: list[Any] = [None] * dist.get_world_size()
-    dist.all_gather_object(out, obj)
-    return out
-
-
-def _broadcast(obj: Any) -> Any:
-    if not dist.is_initialized():
-        return obj
-    box = [obj]
-    dist.broadcast_object_list(box, src=0)
-    return box[0]
 
 
 def rng_state() -> dict:
@@ -160,7 +145,7 @@ class CheckpointManager:
                     choice = str(cand)
                     break
                 log.warning("checkpoint %s is not usable (%s); trying the previous one", cand, problem)
-        choice = _broadcast(choice)
+        choice = broadcast_object(choice)
         return Path(choice) if choice else None
 
     def save(self, iteration: int, *, save_model: Callable[[str], None],
@@ -175,7 +160,7 @@ class CheckpointManager:
             tmp.mkdir(parents=True)
         _barrier()
         save_model(str(tmp / "model"))
-        rngs = _gather(rng_state())
+        rngs = all_gather_object(rng_state())
         if _rank() == 0:
             save_rank0(tmp)
             torch.save({**trainer_state, "rng_states": rngs}, tmp / "trainer_state.pt")
@@ -232,7 +217,7 @@ class GenerationChunks:
         if _rank() == 0:
             d = self._dir(iteration)
             found = sorted(int(p.stem.split("_")[1]) for p in d.glob("chunk_*.pt")) if d.is_dir() else []
-        return set(_broadcast(found))
+        return set(broadcast_object(found))
 
     def load(self, iteration: int, index: int) -> dict:
         return torch.load(self._dir(iteration) / f"chunk_{index:05d}.pt", weights_only=False)

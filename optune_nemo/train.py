@@ -8,7 +8,6 @@ Exit codes: 0 finished or stopped cleanly for pre-emption (then `exp_dir/COMPLET
 from __future__ import annotations
 
 import logging
-import math
 import os
 import sys
 from pathlib import Path
@@ -35,13 +34,6 @@ def to_config(dcfg: DictConfig) -> OptuneNemoConfig:
     cfg = OmegaConf.to_object(dcfg)
     assert isinstance(cfg, OptuneNemoConfig)
     return cfg
-
-
-def total_train_steps(cfg: OptuneNemoConfig, num_prompts: int) -> int:
-    """Optimizer steps of the whole run, for the LR schedule. An upper bound: tied pairs are left
-    out of the loss, so an iteration may have fewer steps than ceil(N / global_batch_size)."""
-    per_iteration = math.ceil(num_prompts / cfg.train.global_batch_size) * cfg.train.epochs_per_iteration
-    return per_iteration * cfg.optune.iterations
 
 
 def build_loop(cfg: OptuneNemoConfig):
@@ -79,8 +71,7 @@ def build_loop(cfg: OptuneNemoConfig):
     if dist.rank == 0:
         (exp_dir / "config.yaml").write_text(OmegaConf.to_yaml(OmegaConf.structured(cfg)))
     prompts = load_prompts(cfg.data, tokenizer)
-    policy = build_policy(cfg, vocab_size=tokenizer.vocab_size, pad_token_id=tokenizer.pad_token_id,
-                          dist=dist, total_train_steps=total_train_steps(cfg, len(prompts)))
+    policy = build_policy(cfg, vocab_size=tokenizer.vocab_size, pad_token_id=tokenizer.pad_token_id, dist=dist)
     engine = build_engine(cfg.generation, policy=policy, tokenizer=tokenizer, dist=dist,
                           vocab_size=tokenizer.vocab_size, max_sequence_length=cfg.model.seq_length,
                           hf_dir=hf_dir)

@@ -268,10 +268,9 @@ def _restore_adam_steps(optimizer) -> None:
                     st["step"] = torch.tensor(float(group["step"]), dtype=torch.float32)
 
 
-def build_policy(cfg: OptuneNemoConfig, *, vocab_size: int, pad_token_id: int, dist: DistEnv,
-                 total_train_steps: int | None = None) -> MegatronPolicy:
-    """Model (DDP-wrapped) + megatron optimizer. `total_train_steps` is unused: the LR schedule is
-    sized per iteration (module docstring)."""
+def build_policy(cfg: OptuneNemoConfig, *, vocab_size: int, pad_token_id: int, dist: DistEnv) -> MegatronPolicy:
+    """Model (DDP-wrapped) + megatron optimizer. The LR schedule is sized per iteration, in `train`
+    (module docstring)."""
     from megatron.core import parallel_state as ps
     from megatron.core.distributed import DistributedDataParallel, DistributedDataParallelConfig
     from megatron.core.distributed.finalize_model_grads import finalize_model_grads
