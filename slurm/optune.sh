@@ -17,7 +17,8 @@
 #SBATCH --signal=B:USR1@120
 #SBATCH --open-mode=append
 #SBATCH --output=slurm-%x-%j.out
-# GPU clusters: add  --gpus-per-node=8 --ntasks-per-node=8  on the sbatch command line.
+# GPU clusters: one task per GPU, e.g.  sbatch --gpus-per-node=8 --ntasks-per-node=8 ...  (or enable:)
+##SBATCH --gpus-per-node=8
 set -uo pipefail
 
 REPO=${OPTUNE_REPO:-${SLURM_SUBMIT_DIR:-$PWD}}

@@ -28,6 +28,7 @@ import torch.distributed as tdist
 from optune_nemo.config import OptuneNemoConfig
 from optune_nemo.distributed import DistEnv, all_gather_object, broadcast_object
 from optune_nemo.policy.cpu_compat import model_parallel_seed
+from optune_nemo.policy.dist_ckpt_helper import install_results_queue
 from optune_nemo.policy.logprobs import make_sequence_batch, sequence_logprobs_from_logits
 from optune_nemo.policy.model import build_gpt_model, padded_vocab_size
 from optune_nemo.types import PairLossFn, PreferenceBatch
@@ -213,6 +214,7 @@ class MegatronPolicy:
     def save_checkpoint(self, directory: str) -> None:
         from megatron.core import dist_checkpointing
 
+        install_results_queue()
         os.makedirs(directory, exist_ok=True)
         tdist.barrier()
         dist_checkpointing.save(self._sharded_state_dict(is_loading=False), directory)

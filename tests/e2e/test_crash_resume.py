@@ -58,10 +58,9 @@ _CRASHER = textwrap.dedent("""
 
 
 def _run_in_session(cmd, log, *, trigger=None, timeout=600):
-    """Run in a new session, logging to a file (not a pipe: dist-checkpointing's spawned
-    multiprocessing manager inherits pipes and outlives a killed parent). `trigger(proc)` runs while
-    it does (to signal it); afterwards the whole group is killed so no orphan is left behind.
-    Returns the exit code."""
+    """Run in a new session, logging to a file. `trigger(proc)` runs while it does (to signal it);
+    afterwards the whole group is killed, so a failing test leaves no process behind. Returns the
+    exit code."""
     with open(log, "ab") as out:
         proc = subprocess.Popen(cmd, cwd=ROOT, stdout=out, stderr=out, start_new_session=True,
                                 env={**os.environ, "OMP_NUM_THREADS": "1"})
@@ -156,3 +155,26 @@ def test_preemption_signal_stops_cleanly_and_resumes_identically(reference, tmp_
     _train_cli(exp)
     assert (exp / "COMPLETED").exists()
     _assert_same(reference, exp)
+
+
+def test_killed_run_leaves_no_process(tmp_path):
+    """SIGKILL of the run (only the run's own process, as the OOM killer or `kill -9 PID` does): none of
+    the processes it started survives it (megatron's checkpoint writer starts a helper server)."""
+    import psutil
+
+    exp = tmp_path / "run"
+    cmd = [sys.executable, "-m", "optune_nemo.train", *E2E, f"exp_dir={exp}"]
+
+    def trigger(proc):
+        deadline = time.time() + 300
+        while not (exp / "checkpoints" / "iter_000000").is_dir():   # the helper exists after a save
+            assert proc.poll() is None and time.time() < deadline
+            time.sleep(0.05)
+        children = psutil.Process(proc.pid).children(recursive=True)
+        assert children, "expected the checkpoint writer's helper process"
+        proc.send_signal(signal.SIGKILL)
+        proc.wait()
+        _, alive = psutil.wait_procs(children, timeout=10)
+        assert not alive, [(p.pid, p.cmdline()) for p in alive]
+
+    _run_in_session(cmd, tmp_path / "run.log", trigger=trigger)

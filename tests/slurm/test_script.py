@@ -21,7 +21,7 @@ def test_syntax(script):
 
 def test_directives():
     text = SCRIPT.read_text()
-    for directive in ("--requeue", "--signal=B:USR1@", "--open-mode=append", "--nodes=", "--ntasks-per-node=",
+    for directive in ("--job-name=", "--cpus-per-task=", "--requeue", "--signal=B:USR1@", "--open-mode=append", "--nodes=", "--ntasks-per-node=",
                       "--time=", "--output="):
         assert f"#SBATCH {directive}" in text, directive
 
@@ -51,9 +51,10 @@ def _stubs(tmp_path: Path, srun_body: str) -> dict:
             "SLURM_JOB_NODELIST": "node1", "OPTUNE_PYTHON": sys.executable, "OPTUNE_REPO": str(ROOT)}
 
 
-def _run_script(tmp_path, srun_body, *, signal_after=None):
-    env = _stubs(tmp_path, srun_body)
-    proc = subprocess.Popen(["bash", str(SCRIPT), f"exp_dir={tmp_path}/exp"], env=env, cwd=ROOT,
+def _run_script(tmp_path, srun_body, *, signal_after=None, script=SCRIPT, args=None, extra_env=None):
+    env = {**_stubs(tmp_path, srun_body), **(extra_env or {})}
+    args = [f"exp_dir={tmp_path}/exp"] if args is None else args
+    proc = subprocess.Popen(["bash", str(script), *args], env=env, cwd=ROOT,
                             stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     if signal_after is not None:
         time.sleep(signal_after)
@@ -80,3 +81,21 @@ def test_preempted_run_is_requeued_as_the_last_action(tmp_path):
 def test_failure_without_signal_is_not_requeued(tmp_path):
     rc, out, calls = _run_script(tmp_path, "exit 3")
     assert rc == 3 and "requeue" not in calls
+
+
+def test_arguments_and_container_reach_srun(tmp_path):
+    rc, out, calls = _run_script(tmp_path, "exit 0", args=["optune.rho=0.3", "seed=7", f"exp_dir={tmp_path}/exp"],
+                                 extra_env={"OPTUNE_CONTAINER_IMAGE": "/img.sqsh", "OPTUNE_CONTAINER_MOUNTS": "/a:/a"})
+    srun = next(line for line in calls.splitlines() if line.startswith("srun "))
+    assert "--container-image=/img.sqsh" in srun and "--container-mounts=/a:/a" in srun
+    assert srun.endswith(f"-m optune_nemo.train optune.rho=0.3 seed=7 exp_dir={tmp_path}/exp"), srun
+    assert rc == 0 and "requeue" not in calls
+
+
+@pytest.mark.parametrize("task,rho,selection", [("0", "0.3", "lowest_reward"), ("3", "1.0", "all")])
+def test_rho_sweep_array_task(tmp_path, task, rho, selection):
+    rc, out, calls = _run_script(tmp_path, "exit 0", script=ROOT / "slurm" / "rho_sweep.sh", args=["seed=1"],
+                                 extra_env={"SLURM_ARRAY_TASK_ID": task, "OPTUNE_SWEEP_DIR": str(tmp_path / "sweep")})
+    srun = next(line for line in calls.splitlines() if line.startswith("srun "))
+    assert f"optune.rho={rho} optune.selection={selection} exp_dir={tmp_path}/sweep/rho_{rho} seed=1" in srun, srun
+    assert "--container-image" not in srun
