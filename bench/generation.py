@@ -59,11 +59,11 @@ def main(argv=None) -> dict:
 
     from optune_nemo.config import load_config
     from optune_nemo.data.hf_tokenizer import HFTokenizer
-    from optune_nemo.distributed import init_distributed
     from optune_nemo.generation.torch_engine import TorchEngine
+    from optune_nemo.interfaces import SamplingParams
     from optune_nemo.policy.megatron_policy import build_policy
+    from optune_nemo.policy.parallel import init_distributed
     from optune_nemo.policy.pretrained import load_pretrained_weights, pretrained_model_config, resolve_hf_dir
-    from optune_nemo.types import SamplingParams
 
     work = Path(os.environ.get("OPTUNE_BENCH_DIR", tempfile.gettempdir())) / "optune_bench"
     dist = init_distributed(1, 1)

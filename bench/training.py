@@ -42,13 +42,12 @@ def main(argv=None) -> dict:
     ap.add_argument("--peak-tflops", type=float, default=989.0)
     args = ap.parse_args(argv)
 
-    from functools import partial
 
-    from optune_nemo import losses
     from optune_nemo.config import load_config
-    from optune_nemo.distributed import init_distributed
+    from optune_nemo.interfaces import PreferenceBatch
+    from optune_nemo.losses.wdpo import WDPO
     from optune_nemo.policy.megatron_policy import build_policy
-    from optune_nemo.types import PreferenceBatch
+    from optune_nemo.policy.parallel import init_distributed
 
     over = [*PRESETS[args.preset], "policy.hf_path=null", f"precision={args.precision}",
             f"parallel.use_distributed_optimizer={'true' if args.precision != 'fp32' else 'false'}",
@@ -66,7 +65,7 @@ def main(argv=None) -> dict:
     prompts, chosen, rejected = [seq(P) for _ in range(n)], [seq(R) for _ in range(n)], [seq(R) for _ in range(n)]
     zeros = torch.zeros(n)
     batch = PreferenceBatch(prompts, chosen, rejected, zeros, zeros, torch.ones(n), zeros)
-    loss_fn = partial(losses.wdpo_per_pair, beta1=0.1, beta2=1.0)
+    loss = WDPO(beta1=0.1, beta2=1.0)
     times = []
     for step in range(args.steps + args.warmup):
         sl = slice(step * args.pairs_per_step, (step + 1) * args.pairs_per_step)
@@ -75,7 +74,7 @@ def main(argv=None) -> dict:
         if torch.cuda.is_available():
             torch.cuda.synchronize()
         tic = time.perf_counter()
-        policy.train(part, loss_fn, epochs=1, seed=step)
+        policy.train(part, loss, epochs=1, seed=step)
         if torch.cuda.is_available():
             torch.cuda.synchronize()
         if step >= args.warmup:

@@ -1,18 +1,25 @@
-"""Atomic, manifest-checked checkpoints of every Stateful part of a run.
+"""Atomic, manifest-checked checkpoints of every stateful part of a run.
 
 Layout of `exp_dir/checkpoints/`:
 
     iter_000002/                the state after iteration 2 has finished
-        model/                  policy model + optimizer + LR schedule (megatron dist_checkpointing, sharded)
+        model/                  policy model + optimizer (megatron dist_checkpointing, sharded)
         rollouts.parquet        the rollout store: one pair + rewards per prompt
-        trainer_state.pt        next iteration, config, RNG states of every rank, component state
+        trainer_state.yaml      next iteration and the run's configuration
+        rng_states.pt           every rank's RNG states (tensors only: loaded with weights_only=True)
+        metrics.jsonl           the metrics records of iterations 0..2 (what exp_dir/metrics.jsonl holds)
         manifest.json           every file above with size and sha256; written LAST
     latest                      the name of the newest complete checkpoint ("iter_000002")
 
-A checkpoint is written into `iter_NNNNNN.tmp` and renamed when complete, then `latest` is replaced
-atomically, so a crash at any moment leaves either the old or the new checkpoint as `latest`. At
-resume the manifest is verified; a torn or corrupt checkpoint is skipped with a warning and the
-previous complete one is used.
+What goes in is a registry of parts (`CheckpointManager.register(name, part)`), each with `save(dir)` and
+`load(dir)`; the manager owns where and when. A checkpoint is written into `iter_NNNNNN.tmp` and renamed
+when complete, then `latest` is replaced atomically, so a crash at any moment leaves either the old or
+the new checkpoint as the newest complete one. At resume the manifest is verified; a torn or corrupt
+checkpoint is skipped with a warning and the previous complete one is used.
+
+Nothing is unpickled from a checkpoint: configuration and records are YAML/JSON, tensors are read with
+`torch.load(weights_only=True)`, and the model's dist-checkpoint metadata (a pickle written by
+torch.distributed.checkpoint) is screened first (`policy.safe_unpickle`).
 """
 
 from __future__ import annotations
@@ -20,17 +27,18 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
-import os
 import random
 import shutil
-from collections.abc import Callable
 from pathlib import Path
+from typing import Protocol
 
 import numpy as np
 import torch
 import torch.distributed as dist
 
-from optune_nemo.distributed import all_gather_object, broadcast_object
+from optune_nemo.config import ConfigError
+from optune_nemo.distributed import all_gather_object, barrier, broadcast_object, global_rank
+from optune_nemo.fileio import write_json_atomic, write_text_atomic
 
 log = logging.getLogger(__name__)
 
@@ -39,30 +47,11 @@ POINTER = "latest"
 _PREFIX = "iter_"
 
 
-def _rank() -> int:
-    return dist.get_rank() if dist.is_initialized() else 0
+class CheckpointError(ConfigError):
+    """A checkpoint file is unreadable or not what this system writes (named in the message)."""
 
 
-def _barrier() -> None:
-    if dist.is_initialized():
-        dist.barrier()
-
-
-def rng_state() -> dict:
-    """This rank's host RNG states (python, numpy, torch CPU and CUDA)."""
-    state = {"python": random.getstate(), "numpy": np.random.get_state(),
-             "torch": torch.get_rng_state()}
-    if torch.cuda.is_available():
-        state["cuda"] = torch.cuda.get_rng_state_all()
-    return state
-
-
-def set_rng_state(state: dict) -> None:
-    random.setstate(state["python"])
-    np.random.set_state(state["numpy"])
-    torch.set_rng_state(state["torch"])
-    if "cuda" in state and torch.cuda.is_available():
-        torch.cuda.set_rng_state_all(state["cuda"])
+# --------------------------------------------------------------------------- manifest
 
 
 def _sha256(path: Path) -> str:
@@ -77,10 +66,7 @@ def write_manifest(directory: Path) -> None:
     files = sorted(p for p in directory.rglob("*") if p.is_file() and p.name != MANIFEST)
     entries = {str(p.relative_to(directory)): {"size": p.stat().st_size, "sha256": _sha256(p)}
                for p in files}
-    tmp = directory / (MANIFEST + ".tmp")
-    tmp.write_text(json.dumps({"files": entries}, indent=1))
-    _fsync_file(tmp)
-    os.replace(tmp, directory / MANIFEST)
+    write_json_atomic(directory / MANIFEST, {"files": entries})
 
 
 def verify_manifest(directory: Path) -> str | None:
@@ -101,24 +87,88 @@ def verify_manifest(directory: Path) -> str | None:
     return None
 
 
-def _fsync_file(path: Path) -> None:
-    with open(path, "rb") as f:
-        os.fsync(f.fileno())
+# --------------------------------------------------------------------------- RNG states as tensors
 
 
-def _write_text_atomic(path: Path, text: str) -> None:
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(text)
-    _fsync_file(tmp)
-    os.replace(tmp, path)
+def rng_state() -> dict:
+    """This rank's host RNG states (python, numpy, torch CPU and CUDA) as tensors and plain values,
+    loadable with `torch.load(weights_only=True)`."""
+    version, py_state, gauss = random.getstate()
+    name, keys, pos, has_gauss, cached = np.random.get_state()
+    state = {"python": {"version": version, "state": torch.tensor(py_state, dtype=torch.int64), "gauss": gauss},
+             "numpy": {"name": name, "keys": torch.from_numpy(keys.astype(np.int64)), "pos": int(pos),
+                       "has_gauss": int(has_gauss), "cached": float(cached)},
+             "torch": torch.get_rng_state()}
+    if torch.cuda.is_available():
+        state["cuda"] = torch.cuda.get_rng_state_all()
+    return state
+
+
+def set_rng_state(state: dict) -> None:
+    py, npy = state["python"], state["numpy"]
+    random.setstate((py["version"], tuple(int(x) for x in py["state"].tolist()), py["gauss"]))
+    np.random.set_state((npy["name"], npy["keys"].numpy().astype(np.uint32), npy["pos"], npy["has_gauss"],
+                         npy["cached"]))
+    torch.set_rng_state(state["torch"])
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])
+
+
+def load_tensors(path: Path):
+    """`torch.load(path, weights_only=True)`: tensors and plain containers only, never arbitrary objects."""
+    try:
+        return torch.load(path, weights_only=True, map_location="cpu")
+    except Exception as e:   # UnpicklingError for a planted object, others for a damaged file
+        raise CheckpointError(f"{path}: not a tensors-only file ({type(e).__name__}: "
+                              f"{str(e).splitlines()[0] if str(e) else ''}); refusing to load it") from None
+
+
+# --------------------------------------------------------------------------- the manager
+
+
+class CheckpointPart(Protocol):
+    """A stateful part of a run. Both methods are collective (every rank calls them)."""
+
+    def save(self, directory: Path) -> None:
+        ...
+
+    def load(self, directory: Path) -> None:
+        ...
+
+
+class RngStates:
+    """Every rank's host RNG states in `rng_states.pt`."""
+
+    FILE = "rng_states.pt"
+
+    def save(self, directory: Path) -> None:
+        states = all_gather_object(rng_state())
+        if global_rank() == 0:
+            torch.save(states, directory / self.FILE)
+
+    def load(self, directory: Path) -> None:
+        states = load_tensors(directory / self.FILE)
+        world = dist.get_world_size() if dist.is_initialized() else 1
+        if len(states) == world:
+            set_rng_state(states[global_rank()])
+        else:
+            log.warning("world size changed since the checkpoint (%d ranks then): host RNG states are not "
+                        "restored", len(states))
 
 
 class CheckpointManager:
-    """Decides where checkpoints go, writes them atomically and finds the newest good one."""
+    """Decides where checkpoints go, writes every registered part atomically and finds the newest good one."""
 
     def __init__(self, exp_dir: str | Path, *, keep_last: int = 0):
         self.root = Path(exp_dir) / "checkpoints"
         self.keep_last = keep_last
+        self.parts: dict[str, CheckpointPart] = {}
+
+    def register(self, name: str, part: CheckpointPart) -> None:
+        """Parts are saved and loaded in registration order."""
+        if name in self.parts:
+            raise ValueError(f"checkpoint part {name!r} registered twice")
+        self.parts[name] = part
 
     @staticmethod
     def name(iteration: int) -> str:
@@ -138,7 +188,7 @@ class CheckpointManager:
         pointer update: the directories, not the pointer, decide.) Rank 0 decides and broadcasts,
         so every rank resumes from the same place."""
         choice = None
-        if _rank() == 0:
+        if global_rank() == 0:
             for cand in self.complete_checkpoints()[::-1]:
                 problem = verify_manifest(cand)
                 if problem is None:
@@ -148,30 +198,33 @@ class CheckpointManager:
         choice = broadcast_object(choice)
         return Path(choice) if choice else None
 
-    def save(self, iteration: int, *, save_model: Callable[[str], None],
-             save_rank0: Callable[[Path], None], trainer_state: dict) -> Path:
-        """Collective. `save_model(dir)` writes the sharded model on every rank; `save_rank0(dir)`
-        writes rank-0 files (the rollout store); trainer_state gets every rank's RNG state added."""
+    def save(self, iteration: int) -> Path:
+        """Collective: every part into `iter_NNNNNN.tmp`, the manifest, then the rename and `latest`."""
         final = self.root / self.name(iteration)
-        tmp = self.root / (self.name(iteration) + ".tmp")
-        if _rank() == 0:
-            if tmp.exists():
-                shutil.rmtree(tmp)
-            tmp.mkdir(parents=True)
-        _barrier()
-        save_model(str(tmp / "model"))
-        rngs = all_gather_object(rng_state())
-        if _rank() == 0:
-            save_rank0(tmp)
-            torch.save({**trainer_state, "rng_states": rngs}, tmp / "trainer_state.pt")
+        self.root.mkdir(parents=True, exist_ok=True)
+        rank0 = global_rank() == 0
+        tmp = final.with_name(final.name + ".tmp")
+        if rank0:
+            shutil.rmtree(tmp, ignore_errors=True)
+            tmp.mkdir()
+        barrier()
+        for part in self.parts.values():
+            part.save(tmp)
+        barrier()
+        if rank0:
             write_manifest(tmp)
             if final.exists():  # a stale copy from before a crash after rename but before pointer
                 shutil.rmtree(final)
-            os.replace(tmp, final)
-            _write_text_atomic(self.root / POINTER, final.name + "\n")
+            tmp.rename(final)
+            write_text_atomic(self.root / POINTER, final.name + "\n")
             self._prune()
-        _barrier()
+        barrier()
         return final
+
+    def restore(self, directory: Path) -> None:
+        """Collective: every registered part from `directory`."""
+        for part in self.parts.values():
+            part.load(directory)
 
     def _prune(self) -> None:
         if self.keep_last <= 0:
@@ -179,23 +232,15 @@ class CheckpointManager:
         for old in self.complete_checkpoints()[:-self.keep_last]:
             shutil.rmtree(old, ignore_errors=True)
 
-    @staticmethod
-    def load_trainer_state(directory: Path) -> dict:
-        state = torch.load(directory / "trainer_state.pt", weights_only=False)
-        rngs = state.pop("rng_states")
-        if len(rngs) == (dist.get_world_size() if dist.is_initialized() else 1):
-            set_rng_state(rngs[_rank()])
-        else:
-            log.warning("world size changed since the checkpoint (%d ranks then): host RNG states "
-                        "are not restored", len(rngs))
-        return state
+
+# --------------------------------------------------------------------------- generation chunks
 
 
 class GenerationChunks:
-    """Responses and rewards of an iteration in progress, persisted chunk by chunk under
-    `exp_dir/partial/iter_NNNNNN/`, so a pre-emption during generation or scoring loses at most
-    the chunk in flight. Chunks are only reused by the same iteration resumed from the checkpoint
-    that precedes it (the one whose policy generated them); `reset_except` clears the rest."""
+    """Responses and rewards of an iteration in progress, persisted chunk by chunk as JSON under
+    `exp_dir/partial/iter_NNNNNN/`, so a pre-emption during generation or scoring loses at most the
+    chunk in flight. Chunks are only reused by the same iteration resumed from the checkpoint that
+    precedes it (the one whose policy generated them); `reset_except` clears the rest."""
 
     def __init__(self, exp_dir: str | Path):
         self.root = Path(exp_dir) / "partial"
@@ -205,30 +250,35 @@ class GenerationChunks:
 
     def reset_except(self, iteration: int | None) -> None:
         """Collective. Remove partial results of every iteration but `iteration`."""
-        if _rank() == 0 and self.root.is_dir():
+        if global_rank() == 0 and self.root.is_dir():
             for d in self.root.iterdir():
                 if iteration is None or d.name != CheckpointManager.name(iteration):
                     shutil.rmtree(d, ignore_errors=True)
-        _barrier()
+        barrier()
 
     def existing(self, iteration: int) -> set[int]:
         """Collective: indices of the chunks already written for `iteration` (rank 0 decides)."""
         found = None
-        if _rank() == 0:
+        if global_rank() == 0:
             d = self._dir(iteration)
-            found = sorted(int(p.stem.split("_")[1]) for p in d.glob("chunk_*.pt")) if d.is_dir() else []
+            found = sorted(int(p.stem.split("_")[1]) for p in d.glob("chunk_*.json")) if d.is_dir() else []
         return set(broadcast_object(found))
 
-    def load(self, iteration: int, index: int) -> dict:
-        return torch.load(self._dir(iteration) / f"chunk_{index:05d}.pt", weights_only=False)
+    def load(self, iteration: int, index: int) -> dict | None:
+        """The chunk's payload (plain JSON values), or None when it cannot be read (then it is redone)."""
+        path = self._dir(iteration) / f"chunk_{index:05d}.json"
+        try:
+            return json.loads(path.read_text())
+        except (OSError, ValueError) as e:
+            log.warning("generation chunk %s is unreadable (%s): generating it again", path, e)
+            return None
 
     def save(self, iteration: int, index: int, payload: dict) -> None:
         """Rank 0 writes atomically; the others have the same payload in memory."""
-        if _rank() != 0:
+        if global_rank() != 0:
             return
         d = self._dir(iteration)
         d.mkdir(parents=True, exist_ok=True)
-        tmp = d / f"chunk_{index:05d}.pt.tmp"
-        torch.save(payload, tmp)
-        _fsync_file(tmp)
-        os.replace(tmp, d / f"chunk_{index:05d}.pt")
+        write_json_atomic(d / f"chunk_{index:05d}.json", payload)
+
+

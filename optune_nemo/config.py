@@ -71,16 +71,45 @@ class PolicyConfig:
     """Also export a Hugging Face directory after every iteration (exp_dir/hf/iter_NNNNNN)."""
     export_hf_final: bool = True
     """Export the final policy as a Hugging Face directory (exp_dir/hf/final) when hf_path is set."""
+    cache_dir: str = "~/.cache/optune_nemo"
+    """Where a .gguf source is dequantised once, shared by every run that starts from it (never exp_dir)."""
 
 
 @dataclass
 class EvalConfig:
-    """Held-out evaluation of the built-in task before the first and after the last iteration."""
+    """Held-out evaluation after every `every` iterations (and of the starting policy once): greedy answers,
+    mean reward (the task's gold reward for built-in tasks, else the run's reward), exact accuracy where the
+    task defines it, mean answer length, and the paper's win score (eq. 7) against a fixed baseline."""
 
     num_prompts: int = 64
     """Held-out prompts (disjoint from training); 0 disables the evaluation."""
+    path: str | None = None
+    """Held-out prompts from a JSONL/Parquet file (the data.path schema); null: the built-in task's held-out
+    split (needs data.path: null)."""
     max_new_tokens: int = 24
     """Longest greedy answer."""
+    every: int = 1
+    """Evaluate after every this many iterations (the last iteration is always evaluated)."""
+    judge: str = "reward"
+    """Win-score judge: `reward` (the answer with the higher reward wins) or `llm` (the paper's pairwise LLM
+    judge, both answer orders, through an OpenAI-compatible chat endpoint)."""
+    tie_margin: float = 0.0
+    """reward judge: rewards closer than this are a tie."""
+    baseline: str = "start"
+    """What the win score compares against: `start` (the starting policy's held-out answers, generated once
+    and kept in exp_dir/eval.json) or a JSONL file of {prompt_id, response} answers (e.g. another model's)."""
+    judge_url: str | None = None
+    """llm judge: base URL of an OpenAI-compatible API (vLLM, TensorRT-LLM serve, NIM, a hosted API), e.g.
+    http://judge-host:8000/v1."""
+    judge_model: str | None = None
+    """llm judge: the model name the endpoint serves."""
+    judge_api_key_env: str = "OPENAI_API_KEY"
+    """llm judge: name of the environment variable holding the API key (the key itself is never logged or
+    written; an unset variable sends a placeholder, which local servers accept)."""
+    judge_max_tokens: int = 512
+    """llm judge: longest judgement."""
+    judge_timeout_s: float = 120.0
+    """llm judge: seconds per request before a retry."""
 
 
 @dataclass
@@ -183,15 +212,28 @@ class GenerationConfig:
 
 @dataclass
 class RewardConfig:
-    """Reward model. `function` is a Hydra `_target_` node: any importable callable
-    `fn(prompts: list[str], responses: list[str], **metadata) -> list[float]` works."""
+    """The reward (`reward.type`): a rule-based Python function, or a reward model (optune_nemo/reward/)."""
 
+    type: str = "rule"
+    """`rule` (the function below), `hf` (a Hugging Face sequence-classification directory, reward.path),
+    `megatron` (a Megatron reward model checkpoint or HF RM directory, reward.path, co-located with the
+    policy), or `remote` (a reward model served by `python -m optune_nemo.serve_rm`, reward.url)."""
     function: Any = field(
         default_factory=lambda: {"_target_": "optune_nemo.reward.rules.arithmetic_reward"}
     )
-    """Hydra node instantiated (with `_partial_: true` semantics) into the scoring callable."""
+    """rule: Hydra node instantiated (with `_partial_: true` semantics) into the scoring callable
+    `fn(prompts: list[str], responses: list[str], metadata: list[dict]) -> list[float]`; keyword arguments
+    go in the same node."""
+    path: str | None = None
+    """hf / megatron: the reward model directory."""
+    url: str | None = None
+    """remote: the server, e.g. http://rm-host:8000."""
     batch_size: int = 64
-    """Responses scored per call."""
+    """Responses scored per call (per data-parallel rank)."""
+    timeout_s: float = 60.0
+    """remote: seconds to wait for one batch before retrying."""
+    max_retries: int = 3
+    """remote: retries of a failed batch (exponential back-off) before the run stops."""
 
 
 @dataclass
@@ -226,14 +268,17 @@ class OptuneConfig:
 
 @dataclass
 class LossConfig:
-    """Preference loss (SPEC.md)."""
+    """Preference loss (SPEC.md; optune_nemo/losses/, one module per loss)."""
 
     name: str = "wdpo"
-    """`wdpo` (reward-gap weighted) or `dpo`."""
+    """`wdpo` (reward-gap weighted, paper eq. 6), `dpo` (eq. 5), `ipo`, `cdpo` (conservative, label-smoothed
+    DPO), or `module:Class` for a loss kept outside the package."""
     beta1: float = 0.1
-    """Scale of the implicit reward in the sigmoid."""
+    """Scale of the implicit reward in the sigmoid (dpo, wdpo, cdpo); IPO's tau."""
     beta2: float = 1.0
-    """Scale of the reward gap in the wDPO weight."""
+    """Scale of the reward gap in the wDPO weight sigmoid(beta2 * (r_w - r_l))."""
+    label_smoothing: float = 0.1
+    """cdpo: probability that a preference label is flipped, in [0, 0.5)."""
 
 
 @dataclass
@@ -288,11 +333,28 @@ class OptuneNemoConfig:
     logging: LoggingConfig = field(default_factory=LoggingConfig)
 
 
+REWARD_TYPES = ("rule", "hf", "megatron", "remote")
+
+
 def register_schema() -> None:
     """Register the schema with Hydra's ConfigStore as `optune_schema`."""
     from hydra.core.config_store import ConfigStore
 
     ConfigStore.instance().store(name="optune_schema", node=OptuneNemoConfig)
+
+
+def config_to_yaml(cfg: OptuneNemoConfig) -> str:
+    """The whole configuration as YAML (what exp_dir/config.yaml and a checkpoint's trainer state hold)."""
+    from omegaconf import OmegaConf
+
+    return OmegaConf.to_yaml(OmegaConf.structured(cfg))
+
+
+def config_from_yaml(text: str) -> OptuneNemoConfig:
+    """Inverse of `config_to_yaml`, type-checked against the schema (unknown keys are refused)."""
+    from omegaconf import OmegaConf
+
+    return OmegaConf.to_object(OmegaConf.merge(OmegaConf.structured(OptuneNemoConfig), OmegaConf.create(text)))
 
 
 def load_config(overrides: list[str] | tuple[str, ...] = ()) -> OptuneNemoConfig:
@@ -337,7 +399,12 @@ def validate(cfg: OptuneNemoConfig, world_size: int = 1) -> None:
         raise ConfigError(f"optune.rho: selection=all regenerates every prompt, set rho=1 (got {o.rho})")
     if o.min_reward_gap < 0:
         raise ConfigError(f"optune.min_reward_gap: must be >= 0 (got {o.min_reward_gap})")
-    _choice("loss.name", lo.name, ("wdpo", "dpo"))
+    if ":" not in lo.name:
+        from optune_nemo.losses import loss_names
+
+        _choice("loss.name", lo.name, loss_names())
+    if not 0 <= lo.label_smoothing < 0.5:
+        raise ConfigError(f"loss.label_smoothing: must be in [0, 0.5) (got {lo.label_smoothing})")
     _positive("loss.beta1", lo.beta1)
     _positive("loss.beta2", lo.beta2)
     _choice("precision", cfg.precision, ("fp32", "bf16", "fp8"))
@@ -369,10 +436,12 @@ def validate(cfg: OptuneNemoConfig, world_size: int = 1) -> None:
     _choice("model.transformer_impl", m.transformer_impl, ("local", "transformer_engine"))
 
     tp, pp = p.tensor_model_parallel_size, p.pipeline_model_parallel_size
-    _divides("parallel.tensor_model_parallel_size", tp, "model.num_attention_heads", m.num_attention_heads)
-    _divides("parallel.tensor_model_parallel_size", tp, "model.num_query_groups", m.num_query_groups)
+    # with a pretrained source, model.* is its shape (train.check_inputs reads it before validating)
+    of = f" of policy.hf_path={cfg.policy.hf_path}" if cfg.policy.hf_path is not None else ""
+    _divides("parallel.tensor_model_parallel_size", tp, f"model.num_attention_heads{of}", m.num_attention_heads)
+    _divides("parallel.tensor_model_parallel_size", tp, f"model.num_query_groups{of}", m.num_query_groups)
     _divides("parallel.tensor_model_parallel_size", tp, "the world size", world_size)
-    _divides("parallel.pipeline_model_parallel_size", pp, "model.num_layers", m.num_layers)
+    _divides("parallel.pipeline_model_parallel_size", pp, f"model.num_layers{of}", m.num_layers)
     if world_size % (tp * pp):
         raise ConfigError(
             f"parallel: tensor_model_parallel_size * pipeline_model_parallel_size = {tp * pp} "
@@ -411,9 +480,19 @@ def validate(cfg: OptuneNemoConfig, world_size: int = 1) -> None:
     _positive("generation.batch_size", g.batch_size)
     _positive("generation.chunk_size", g.chunk_size)
 
-    _positive("reward.batch_size", cfg.reward.batch_size)
-    if not (hasattr(cfg.reward.function, "get") and cfg.reward.function.get("_target_")):
+    r = cfg.reward
+    _choice("reward.type", r.type, REWARD_TYPES)
+    _positive("reward.batch_size", r.batch_size)
+    _positive("reward.timeout_s", r.timeout_s)
+    if r.max_retries < 0:
+        raise ConfigError(f"reward.max_retries: must be >= 0 (got {r.max_retries})")
+    if r.type == "rule" and not (hasattr(r.function, "get") and r.function.get("_target_")):
         raise ConfigError("reward.function: must be a node with a `_target_` naming a callable")
+    if r.type in ("hf", "megatron") and not (r.path and Path(r.path).expanduser().is_dir()):
+        raise ConfigError(f"reward.path: reward.type={r.type} needs an existing reward model directory "
+                          f"(got {r.path!r})")
+    if r.type == "remote" and not (r.url and r.url.startswith(("http://", "https://", "grpc://"))):
+        raise ConfigError(f"reward.url: reward.type=remote needs the server's URL, http://host:port (got {r.url!r})")
 
     _positive("data.num_prompts", cfg.data.num_prompts)
     _positive("data.max_prompt_length", cfg.data.max_prompt_length)
@@ -427,13 +506,33 @@ def validate(cfg: OptuneNemoConfig, world_size: int = 1) -> None:
             f"{cfg.data.max_prompt_length + g.max_new_tokens} (got {m.seq_length})")
 
     hf = cfg.policy.hf_path
-    if hf is not None and hf != "smollm2" and not (Path(hf).is_dir() or (Path(hf).is_file() and hf.endswith(".gguf"))):
+    if hf is not None and hf != "smollm2" and not (Path(hf).expanduser().is_dir()
+                                                   or (Path(hf).expanduser().is_file() and hf.endswith(".gguf"))):
         raise ConfigError(f"policy.hf_path: must be a Hugging Face directory, a .gguf file or smollm2 (got {hf!r})")
+    if cfg.eval.num_prompts and cfg.data.max_prompt_length + cfg.eval.max_new_tokens > m.seq_length:
+        raise ConfigError(
+            f"model.seq_length: must be >= data.max_prompt_length + eval.max_new_tokens = "
+            f"{cfg.data.max_prompt_length + cfg.eval.max_new_tokens} (got {m.seq_length})")
     if cfg.eval.num_prompts < 0:
         raise ConfigError(f"eval.num_prompts: must be >= 0 (got {cfg.eval.num_prompts})")
-    if cfg.eval.num_prompts and cfg.data.path is not None:
-        raise ConfigError("eval.num_prompts: the held-out evaluation needs the built-in task (data.path: null)")
-    _positive("eval.max_new_tokens", cfg.eval.max_new_tokens)
+    e = cfg.eval
+    if e.num_prompts and cfg.data.path is not None and e.path is None:
+        raise ConfigError("eval.path: with data.path set, the held-out evaluation needs its own prompt file "
+                          "(eval.path), or set eval.num_prompts=0")
+    if e.path is not None and Path(e.path).suffix not in (".jsonl", ".parquet"):
+        raise ConfigError(f"eval.path: must end in .jsonl or .parquet (got {e.path!r})")
+    _positive("eval.max_new_tokens", e.max_new_tokens)
+    _positive("eval.every", e.every)
+    _choice("eval.judge", e.judge, ("reward", "llm"))
+    if e.tie_margin < 0:
+        raise ConfigError(f"eval.tie_margin: must be >= 0 (got {e.tie_margin})")
+    if e.baseline != "start" and not Path(e.baseline).expanduser().is_file():
+        raise ConfigError(f"eval.baseline: must be start or an existing JSONL file of answers (got {e.baseline!r})")
+    if e.num_prompts and e.judge == "llm" and not (e.judge_url and e.judge_model):
+        raise ConfigError("eval.judge_url: the llm judge needs eval.judge_url (an OpenAI-compatible base URL) "
+                          "and eval.judge_model")
+    _positive("eval.judge_max_tokens", e.judge_max_tokens)
+    _positive("eval.judge_timeout_s", e.judge_timeout_s)
     if cfg.checkpoint.keep_last < 0:
         raise ConfigError(f"checkpoint.keep_last: must be >= 0 (got {cfg.checkpoint.keep_last})")
     _choice("logging.level", cfg.logging.level, ("DEBUG", "INFO", "WARNING", "ERROR"))
@@ -447,13 +546,13 @@ def num_regenerated(rho: float, num_prompts: int) -> int:
 # --------------------------------------------------------------------------- conf/optune.yaml
 
 _YAML_HEADER = """\
-# OPTune run configuration: every key with its default and what it means.
-# GENERATED from optune_nemo/config.py (the schema, the only home of defaults) by
-#   python -m optune_nemo.config > conf/optune.yaml
+# {title}: every key with its default and what it means.
+# GENERATED from {source} (the schema, the only home of defaults) by
+#   python -m {module} > conf/{name}.yaml
 # Edit the schema, not this file; a test checks they agree. Override any key on the command line:
-#   python -m optune_nemo.train optune.rho=0.7 exp_dir=runs/rho07 ++model.num_layers=4
+#   {example}
 defaults:
-  - optune_schema
+  - {schema_name}
   - _self_
   - override hydra/job_logging: none
   - override hydra/hydra_logging: none
@@ -508,9 +607,22 @@ def _render(obj, indent: int) -> list[str]:
     return lines
 
 
+def render_schema_yaml(schema, *, name: str, schema_name: str, title: str, source: str, module: str,
+                       example: str) -> str:
+    """conf/<name>.yaml for a schema dataclass: its defaults with their docstrings as comments, and the
+    Hydra defaults list that type-checks it (`schema_name` registered in the ConfigStore)."""
+    header = _YAML_HEADER.format(title=title, source=source, module=module, name=name, schema_name=schema_name,
+                                 example=example)
+    return header + "\n".join(_render(schema(), 0)) + "\n"
+
+
 def render_yaml() -> str:
     """conf/optune.yaml as it must read: the schema's defaults with their docstrings as comments."""
-    return _YAML_HEADER + "\n".join(_render(OptuneNemoConfig(), 0)) + "\n"
+    return render_schema_yaml(OptuneNemoConfig, name="optune", schema_name="optune_schema",
+                              title="OPTune run configuration", source="optune_nemo/config.py",
+                              module="optune_nemo.config",
+                              example="python -m optune_nemo.train optune.rho=0.7 exp_dir=runs/rho07 "
+                                      "++model.num_layers=4")
 
 
 if __name__ == "__main__":

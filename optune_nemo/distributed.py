@@ -5,7 +5,9 @@ Launchers set, in order of precedence:
   Slurm:    SLURM_PROCID, SLURM_NTASKS, SLURM_LOCALID (MASTER_ADDR: first host of the job,
             MASTER_PORT: derived from SLURM_JOB_ID, unless exported by the batch script)
   neither:  a single process on a free local port.
-The world size is validated against tensor * pipeline parallel sizes once, here.
+Megatron's model-parallel groups are made on top of this in `policy/parallel.py` (the only
+package that imports megatron.core). Also here: the collectives the system uses on plain objects, and
+the round-robin sharding of a list over data-parallel ranks.
 """
 
 from __future__ import annotations
@@ -71,43 +73,26 @@ def _launcher_env() -> tuple[int, int, int, str]:
     return 0, 1, 0, f"tcp://127.0.0.1:{_free_port()}"
 
 
-def init_distributed(tensor_model_parallel_size: int, pipeline_model_parallel_size: int) -> DistEnv:
-    """Initialise torch.distributed (gloo on CPU, nccl on GPU) and megatron's parallel state."""
-    from megatron.core import parallel_state as ps
-
-    from optune_nemo.policy.cpu_compat import enable_cpu_compat
-
+def init_process_group(device: torch.device) -> tuple[int, int, int]:
+    """torch.distributed from the launcher's environment (gloo on CPU, nccl on GPU); returns
+    (rank, world_size, local_rank). Idempotent."""
     rank, world, local_rank, init_method = _launcher_env()
-    tp, pp = tensor_model_parallel_size, pipeline_model_parallel_size
-    if world % (tp * pp):
-        raise ValueError(
-            f"parallel.tensor_model_parallel_size * parallel.pipeline_model_parallel_size = {tp * pp} "
-            f"must divide the world size {world}")
-    if torch.cuda.is_available():
-        torch.cuda.set_device(local_rank)
-        device, backend = torch.device("cuda", local_rank), "nccl"
-    else:
-        enable_cpu_compat()
-        device, backend = torch.device("cpu"), "gloo"
     if not dist.is_initialized():
-        dist.init_process_group(backend=backend, init_method=init_method, rank=rank, world_size=world,
-                                timeout=datetime.timedelta(minutes=30))
-    if not ps.model_parallel_is_initialized():
-        ps.initialize_model_parallel(tensor_model_parallel_size=tp, pipeline_model_parallel_size=pp)
-    return DistEnv(
-        rank=rank, world_size=world, local_rank=local_rank, tp_size=tp, pp_size=pp,
-        dp_size=world // (tp * pp), tp_rank=ps.get_tensor_model_parallel_rank(),
-        pp_rank=ps.get_pipeline_model_parallel_rank(), dp_rank=ps.get_data_parallel_rank(),
-        tp_group=ps.get_tensor_model_parallel_group(), pp_group=ps.get_pipeline_model_parallel_group(),
-        dp_group=ps.get_data_parallel_group(), device=device)
+        dist.init_process_group(backend="nccl" if device.type == "cuda" else "gloo", init_method=init_method,
+                                rank=rank, world_size=world, timeout=datetime.timedelta(minutes=30))
+    return rank, world, local_rank
 
 
-def destroy_distributed() -> None:
-    from megatron.core import parallel_state as ps
+def local_device() -> torch.device:
+    """This process's device: its GPU (LOCAL_RANK / SLURM_LOCALID) when CUDA is available, else the CPU."""
+    if not torch.cuda.is_available():
+        return torch.device("cpu")
+    local = int(os.environ.get("LOCAL_RANK", os.environ.get("SLURM_LOCALID", 0)))
+    return torch.device("cuda", local)
 
-    ps.destroy_model_parallel()
-    if dist.is_initialized():
-        dist.destroy_process_group()
+
+def global_rank() -> int:
+    return dist.get_rank() if dist.is_initialized() else 0
 
 
 def barrier() -> None:
@@ -130,4 +115,20 @@ def all_gather_object(obj: Any, group=None) -> list[Any]:
         return [obj]
     out: list[Any] = [None] * dist.get_world_size(group)
     dist.all_gather_object(out, obj, group=group)
+    return out
+
+
+def shard(n: int, rank: int, size: int) -> list[int]:
+    """The indices of `n` items that data-parallel rank `rank` of `size` handles: rank, rank + size, ..."""
+    return list(range(rank, n, size))
+
+
+def gather_shards(local: list, n: int, *, group=None) -> list:
+    """Inverse of `shard`: every rank's `local` results (in its `shard` order) all-gathered over `group`
+    (the data-parallel group) and put back in input order; the same list on every rank."""
+    parts = all_gather_object(local, group=group)
+    out: list = [None] * n
+    for rank, part in enumerate(parts):
+        for i, value in zip(shard(n, rank, len(parts)), part):
+            out[i] = value
     return out

@@ -5,11 +5,11 @@ from __future__ import annotations
 
 import json
 import logging
-import os
 from pathlib import Path
 
+from optune_nemo.fileio import write_json_atomic
+from optune_nemo.interfaces import SamplingParams
 from optune_nemo.reward.rules import is_exact
-from optune_nemo.types import SamplingParams
 
 log = logging.getLogger(__name__)
 
@@ -20,9 +20,17 @@ def evaluate(engine, reward, prompts, *, max_new_tokens: int, stop_token_ids) ->
     """Greedy answers to `prompts` (each with metadata["answer"]): accuracy and mean reward."""
     params = SamplingParams(n=1, temperature=0.0, max_new_tokens=max_new_tokens,
                             stop_token_ids=tuple(stop_token_ids), seed=0)
-    samples = [s[0] for s in engine.generate([list(p.token_ids) for p in prompts], params,
-                                             keys=[p.prompt_id for p in prompts])]
-    rewards = reward.score(list(prompts), [s.text for s in samples])
+    engine.begin_generation()
+    try:
+        samples = [s[0] for s in engine.generate([list(p.token_ids) for p in prompts], params,
+                                                 keys=[p.prompt_id for p in prompts])]
+    finally:
+        engine.end_generation()
+    reward.prepare()
+    try:
+        rewards = reward.score(list(prompts), [s.text for s in samples])
+    finally:
+        reward.release()
     exact = [is_exact(s.text, p.metadata["answer"]) for s, p in zip(samples, prompts)]
     return {"num_prompts": len(prompts), "accuracy": sum(exact) / len(prompts),
             "reward_mean": sum(rewards) / len(rewards),
@@ -36,10 +44,7 @@ def read_eval(exp_dir: Path) -> dict:
 
 
 def write_eval(exp_dir: Path, key: str, result: dict) -> None:
-    data = {**read_eval(exp_dir), key: result}
-    tmp = exp_dir / (EVAL_FILE + ".tmp")
-    tmp.write_text(json.dumps(data, indent=1))
-    os.replace(tmp, exp_dir / EVAL_FILE)
+    write_json_atomic(exp_dir / EVAL_FILE, {**read_eval(exp_dir), key: result})
 
 
 def plot_rewards(exp_dir: Path, records: list[dict], evals: dict) -> Path:

@@ -1,33 +1,42 @@
 """Hydra entry point: `python -m optune_nemo.train key=value ...`.
 
-config -> validate -> distributed -> builders -> resume -> OPTune.fit() -> summary.
-Exit codes: 0 finished or stopped cleanly for pre-emption (then `exp_dir/COMPLETED` is absent),
-2 bad configuration or input (one line naming the key), 1 anything else.
+config -> resolve the model source -> validate -> check inputs -> (first write) -> distributed ->
+builders -> resume -> OPTune.fit() -> summary.
+
+Exit codes:
+  0  finished, or stopped cleanly for pre-emption (then `exp_dir/COMPLETED` is absent);
+  2  the user's configuration, files or functions are wrong: one line on stderr naming the key or
+     file and what is allowed, no traceback, and nothing this invocation created is left in exp_dir
+     (everything that can be checked is checked before the first write; a later failure removes what
+     the invocation wrote);
+  1  anything else: an infrastructure failure that a rerun can resume from (a reward server that stays
+     unreachable: one line), or a bug (a traceback).
 """
 
 from __future__ import annotations
 
+import dataclasses
 import logging
-import os
 import sys
 from pathlib import Path
 
 import hydra
 from omegaconf import DictConfig, OmegaConf
 
-from optune_nemo.config import CONF_DIR, ConfigError, OptuneNemoConfig, register_schema, validate
+from optune_nemo.cli import captured, run_hydra_main
+from optune_nemo.config import (
+    CONF_DIR,
+    ConfigError,
+    OptuneNemoConfig,
+    config_to_yaml,
+    register_schema,
+    validate,
+)
+from optune_nemo.rundir import RunDir, rank_from_env, world_size_from_env
 
 log = logging.getLogger("optune_nemo.train")
 
 COMPLETED = "COMPLETED"
-
-
-def world_size_from_env() -> int:
-    """The world size before any process group exists (torchrun, then Slurm, else 1)."""
-    for var in ("WORLD_SIZE", "SLURM_NTASKS"):
-        if os.environ.get(var):
-            return int(os.environ[var])
-    return 1
 
 
 def to_config(dcfg: DictConfig) -> OptuneNemoConfig:
@@ -36,108 +45,107 @@ def to_config(dcfg: DictConfig) -> OptuneNemoConfig:
     return cfg
 
 
+def check_inputs(cfg: OptuneNemoConfig, *, world_size: int) -> OptuneNemoConfig:
+    """Everything about the configuration that can be checked before any file is written: the model
+    source's shape (read from its config.json or GGUF header), every value, the engine's availability.
+    Returns the configuration with model.* taken from the source. Raises ConfigError."""
+    from optune_nemo.build import resolve
+    from optune_nemo.generation import check_engine_available
+
+    cfg = resolve(cfg)
+    validate(cfg, world_size=world_size)
+    check_engine_available(cfg.generation, world_size=world_size)
+    return cfg
+
+
 def build_loop(cfg: OptuneNemoConfig):
-    """Distributed set-up, every component, and resume: the OPTune loop ready to `fit()`.
-    `cfg.model` is replaced by the pretrained model's shape when `policy.hf_path` is set."""
+    """Every component, and resume: the OPTune loop ready to `fit()`. `cfg` has passed `check_inputs`.
+    Prompt files and the reward are checked before exp_dir is first written."""
     from optune_nemo.algorithm.optune import OPTune
     from optune_nemo.algorithm.store import RolloutStore
-    from optune_nemo.checkpoint import CheckpointManager
-    from optune_nemo.data import ByteTokenizer, load_prompts
-    from optune_nemo.distributed import init_distributed
-    from optune_nemo.generation import build_engine
-    from optune_nemo.logging import MetricsWriter, setup_logging
-    from optune_nemo.policy.megatron_policy import build_policy
+    from optune_nemo.build import build_engine, build_policy_parts, load_tokenizer, prepare_source
+    from optune_nemo.checkpoint import CheckpointManager, RngStates
+    from optune_nemo.console import setup_logging
+    from optune_nemo.data import load_prompts
+    from optune_nemo.metrics import MetricsWriter
     from optune_nemo.preemption import PreemptionGuard
-    from optune_nemo.reward.base import build_reward
+    from optune_nemo.reward import build_reward
 
     guard = PreemptionGuard()   # first: a signal during start-up must not kill the job
-    dist = init_distributed(cfg.parallel.tensor_model_parallel_size,
-                            cfg.parallel.pipeline_model_parallel_size)
-    setup_logging(dist.rank, cfg.logging.level)
-    exp_dir = Path(cfg.exp_dir)
-    if dist.rank == 0:
-        exp_dir.mkdir(parents=True, exist_ok=True)
-    hf_dir = None
-    if cfg.policy.hf_path is not None:
-        from optune_nemo.data.hf_tokenizer import HFTokenizer
-        from optune_nemo.policy.pretrained import pretrained_model_config, resolve_hf_dir
-
-        hf_dir = resolve_hf_dir(cfg.policy.hf_path, exp_dir, rank=dist.rank)
-        cfg.model = pretrained_model_config(cfg, hf_dir)
-        tokenizer = HFTokenizer.from_pretrained(hf_dir, chat_template=cfg.policy.chat_template,
-                                                stop_tokens=cfg.policy.stop_tokens)
-    else:
-        tokenizer = ByteTokenizer()
-    if dist.rank == 0:
-        (exp_dir / "config.yaml").write_text(OmegaConf.to_yaml(OmegaConf.structured(cfg)))
+    setup_logging(rank_from_env(), cfg.logging.level)
+    hf_dir = prepare_source(cfg)
+    tokenizer = load_tokenizer(cfg, hf_dir)
     prompts = load_prompts(cfg.data, tokenizer)
-    policy = build_policy(cfg, vocab_size=tokenizer.vocab_size, pad_token_id=tokenizer.pad_token_id, dist=dist)
-    engine = build_engine(cfg.generation, policy=policy, tokenizer=tokenizer, dist=dist,
-                          vocab_size=tokenizer.vocab_size, max_sequence_length=cfg.model.seq_length,
-                          hf_dir=hf_dir)
+    heldout = heldout_prompts(cfg, tokenizer)
+    exp_dir = Path(cfg.exp_dir)
+    parts = build_policy_parts(cfg, hf_dir=hf_dir, tokenizer=tokenizer, load_weights=False)
+    reward = build_reward(cfg.reward, dist=parts.dist)
+    if parts.dist.rank == 0:                 # the first write of the run
+        exp_dir.mkdir(parents=True, exist_ok=True)
+        (exp_dir / "config.yaml").write_text(config_to_yaml(cfg))
+    engine = build_engine(cfg, parts)
     store = RolloutStore(prompts)
+    metrics = MetricsWriter(exp_dir, tensorboard=cfg.logging.tensorboard, enabled=parts.dist.rank == 0)
     checkpoints = CheckpointManager(exp_dir, keep_last=cfg.checkpoint.keep_last)
-    metrics = MetricsWriter(exp_dir, tensorboard=cfg.logging.tensorboard, enabled=dist.rank == 0)
-    next_iteration = resume(cfg, checkpoints, policy, store)
-    if next_iteration == 0 and hf_dir is not None:
-        from optune_nemo.policy.pretrained import load_pretrained_weights
-
-        load_pretrained_weights(policy, hf_dir)
-    metrics.truncate_from(next_iteration)
-    reward = build_reward(cfg.reward)
-    if dist.world_size > 1:
-        from optune_nemo.reward.base import ShardedReward
-
-        reward = ShardedReward(reward, rank=dist.rank, world_size=dist.world_size)
-    loop = OPTune(cfg, prompts=prompts, policy=policy, engine=engine, reward=reward,
-                  store=store, checkpoints=checkpoints, metrics=metrics, guard=guard,
-                  stop_token_ids=tokenizer.stop_token_ids, next_iteration=next_iteration)
-    loop.tokenizer, loop.hf_dir = tokenizer, hf_dir
+    loop = OPTune(cfg, prompts=prompts, policy=parts.policy, engine=engine, reward=reward, store=store,
+                  checkpoints=checkpoints, metrics=metrics, guard=guard, stop_token_ids=tokenizer.stop_token_ids)
+    checkpoints.register("model", ModelState(parts.policy))
+    checkpoints.register("rollouts", store)
+    checkpoints.register("trainer", loop)
+    checkpoints.register("rng", RngStates())
+    checkpoints.register("metrics", metrics)
+    resumed = resume(cfg, checkpoints)
+    if not resumed:
+        metrics.start_fresh()
+        if hf_dir is not None:
+            parts.policy.load_hf_weights(hf_dir)
+    loop.tokenizer, loop.hf_dir, loop.heldout = tokenizer, hf_dir, heldout
     if hf_dir is not None and cfg.policy.export_hf_every_iteration:
-        from optune_nemo.policy.pretrained import export_policy
-
-        loop.callbacks.append(lambda t: export_policy(policy, hf_dir, exp_dir / "hf" / f"iter_{t:06d}",
-                                                      tokenizer=tokenizer))
+        loop.after_iteration.append(
+            lambda t: parts.policy.export_hf(exp_dir / "hf" / f"iter_{t:06d}", tokenizer=tokenizer) and None)
     return loop
 
 
-def build_and_fit(cfg: OptuneNemoConfig) -> str:
-    """Everything after validation. Returns `completed` or `preempted`."""
-    loop = build_loop(cfg)
-    exp_dir, rank = Path(cfg.exp_dir), loop.policy.dist.rank
-    heldout = heldout_prompts(cfg, loop.tokenizer)
-    if heldout and loop.next_iteration == 0:
-        run_eval(loop, heldout, "before")
-    outcome = loop.fit()
-    loop.metrics.close()
-    if outcome != "completed":
-        return outcome
-    if heldout:
-        run_eval(loop, heldout, "after")
-    if loop.hf_dir is not None and cfg.policy.export_hf_final:
-        from optune_nemo.policy.pretrained import export_policy
+class ModelState:
+    """The policy as a checkpoint part: model and optimizer, sharded, under `model/`."""
 
-        export_policy(loop.policy, loop.hf_dir, exp_dir / "hf" / "final", tokenizer=loop.tokenizer)
-    if rank == 0:
-        (exp_dir / COMPLETED).write_text("ok\n")
-        summarize(exp_dir)
-    return outcome
+    def __init__(self, policy):
+        self.policy = policy
+
+    def save(self, directory: Path) -> None:
+        self.policy.save_checkpoint(str(directory / "model"))
+
+    def load(self, directory: Path) -> None:
+        self.policy.load_checkpoint(str(directory / "model"))
+
+
+def resume(cfg: OptuneNemoConfig, checkpoints) -> Path | None:
+    """Restore the newest complete checkpoint (per `resume`); returns it, or None to start fresh."""
+    if cfg.resume == "never":
+        if checkpoints.complete_checkpoints():
+            raise ConfigError(f"resume: never, but {checkpoints.root} already holds checkpoints; "
+                              "use resume=auto or another exp_dir")
+        return None
+    directory = Path(cfg.resume) if cfg.resume != "auto" else checkpoints.latest_valid()
+    if directory is None:
+        return None
+    log.info("resuming from %s", directory)
+    checkpoints.restore(directory)
+    return directory
 
 
 def heldout_prompts(cfg: OptuneNemoConfig, tokenizer):
-    from dataclasses import replace
-
     from optune_nemo.data import load_prompts
 
     if not cfg.eval.num_prompts:
         return []
-    return load_prompts(replace(cfg.data, num_prompts=cfg.eval.num_prompts), tokenizer, split="heldout")
+    return load_prompts(dataclasses.replace(cfg.data, num_prompts=cfg.eval.num_prompts), tokenizer, split="heldout")
 
 
-def run_eval(loop, prompts, key: str) -> None:
+def run_eval(loop, key: str) -> None:
     from optune_nemo.evaluation import evaluate, write_eval
 
-    result = evaluate(loop.engine, loop.reward, prompts, max_new_tokens=loop.cfg.eval.max_new_tokens,
+    result = evaluate(loop.engine, loop.reward, loop.heldout, max_new_tokens=loop.cfg.eval.max_new_tokens,
                       stop_token_ids=loop.tokenizer.stop_token_ids)
     if loop.policy.dist.rank == 0:
         write_eval(Path(loop.cfg.exp_dir), key, result)
@@ -145,28 +153,30 @@ def run_eval(loop, prompts, key: str) -> None:
              result["reward_mean"], result["num_prompts"])
 
 
-def resume(cfg: OptuneNemoConfig, checkpoints, policy, store) -> int:
-    """Restore the newest complete checkpoint (per `resume`) and return the next iteration."""
-    from optune_nemo.algorithm.store import RolloutStore
-
-    if cfg.resume == "never":
-        if checkpoints.complete_checkpoints():
-            raise ConfigError(f"resume: never, but {checkpoints.root} already holds checkpoints; "
-                              "use resume=auto or another exp_dir")
-        return 0
-    directory = Path(cfg.resume) if cfg.resume != "auto" else checkpoints.latest_valid()
-    if directory is None:
-        return 0
-    log.info("resuming from %s", directory)
-    policy.load_checkpoint(str(directory / "model"))
-    store.load_state_dict(RolloutStore.from_parquet(directory / "rollouts.parquet").state_dict())
-    return checkpoints.load_trainer_state(directory)["next_iteration"]
+def run_training(cfg: OptuneNemoConfig) -> str:
+    """Everything after validation. Returns `completed` or `preempted`."""
+    loop = build_loop(cfg)
+    exp_dir, rank = Path(cfg.exp_dir), loop.policy.dist.rank
+    if loop.heldout and loop.next_iteration == 0:
+        run_eval(loop, "before")
+    outcome = loop.fit()
+    loop.metrics.close()
+    if outcome != "completed":
+        return outcome
+    if loop.heldout:
+        run_eval(loop, "after")
+    if loop.hf_dir is not None and cfg.policy.export_hf_final:
+        loop.policy.export_hf(exp_dir / "hf" / "final", tokenizer=loop.tokenizer)
+    if rank == 0:
+        (exp_dir / COMPLETED).write_text("ok\n")
+        summarize(exp_dir)
+    return outcome
 
 
 def summarize(exp_dir: Path) -> None:
     """The end-of-run summary, and the reward plot."""
     from optune_nemo.evaluation import plot_rewards, read_eval
-    from optune_nemo.logging import read_metrics
+    from optune_nemo.metrics import read_metrics
 
     records = read_metrics(exp_dir)
     if not records:
@@ -185,19 +195,24 @@ def summarize(exp_dir: Path) -> None:
     log.info("plot: %s", plot_rewards(exp_dir, records, evals))
 
 
+# --------------------------------------------------------------------------- command line
+
+
 register_schema()
 
 
 @hydra.main(config_path=str(CONF_DIR), config_name="optune", version_base=None)
-def main(dcfg: DictConfig) -> None:
-    try:
-        cfg = to_config(dcfg)
-        validate(cfg, world_size=world_size_from_env())
-        build_and_fit(cfg)
-    except ConfigError as e:
-        print(f"optune_nemo: configuration error: {e}", file=sys.stderr)
-        sys.exit(2)
+@captured
+def _hydra_main(dcfg: DictConfig) -> None:
+    cfg = check_inputs(to_config(dcfg), world_size=world_size_from_env())
+    with RunDir(cfg.exp_dir, rank=rank_from_env()):
+        run_training(cfg)
+
+
+def main() -> int:
+    """`python -m optune_nemo.train`: Hydra's command line with this module's exit codes (docstring)."""
+    return run_hydra_main(_hydra_main, prog="optune_nemo")
 
 
 if __name__ == "__main__":
-    main()
+    sys.exit(main())

@@ -2,13 +2,11 @@
 
 from __future__ import annotations
 
-from functools import partial
-
 import torch
 
-from optune_nemo import losses
 from optune_nemo.config import load_config
-from optune_nemo.types import PreferenceBatch
+from optune_nemo.interfaces import PreferenceBatch
+from optune_nemo.losses.wdpo import WDPO as _WDPO
 
 VOCAB = 300
 TINY = ["policy.hf_path=null", "eval.num_prompts=0", "model.num_layers=2", "model.hidden_size=64",
@@ -42,12 +40,12 @@ def preference_batch(policy, n: int, seed: int = 0) -> PreferenceBatch:
                            torch.rand(n, generator=g), torch.rand(n, generator=g))
 
 
-WDPO = partial(losses.wdpo_per_pair, beta1=0.5, beta2=2.0)
+WDPO = _WDPO(beta1=0.5, beta2=2.0)
 
 
 def build(cfg):
-    from optune_nemo.distributed import init_distributed
     from optune_nemo.policy.megatron_policy import build_policy
+    from optune_nemo.policy.parallel import init_distributed
 
     d = init_distributed(cfg.parallel.tensor_model_parallel_size, cfg.parallel.pipeline_model_parallel_size)
     return build_policy(cfg, vocab_size=VOCAB, pad_token_id=0, dist=d)

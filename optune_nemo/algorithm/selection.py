@@ -7,6 +7,7 @@ from collections.abc import Sequence
 import torch
 
 from optune_nemo.config import num_regenerated
+from optune_nemo.seeding import generator
 
 STRATEGIES = ("lowest_reward", "random", "all")
 
@@ -24,7 +25,7 @@ def select_lowest(scores: Sequence[float], prompt_ids: Sequence[int], k: int) ->
 
 def select_random(prompt_ids: Sequence[int], k: int, *, seed: int, iteration: int) -> list[int]:
     """k prompts drawn uniformly without replacement, seeded by (seed, iteration) only."""
-    gen = torch.Generator().manual_seed(seed * 1_000_003 + iteration)
+    gen = generator(seed, "select", iteration)
     ids = sorted(prompt_ids)
     return sorted(ids[i] for i in torch.randperm(len(ids), generator=gen)[:k].tolist())
 

@@ -20,11 +20,12 @@ The chosen response is the one with the higher reward; on an exact tie, response
 from __future__ import annotations
 
 import json
-import os
 from dataclasses import dataclass
 from pathlib import Path
 
-from optune_nemo.types import Prompt, Sample
+from optune_nemo.distributed import global_rank
+from optune_nemo.fileio import atomic_file
+from optune_nemo.interfaces import Prompt, Sample
 
 
 @dataclass
@@ -73,9 +74,6 @@ class RolloutStore:
 
     def pair(self, prompt_id: int) -> PairRecord:
         return self._records[prompt_id]
-
-    def is_complete(self) -> bool:
-        return all(r.has_pair for r in self._records.values())
 
     def set_pair(self, prompt_id: int, sample_a: Sample, sample_b: Sample, reward_a: float,
                  reward_b: float, iteration: int) -> None:
@@ -150,16 +148,18 @@ class RolloutStore:
         import pyarrow as pa
         import pyarrow.parquet as pq
 
-        path = Path(path)
-        table = pa.table(self.state_dict(), schema=_schema())
-        tmp = path.with_name(path.name + ".tmp")
-        try:
-            pq.write_table(table, tmp)
-            with open(tmp, "rb") as f:
-                os.fsync(f.fileno())
-            os.replace(tmp, path)
-        finally:
-            tmp.unlink(missing_ok=True)
+        with atomic_file(path) as tmp:
+            pq.write_table(pa.table(self.state_dict(), schema=_schema()), tmp)
+
+    # checkpoint part: rank 0 writes, every rank reads
+    FILE = "rollouts.parquet"
+
+    def save(self, directory: Path) -> None:
+        if global_rank() == 0:
+            self.to_parquet(Path(directory) / self.FILE)
+
+    def load(self, directory: Path) -> None:
+        self.load_state_dict(RolloutStore.from_parquet(Path(directory) / self.FILE).state_dict())
 
     @classmethod
     def from_parquet(cls, path: str | Path) -> RolloutStore:

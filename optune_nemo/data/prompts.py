@@ -17,7 +17,7 @@ import logging
 from pathlib import Path
 
 from optune_nemo.config import ConfigError, DataConfig
-from optune_nemo.types import Prompt
+from optune_nemo.interfaces import Prompt
 
 log = logging.getLogger(__name__)
 

@@ -1,10 +1,6 @@
-"""KV-cached batched generation on the Megatron policy's own weights (no copy).
-
-The engine drives the GPTModel's modules directly (embedding, per-layer norms, QKV / output /
-MLP linears with their tensor-parallel communication, rotary tables, final norm, output layer)
-with its own KV cache, because megatron's static inference context advances one scalar position
-for the whole batch: prompts of different lengths would then see shifted RoPE positions and
-sample from a slightly different distribution than the one the policy is trained on.
+"""KV-cached batched generation on the policy's own weights (no copy), through an `IncrementalModel`
+(the megatron one is `policy.inference.MegatronDecoder`): this module batches, samples and owns the
+KV cache, and imports no model framework.
 
 - Batches are formed by prompt length (sorted), so left padding is small; pads are masked and each
   row carries its own positions, so a row's numbers do not depend on its batch.
@@ -19,20 +15,19 @@ sample from a slightly different distribution than the one the policy is trained
 
 from __future__ import annotations
 
-import hashlib
-import time
 from collections.abc import Callable, Sequence
+from typing import Protocol
 
 import torch
-import torch.nn.functional as F
 
-from optune_nemo.policy.cpu_compat import cpu_compat_suspended
-from optune_nemo.types import Sample, SamplingParams
+from optune_nemo.distributed import gather_shards, shard
+from optune_nemo.interfaces import Sample, SamplingParams
+from optune_nemo.seeding import generator
 
 
 def sample_generator(seed: int, key: int, j: int) -> torch.Generator:
-    digest = hashlib.blake2b(f"{seed}:{key}:{j}".encode(), digest_size=8).digest()
-    return torch.Generator().manual_seed(int.from_bytes(digest, "little") >> 1)
+    """The CPU generator of sample `j` of the request with key `key`."""
+    return generator(seed, key, j)
 
 
 def filter_logits(logits_RV: torch.Tensor, *, temperature: float, top_k: int, top_p: float) -> torch.Tensor:
@@ -79,16 +74,16 @@ def sample_tokens(logits_RV: torch.Tensor, params: SamplingParams,
     return torch.minimum(idx, last).tolist()
 
 
-class _Cache:
+class KVCache:
     """Pre-allocated keys/values per layer, [R, groups, slots, dim], `slots` = longest prompt +
     max_new_tokens, filled in place; `length` slots are written. `start_R` is each row's first valid
     slot (its left padding)."""
 
-    def __init__(self, num_layers: int, slots: int):
+    def __init__(self, num_layers: int, slots: int, start_R: torch.Tensor):
         self.k: list[torch.Tensor | None] = [None] * num_layers
         self.v: list[torch.Tensor | None] = [None] * num_layers
         self.slots, self.length = slots, 0
-        self.start_R: torch.Tensor | None = None
+        self.start_R = start_R
 
     def write(self, li: int, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Store this step's keys/values of layer `li` ([R, groups, S, dim]); return all so far."""
@@ -108,17 +103,35 @@ class _Cache:
         self.start_R = self.start_R.index_select(0, rows)
 
 
-class TorchEngine:
-    """`types.GenerationEngine` on a megatron GPTModel chunk (pipeline size 1)."""
+class IncrementalModel(Protocol):
+    """What the engine needs of a model: a KV-cached forward with per-row positions
+    (`policy.inference.MegatronDecoder` on the training weights)."""
 
-    def __init__(self, model, *, decode: Callable[[list[int]], str], dist, vocab_size: int,
-                 batch_size: int, max_sequence_length: int):
-        self.model, self.decode, self.dist = model, decode, dist
-        self.vocab_size, self.batch_size = vocab_size, batch_size
-        self.max_sequence_length = max_sequence_length
-        self.last_stats: dict = {}
-        self.forward_calls = 0   # model evaluations, for tests and stats
-        self._rotary_table = None
+    num_layers: int
+    vocab_size: int
+    max_sequence_length: int
+    is_last_stage: bool
+    device: torch.device
+
+    def forward(self, tokens_RS: torch.Tensor, positions_RS: torch.Tensor, cache: KVCache) -> torch.Tensor | None:
+        """Last-position logits [R, vocab_size] float32 on the last pipeline stage, None elsewhere."""
+        ...
+
+    def from_last_stage(self, obj):
+        """The last pipeline stage's `obj` on every stage."""
+        ...
+
+    def generating(self):
+        """Context manager: eval mode and no autograd for a generate() call."""
+        ...
+
+
+class TorchEngine:
+    """`interfaces.GenerationEngine` on an `IncrementalModel`; data-parallel over `dist`'s DP group."""
+
+    def __init__(self, model: IncrementalModel, *, decode: Callable[[list[int]], str], dist, batch_size: int):
+        self.model, self.decode, self.dist, self.batch_size = model, decode, dist, batch_size
+        self.forward_calls = 0   # model evaluations, for tests
 
     def begin_generation(self) -> None:
         """Nothing to do: the engine runs on the training weights themselves."""
@@ -126,99 +139,29 @@ class TorchEngine:
     def end_generation(self) -> None:
         """Nothing to release: the KV cache lives only inside a generate() call."""
 
-    # ------------------------------------------------------------------ the model, step by step
-
-    def _rotary(self, positions_RS: torch.Tensor) -> torch.Tensor:
-        if self._rotary_table is None:   # depends on no weight: computed once
-            self._rotary_table = self.model.rotary_pos_emb(self.max_sequence_length)[:, 0, 0]   # [L, dim]
-        return self._rotary_table[positions_RS.clamp(min=0)].transpose(0, 1).unsqueeze(2)  # [S, R, 1, dim]
-
-    def _attention(self, layer, hidden_SRH, freqs, cache: _Cache, li: int, mask_RSK):
-        from megatron.core.models.common.embeddings.rope_utils import apply_rotary_pos_emb
-
-        attn = layer.self_attention
-        q, k, v = attn.get_query_key_value_tensors(hidden_SRH, None)[:3]   # [S, R, heads, dim]
-        cfg = attn.config
-        q = apply_rotary_pos_emb(q, freqs, config=cfg)
-        k = apply_rotary_pos_emb(k, freqs, config=cfg)
-        keys, values = cache.write(li, k.permute(1, 2, 0, 3), v.permute(1, 2, 0, 3))  # [R, groups, T, dim]
-        q = q.permute(1, 2, 0, 3)                                           # [R, heads, S, dim]
-        # grouped-query attention without copying the cache to every head (head h uses group h // rep)
-        ctx = F.scaled_dot_product_attention(q, keys, values, attn_mask=mask_RSK.unsqueeze(1),
-                                             enable_gqa=keys.shape[1] != q.shape[1])
-        S, R = hidden_SRH.shape[:2]
-        out, bias = attn.linear_proj(ctx.permute(2, 0, 1, 3).reshape(S, R, -1))
-        return out if bias is None else out + bias
-
-    def _forward(self, tokens_RS: torch.Tensor, positions_RS: torch.Tensor, cache: _Cache) -> torch.Tensor | None:
-        """Logits of the last position [R, V] (gathered over TP) on the last pipeline stage, None on
-        the others; appends to this stage's cache. Stages pass hidden states with send/recv."""
-        from megatron.core import tensor_parallel
-
+    def _forward(self, tokens_RS, positions_RS, cache):
         self.forward_calls += 1
-        m, d = self.model, self.dist
-        S, R = tokens_RS.shape[1], tokens_RS.shape[0]
-        if m.pre_process:
-            hidden = m.embedding(input_ids=tokens_RS, position_ids=positions_RS)   # [S, R, H]
-        else:
-            hidden = torch.empty(S, R, m.config.hidden_size, dtype=m.config.params_dtype)
-            torch.distributed.recv(hidden, src=self._pp_neighbour(-1), group=d.pp_group)
-        freqs = self._rotary(positions_RS)
-        total = cache.length + S
-        slots = torch.arange(total)
-        query_slots = slots[total - S:]
-        # key slot visible to a query when it is not left padding and not in the future
-        mask = (slots[None, None, :] >= cache.start_R[:, None, None]) & \
-               (slots[None, None, :] <= query_slots[None, :, None])
-        for li, layer in enumerate(m.decoder.layers):
-            residual = hidden
-            hidden = residual + self._attention(layer, layer.input_layernorm(hidden), freqs, cache, li, mask)
-            out, bias = layer.mlp(layer.pre_mlp_layernorm(hidden))
-            hidden = hidden + (out if bias is None else out + bias)
-        cache.length = total
-        if not m.post_process:
-            torch.distributed.send(hidden.contiguous(), dst=self._pp_neighbour(+1), group=d.pp_group)
-            return None
-        hidden = m.decoder.final_layernorm(hidden[-1:])
-        weight = m.shared_embedding_or_output_weight() if m.share_embeddings_and_output_weights else None
-        logits, _ = m.output_layer(hidden, weight=weight)
-        logits = tensor_parallel.gather_from_tensor_model_parallel_region(logits)
-        return logits[0, :, : self.vocab_size].float()
-
-    def _pp_neighbour(self, step: int) -> int:
-        from megatron.core import parallel_state as ps
-
-        return ps.get_pipeline_model_parallel_next_rank() if step > 0 else ps.get_pipeline_model_parallel_prev_rank()
+        return self.model.forward(tokens_RS, positions_RS, cache)
 
     def _sample(self, logits, params: SamplingParams, gens) -> list[int]:
-        """The last stage samples; with pipeline stages, it broadcasts the tokens to the others."""
-        tokens = sample_tokens(logits, params, gens) if self.model.post_process else None
-        if self.dist.pp_size > 1:
-            from megatron.core import parallel_state as ps
-
-            from optune_nemo.distributed import broadcast_object
-
-            tokens = broadcast_object(tokens, src=ps.get_pipeline_model_parallel_last_rank(),
-                                      group=self.dist.pp_group)
-        return tokens
+        """The last stage samples; with pipeline stages, it shares the tokens with the others."""
+        tokens = sample_tokens(logits, params, gens) if self.model.is_last_stage else None
+        return self.model.from_last_stage(tokens)
 
     # ------------------------------------------------------------------ generation
 
     def _generate_batch(self, prompts: list[list[int]], keys: list[int], params: SamplingParams):
-        B, n = len(prompts), params.n
+        B, n, dev = len(prompts), params.n, self.model.device
         L = max(len(p) for p in prompts)
-        if L + params.max_new_tokens > self.max_sequence_length:
+        if L + params.max_new_tokens > self.model.max_sequence_length:
             raise ValueError(f"model.seq_length: {L} prompt tokens + generation.max_new_tokens "
-                             f"{params.max_new_tokens} exceed {self.max_sequence_length}")
-        pad = torch.tensor([L - len(p) for p in prompts])
-        tokens = torch.zeros(B, L, dtype=torch.long)
-        for i, p in enumerate(prompts):
-            tokens[i, pad[i]:] = torch.tensor(p)
-        positions = torch.arange(L)[None, :] - pad[:, None]
-        cache = _Cache(len(self.model.decoder.layers), slots=L + params.max_new_tokens)
-        cache.start_R = pad
+                             f"{params.max_new_tokens} exceed {self.model.max_sequence_length}")
+        pad = torch.tensor([L - len(p) for p in prompts], device=dev)
+        tokens = torch.tensor([[0] * (L - len(p)) + list(p) for p in prompts], dtype=torch.long, device=dev)
+        positions = torch.arange(L, device=dev)[None, :] - pad[:, None]
+        cache = KVCache(self.model.num_layers, slots=L + params.max_new_tokens, start_R=pad)
         logits = self._forward(tokens, positions, cache)                 # prefill, once per prompt
-        rows = torch.arange(B).repeat_interleave(n)                      # prompt i -> rows i*n..i*n+n-1
+        rows = torch.arange(B, device=dev).repeat_interleave(n)          # prompt i -> rows i*n..i*n+n-1
         cache.select(rows)
         if logits is not None:
             logits = logits.index_select(0, rows)
@@ -240,13 +183,13 @@ class TorchEngine:
             if not alive:
                 break
             if len(alive) < len(new):                                     # finished rows stop costing
-                keep = torch.tensor(alive)
+                keep = torch.tensor(alive, device=dev)
                 cache.select(keep)
                 next_pos = next_pos.index_select(0, keep)
                 gens = [gens[r] for r in alive]
                 owner = [owner[r] for r in alive]
                 new = [new[r] for r in alive]
-            logits = self._forward(torch.tensor(new)[:, None], next_pos[:, None], cache)
+            logits = self._forward(torch.tensor(new, device=dev)[:, None], next_pos[:, None], cache)
             next_pos = next_pos + 1
         samples = [Sample(t, self.decode(t), reasons[r]) for r, t in enumerate(out_tokens)]
         return [samples[i * n:(i + 1) * n] for i in range(B)]
@@ -263,23 +206,8 @@ class TorchEngine:
 
     def generate(self, prompts: Sequence[Sequence[int]], params: SamplingParams,
                  keys: Sequence[int]) -> list[list[Sample]]:
-        from optune_nemo.distributed import all_gather_object
-
-        d, tic = self.dist, time.perf_counter()
-        mine = list(range(d.dp_rank, len(prompts), d.dp_size))
-        was_training = self.model.training
-        self.model.eval()
-        try:
-            with torch.inference_mode(), cpu_compat_suspended():
-                local = self._generate_local([prompts[i] for i in mine], [keys[i] for i in mine], params)
-        finally:
-            self.model.train(was_training)
-        result: list = [None] * len(prompts)
-        for rank, part in enumerate(all_gather_object(local, group=d.dp_group)):
-            for i, samples in zip(range(rank, len(prompts), d.dp_size), part):
-                result[i] = samples
-        elapsed = time.perf_counter() - tic
-        tokens = sum(s.num_tokens for group in result for s in group)
-        self.last_stats = {"generated_tokens": tokens, "time_s": elapsed,
-                           "tokens_per_s": tokens / elapsed if elapsed > 0 else 0.0}
-        return result
+        d = self.dist
+        mine = shard(len(prompts), d.dp_rank, d.dp_size)
+        with self.model.generating():
+            local = self._generate_local([prompts[i] for i in mine], [keys[i] for i in mine], params)
+        return gather_shards(local, len(prompts), group=d.dp_group)

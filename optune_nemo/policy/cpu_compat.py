@@ -20,6 +20,8 @@ from torch.overrides import TorchFunctionMode
 log = logging.getLogger(__name__)
 
 _ENABLED = False
+_MEGATRON_TP_SEED_OFFSET = 2718       # megatron.core.tensor_parallel.random.model_parallel_cuda_manual_seed
+_MEGATRON_EXPERT_SEED_OFFSET = 1024   # idem, expert-parallel stream
 _MODE: TorchFunctionMode | None = None
 
 
@@ -192,7 +194,8 @@ def model_parallel_seed(seed: int) -> None:
     tracker = CpuRNGStatesTracker()
     mrandom._CUDA_RNG_STATE_TRACKER = tracker
     tp_rank = parallel_state.get_tensor_model_parallel_rank()
-    # the same seed layout as model_parallel_cuda_manual_seed: data-parallel, model-parallel, expert
+    # megatron's own seed layout (model_parallel_cuda_manual_seed's offsets), so a CPU run draws what
+    # megatron's conventions prescribe: data-parallel seed, model-parallel seed + 2718 + tp_rank, expert + 1024
     tracker.add(mrandom._DATA_PARALLEL_RNG_TRACKER_NAME, seed)
-    tracker.add(mrandom._MODEL_PARALLEL_RNG_TRACKER_NAME, seed + 2718 + tp_rank)
-    tracker.add(mrandom._EXPERT_PARALLEL_RNG_TRACKER_NAME, seed + 1024)
+    tracker.add(mrandom._MODEL_PARALLEL_RNG_TRACKER_NAME, seed + _MEGATRON_TP_SEED_OFFSET + tp_rank)
+    tracker.add(mrandom._EXPERT_PARALLEL_RNG_TRACKER_NAME, seed + _MEGATRON_EXPERT_SEED_OFFSET)

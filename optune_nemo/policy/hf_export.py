@@ -103,20 +103,31 @@ def _tp_shards(param: torch.Tensor, dist) -> list[torch.Tensor]:
     return parts
 
 
-def collect_hf_state_dict(model_chunks, model_cfg: ModelConfig, *, vocab_size: int, dist=None,
-                          dtype: torch.dtype = torch.float32) -> dict[str, torch.Tensor] | None:
-    """The full HF state dict on global rank 0 (None elsewhere). Collective over all ranks."""
-    mine: dict[str, torch.Tensor] = {}
+def iter_hf_tensors(model_chunks, model_cfg: ModelConfig, *, vocab_size: int, dist=None,
+                    dtype: torch.dtype | None = None, to_cpu: bool = False):
+    """(HF name, whole tensor) of this rank's chunks, converted from megatron names and layouts. Collective
+    over the tensor-parallel group (every TP rank joins each all-gather); only the first TP rank of
+    data-parallel rank 0 yields (its pipeline stage's tensors), the other ranks yield nothing."""
     keep = dist is None or (dist.tp_rank == 0 and dist.dp_rank == 0)
     for chunk in model_chunks:
         chunk = unwrap_model(chunk)
         layer_map = global_layer_numbers(chunk)
         for name, param in chunk.named_parameters():
-            shards = _tp_shards(param, dist)   # every TP rank joins the all-gather
-            if keep:
-                for k, v in megatron_to_hf_tensors(name, [s.cpu() for s in shards], model_cfg,
-                                                   vocab_size=vocab_size, layer_map=layer_map).items():
-                    mine[k] = v.to(dtype).contiguous().clone()
+            shards = _tp_shards(param, dist)
+            if not keep:
+                continue
+            if to_cpu:
+                shards = [s.cpu() for s in shards]
+            for hf_name, t in megatron_to_hf_tensors(name, shards, model_cfg, vocab_size=vocab_size,
+                                                     layer_map=layer_map).items():
+                yield hf_name, (t if dtype is None else t.to(dtype)).contiguous()
+
+
+def collect_hf_state_dict(model_chunks, model_cfg: ModelConfig, *, vocab_size: int, dist=None,
+                          dtype: torch.dtype = torch.float32) -> dict[str, torch.Tensor] | None:
+    """The full HF state dict on global rank 0 (None elsewhere), on the CPU. Collective over all ranks."""
+    mine = {k: v.clone() for k, v in iter_hf_tensors(model_chunks, model_cfg, vocab_size=vocab_size, dist=dist,
+                                                     dtype=dtype, to_cpu=True)}
     if dist is None or dist.world_size == 1:
         return mine
     parts: list | None = [None] * dist.world_size if dist.rank == 0 else None

@@ -50,6 +50,8 @@ class HFModelInfo:
     """Rows of the HF embedding (the unpadded vocabulary)."""
     config: dict
     """config.json as read."""
+    where: str = "config.json"
+    """The file it was read from (for messages)."""
 
 
 # --------------------------------------------------------------------------- config
@@ -62,15 +64,39 @@ def read_hf_config(hf_dir: str | Path) -> HFModelInfo:
         raise ValueError(f"--hf: {hf_dir} is not a directory (an HF model directory with config.json)")
     if not path.is_file():
         raise ValueError(f"--hf: {hf_dir} has no config.json; expected a Hugging Face model directory")
-    cfg = json.loads(path.read_text())
+    try:
+        cfg = json.loads(path.read_text())
+    except ValueError as e:
+        raise ValueError(f"{path}: not valid JSON ({e})") from None
+    return _checked_info(cfg, str(path))
+
+
+def _checked_info(cfg: dict, where: str) -> HFModelInfo:
     archs = cfg.get("architectures") or []
     if len(archs) != 1 or archs[0] not in SUPPORTED_ARCHITECTURES:
-        raise ValueError(f"{path}: architectures must be one of {', '.join(SUPPORTED_ARCHITECTURES)} "
+        raise ValueError(f"{where}: architectures must be one of {', '.join(SUPPORTED_ARCHITECTURES)} "
                          f"(got {archs!r})")
-    return HFModelInfo(architecture=archs[0], vocab_size=int(cfg["vocab_size"]), config=cfg)
+    return HFModelInfo(architecture=archs[0], vocab_size=int(cfg["vocab_size"]), config=cfg, where=where)
 
 
-def _rope(cfg: dict, path: Path) -> float:
+_GGUF_ARCHITECTURES = {"llama": "LlamaForCausalLM", "mistral": "MistralForCausalLM", "qwen2": "Qwen2ForCausalLM"}
+
+
+def read_gguf_config(gguf_file: str | Path) -> HFModelInfo:
+    """The model's config as transformers reads it from a GGUF file's header (no tensor is read or
+    dequantised): what `read_hf_config` gives for the directory `gguf_to_hf_dir` would write."""
+    from transformers.modeling_gguf_pytorch_utils import load_gguf_checkpoint
+
+    try:
+        cfg = dict(load_gguf_checkpoint(str(gguf_file), return_tensors=False)["config"])
+    except Exception as e:   # gguf raises several types for a damaged or foreign file
+        raise ValueError(f"{gguf_file}: not a readable GGUF model ({type(e).__name__}: {e})") from None
+    arch = _GGUF_ARCHITECTURES.get(cfg.get("model_type"))
+    cfg["architectures"] = [arch] if arch else [f"model_type={cfg.get('model_type')}"]
+    return _checked_info(cfg, str(gguf_file))
+
+
+def _rope(cfg: dict, path: str | Path) -> float:
     """The RoPE base; refuses any scaled RoPE (llama3, linear, yarn, dynamic...), which the local layer
     spec does not implement exactly. Reads both the transformers 4 (`rope_theta`, `rope_scaling`) and
     5 (`rope_parameters`) spellings."""
@@ -87,7 +113,7 @@ def _rope(cfg: dict, path: Path) -> float:
     return theta
 
 
-def _check_supported(cfg: dict, path: Path) -> None:
+def _check_supported(cfg: dict, path: str | Path) -> None:
     if cfg.get("hidden_act", "silu") != "silu":
         raise ValueError(f"{path}: hidden_act must be silu (got {cfg['hidden_act']!r})")
     if cfg.get("attention_bias") or cfg.get("mlp_bias"):
@@ -105,17 +131,17 @@ def _sliding_window(cfg: dict, arch: str) -> int | None:
     return window
 
 
-def hf_config_to_model_config(hf_dir: str | Path, *, seq_length: int | None = None,
+def hf_config_to_model_config(hf_dir: str | Path | HFModelInfo, *, seq_length: int | None = None,
                               base: ModelConfig | None = None) -> ModelConfig:
-    """The `ModelConfig` of the HF model in `hf_dir`.
+    """The `ModelConfig` of the HF model in `hf_dir` (or of an already read `HFModelInfo`).
 
     `seq_length` defaults to `max_position_embeddings`, capped at a sliding window when there is one;
     an explicit `seq_length` longer than the window is refused (the local spec attends globally, which
     equals sliding-window attention only for sequences that fit in the window). Fields the HF config
     does not describe (init, vocabulary padding, layer spec) come from `base` (the schema defaults).
     """
-    info = read_hf_config(hf_dir)
-    cfg, path = info.config, Path(hf_dir) / "config.json"
+    info = hf_dir if isinstance(hf_dir, HFModelInfo) else read_hf_config(hf_dir)
+    cfg, path = info.config, info.where
     _check_supported(cfg, path)
     rotary_base = _rope(cfg, path)
     hidden, heads = int(cfg["hidden_size"]), int(cfg["num_attention_heads"])

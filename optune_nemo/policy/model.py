@@ -13,6 +13,7 @@ import torch
 import torch.nn.functional as F
 
 from optune_nemo.config import ConfigError, ModelConfig
+from optune_nemo.seeding import mix_seed
 
 try:
     import transformer_engine  # noqa: F401
@@ -110,7 +111,7 @@ def _seeded_layer_class(base, init_seed: int):
     class SeededLayer(base):
         def __init__(self, config, submodules, layer_number: int = 1, *args, **kwargs):
             global_number = layer_number + get_transformer_layer_offset(config, kwargs.get("vp_stage"))
-            torch.manual_seed(init_seed + 7919 * global_number)
+            torch.manual_seed(mix_seed(init_seed, "layer", global_number))
             super().__init__(config, submodules, layer_number, *args, **kwargs)
 
     SeededLayer.__name__ = SeededLayer.__qualname__ = base.__name__

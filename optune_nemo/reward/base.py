@@ -1,51 +1,149 @@
-"""The reward interface: score (prompt, response) batches with any callable.
+"""The reward protocol's common part, and the rule-based reward.
 
-A reward function is `fn(prompts: list[str], responses: list[str], metadata: list[dict]) -> list[float]`
-(`types.RewardFn`), chosen in the config with a Hydra `_target_` (its keyword arguments go in the
-same node), so a user points `reward.function._target_` at their own function.
+Every reward type (`reward.type`) subclasses `ShardedReward` and implements `score_batch` for one batch
+of (prompt, response) pairs; the base class deals a scoring call over data-parallel ranks (pair i to
+DP rank i % dp), calls `score_batch` in batches of `reward.batch_size`, checks what comes back (one
+finite number per response), and gathers the result to every rank. Ranks of one data-parallel group
+(the tensor / pipeline ranks of a model-parallel reward model) score the same shard together.
+
+Failures stop every rank with the same message: the outcome of each rank (its scores or its error) is
+all-gathered over the whole world before anything else happens, so a rank that fails alone (a network
+error, an out-of-memory) never leaves the others waiting in a collective. What kind of error it is
+decides what the run does with it:
+  - `ConfigError` (the user's function or files misbehave: a wrong count, NaN, an exception): exit 2;
+  - `RewardUnavailable` (a reward server cannot be reached or answer): exit 1, every generated and
+    scored chunk stays on disk and a rerun scores only what is missing;
+  - anything else: re-raised on every rank as `RewardError` with the failing rank's message.
 """
 
 from __future__ import annotations
 
+import logging
 import math
+from abc import ABC, abstractmethod
 from collections.abc import Sequence
 
 from optune_nemo.config import ConfigError, RewardConfig
-from optune_nemo.types import Prompt, RewardFn
+from optune_nemo.distributed import DistEnv, all_gather_object, shard
+from optune_nemo.interfaces import Prompt
+
+log = logging.getLogger(__name__)
 
 
-class RewardModel:
-    def __init__(self, fn: RewardFn, *, batch_size: int, name: str = ""):
-        self.fn, self.batch_size, self.name = fn, batch_size, name or getattr(fn, "__name__", repr(fn))
-        self.calls = 0
-        self.scored = 0
+class RewardError(RuntimeError):
+    """A reward could not be computed (an error inside a reward model, on some rank)."""
+
+
+class RewardUnavailable(RewardError):
+    """A reward service cannot be reached or did not answer in time; nothing generated is lost."""
+
+
+_KINDS = {"config": ConfigError, "unavailable": RewardUnavailable, "error": RewardError}
+
+
+def _kind(e: BaseException) -> str:
+    if isinstance(e, ConfigError):
+        return "config"
+    if isinstance(e, RewardUnavailable):
+        return "unavailable"
+    return "error"
+
+
+class ShardedReward(ABC):
+    """`interfaces.Reward` with data-parallel sharding, batching, checks and all-rank error propagation."""
+
+    key = "reward"
+    """The config key named in messages about this reward."""
+
+    def __init__(self, *, name: str, batch_size: int, dist: DistEnv | None = None):
+        self.name, self.batch_size, self.dist = name, batch_size, dist
+        self.calls = 0       # score_batch calls on this rank
+        self.scored = 0      # responses scored on this rank
+
+    def prepare(self) -> None:  # noqa: B027 (a hook: rule-based rewards take nothing)
+        """Before a scoring phase; nothing to take by default."""
+
+    def release(self) -> None:  # noqa: B027 (a hook: rule-based rewards give nothing back)
+        """After a scoring phase; nothing to give back by default."""
+
+    @abstractmethod
+    def score_batch(self, prompts: Sequence[Prompt], responses: Sequence[str]) -> Sequence[float]:
+        """Rewards of one batch (at most `batch_size` pairs) on this rank."""
+
+    # ------------------------------------------------------------------ the protocol
 
     def score(self, prompts: Sequence[Prompt], responses: Sequence[str]) -> list[float]:
-        """One float per (prompt, response), in order. Non-finite rewards are an error."""
+        """One finite float per (prompt, response), in order, on every rank."""
+        d = self.dist
+        dp_rank, dp_size = (d.dp_rank, d.dp_size) if d is not None else (0, 1)
+        mine = shard(len(prompts), dp_rank, dp_size)
+        try:
+            outcome = ("ok", self._score_local([prompts[i] for i in mine], [responses[i] for i in mine]))
+        except Exception as e:   # every kind: the other ranks must hear of it (see the module docstring)
+            outcome = (_kind(e), str(e) or type(e).__name__)
+        if d is None or d.world_size == 1:
+            parts = [(0, outcome)]
+        else:
+            parts = all_gather_object((dp_rank, outcome))
+        for _, (status, value) in parts:
+            if status != "ok":
+                raise _KINDS[status](value)
+        by_dp = {}
+        for rank_dp, (_, values) in parts:
+            by_dp.setdefault(rank_dp, values)    # the ranks of one DP group computed the same shard
+        out: list[float] = [0.0] * len(prompts)
+        for rank_dp, values in by_dp.items():
+            for i, v in zip(shard(len(prompts), rank_dp, dp_size), values):
+                out[i] = v
+        return out
+
+    def _score_local(self, prompts: Sequence[Prompt], responses: Sequence[str]) -> list[float]:
         out: list[float] = []
         for k in range(0, len(prompts), self.batch_size):
             ps, rs = prompts[k:k + self.batch_size], list(responses[k:k + self.batch_size])
-            got = list(self.fn([p.text for p in ps], rs, [p.metadata for p in ps]))
+            got = list(self.score_batch(ps, rs))
             self.calls += 1
-            if len(got) != len(ps):
-                raise ValueError(f"reward function {self.name} returned {len(got)} rewards for "
-                                 f"{len(ps)} responses")
-            for p, r in zip(ps, got):
-                try:
-                    value = float(r)     # python, numpy and 0-d torch numbers alike
-                except (TypeError, ValueError):
-                    raise ValueError(f"reward function {self.name} returned {r!r} (not a number) "
-                                     f"for prompt id {p.prompt_id}") from None
-                if not math.isfinite(value):
-                    raise ValueError(f"reward function {self.name} returned a non-finite reward "
-                                     f"{r!r} for prompt id {p.prompt_id}")
-                out.append(value)
+            out += self._checked(got, ps)
         self.scored += len(out)
         return out
 
+    def _checked(self, got: list, prompts: Sequence[Prompt]) -> list[float]:
+        if len(got) != len(prompts):
+            raise ConfigError(f"{self.key}: {self.name} returned {len(got)} rewards for {len(prompts)} responses")
+        out = []
+        for p, r in zip(prompts, got):
+            try:
+                value = float(r)     # python, numpy and 0-d torch numbers alike
+            except (TypeError, ValueError):
+                raise ConfigError(f"{self.key}: {self.name} returned {r!r} (not a number) for prompt id "
+                                  f"{p.prompt_id}") from None
+            if not math.isfinite(value):
+                raise ConfigError(f"{self.key}: {self.name} returned a non-finite reward {r!r} for prompt id "
+                                  f"{p.prompt_id}")
+            out.append(value)
+        return out
 
-def build_reward(cfg: RewardConfig) -> RewardModel:
-    """Instantiate `reward.function` (Hydra `_target_`, partially applied with its kwargs)."""
+
+class RuleReward(ShardedReward):
+    """`reward.type=rule`: a Python function `fn(prompts, responses, metadata) -> list[float]`
+    (`interfaces.RewardFn`) named by `reward.function._target_`, its keyword arguments in the same node."""
+
+    key = "reward.function"
+
+    def __init__(self, fn, *, name: str, batch_size: int, dist: DistEnv | None = None):
+        super().__init__(name=name, batch_size=batch_size, dist=dist)
+        self.fn = fn
+
+    def score_batch(self, prompts: Sequence[Prompt], responses: Sequence[str]) -> Sequence[float]:
+        try:
+            return self.fn([p.text for p in prompts], list(responses), [p.metadata for p in prompts])
+        except Exception as e:   # the user's function: its failure is the user's to fix
+            raise ConfigError(f"{self.key}: {self.name} raised {type(e).__name__}: "
+                              f"{str(e).splitlines()[0] if str(e) else ''}") from None
+
+
+def rule_function(cfg: RewardConfig):
+    """(callable, its import path) of `reward.function` (Hydra `_target_`, partially applied with its kwargs)."""
     from hydra.errors import InstantiationException
     from hydra.utils import instantiate
 
@@ -58,34 +156,10 @@ def build_reward(cfg: RewardConfig) -> RewardModel:
                           f"{str(e).splitlines()[0]}") from None
     if not callable(fn):
         raise ConfigError(f"reward.function._target_: {target!r} is not callable")
-    return RewardModel(fn, batch_size=cfg.batch_size, name=target)
+    return fn, target
 
 
-class ShardedReward:
-    """Scores a batch spread over every rank (response i on rank i % world), then all-gathers, so a
-    model-based reward uses all devices. The result does not depend on the world size. An error on
-    any rank is raised on every rank (a rank failing alone would leave the others in a collective)."""
-
-    def __init__(self, reward: RewardModel, *, rank: int, world_size: int):
-        self.reward, self.rank, self.world_size = reward, rank, world_size
-
-    def __getattr__(self, name):
-        return getattr(self.reward, name)
-
-    def score(self, prompts: Sequence[Prompt], responses: Sequence[str]) -> list[float]:
-        from optune_nemo.distributed import all_gather_object
-
-        mine = list(range(self.rank, len(prompts), self.world_size))
-        try:
-            part: object = self.reward.score([prompts[i] for i in mine], [responses[i] for i in mine])
-        except ValueError as e:
-            part = e
-        parts = all_gather_object(part)
-        for p in parts:
-            if isinstance(p, Exception):
-                raise ValueError(str(p))
-        out = [0.0] * len(prompts)
-        for rank, values in enumerate(parts):
-            for i, v in zip(range(rank, len(prompts), self.world_size), values):
-                out[i] = v
-        return out
+def build(cfg: RewardConfig, *, dist: DistEnv | None = None) -> RuleReward:
+    """`reward.type=rule`."""
+    fn, target = rule_function(cfg)
+    return RuleReward(fn, name=target, batch_size=cfg.batch_size, dist=dist)

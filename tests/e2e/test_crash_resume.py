@@ -107,7 +107,7 @@ def test_kill_then_resume_is_identical(reference, tmp_path, where):
     exp = tmp_path / "run"
     _crash(exp, where)
     if where == "generation":
-        chunks = list((exp / "partial" / "iter_000001").glob("chunk_*.pt"))
+        chunks = list((exp / "partial" / "iter_000001").glob("chunk_*.json"))
         assert len(chunks) == 1, "the chunk finished before the kill must be on disk"
     if where == "checkpoint":
         assert (exp / "checkpoints" / "iter_000001.tmp").is_dir()

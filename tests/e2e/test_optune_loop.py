@@ -73,7 +73,7 @@ def _instrumented_run(rank, overrides, exp_dir):
         scored.clear()
         record = loop.iteration(t)
         loop.next_iteration = t + 1
-        loop.save_checkpoint(t)
+        loop.checkpoints.save(t)
         after = _snapshot(loop.store)
         regenerated = sorted(pid for pid, rec in after.items() if rec[4] == t)
         if t > 0:
@@ -107,10 +107,11 @@ def test_iteration_invariants(tmp_path):
 
 
 def _plain_run(rank, overrides, exp_dir):
-    from optune_nemo.train import build_and_fit
+    from optune_nemo.rundir import world_size_from_env
+    from optune_nemo.train import check_inputs, run_training
 
-    cfg = load_config([*E2E, f"exp_dir={exp_dir}", *overrides])
-    assert build_and_fit(cfg) == "completed"
+    cfg = check_inputs(load_config([*E2E, f"exp_dir={exp_dir}", *overrides]), world_size=world_size_from_env())
+    assert run_training(cfg) == "completed"
 
 
 def _metrics(exp_dir):
@@ -180,7 +181,7 @@ def test_three_iterations_equal_two_plus_resumed_third(tmp_path):
 def _weights_pair(rank, a, b):
     from pathlib import Path
 
-    from optune_nemo.distributed import init_distributed
+    from optune_nemo.policy.parallel import init_distributed
 
     init_distributed(1, 1)
     return ({k: v for k, v in _weights(Path(a), 2).items() if isinstance(v, torch.Tensor)},

@@ -4,9 +4,9 @@ greedy, with stop tokens. Initial weights do not depend on the layout (per-layer
 
 import pytest
 from dist_utils import run_ranks
-from tiny import VOCAB, build, random_pairs, tiny_config
+from tiny import build, random_pairs, tiny_config
 
-from optune_nemo.types import SamplingParams
+from optune_nemo.interfaces import SamplingParams
 
 pytestmark = pytest.mark.multiproc
 
@@ -15,8 +15,7 @@ def _generate(rank, layout):
     from optune_nemo.generation.torch_engine import TorchEngine
 
     policy = build(tiny_config(*layout))
-    engine = TorchEngine(policy.unwrapped_model(), decode=str, dist=policy.dist, vocab_size=VOCAB, batch_size=3,
-                         max_sequence_length=64)
+    engine = TorchEngine(policy.inference_model(), decode=str, dist=policy.dist, batch_size=3)
     prompts = random_pairs(7, seed=21)[0]
     out = {}
     for name, params in {"greedy": SamplingParams(n=1, temperature=0, max_new_tokens=12),

@@ -21,8 +21,8 @@ def test_syntax(script):
 
 def test_directives():
     text = SCRIPT.read_text()
-    for directive in ("--job-name=", "--cpus-per-task=", "--requeue", "--signal=B:USR1@", "--open-mode=append", "--nodes=", "--ntasks-per-node=",
-                      "--time=", "--output="):
+    for directive in ("--job-name=", "--cpus-per-task=", "--requeue", "--signal=B:USR1@", "--open-mode=append",
+                      "--nodes=", "--ntasks-per-node=", "--time=", "--output="):
         assert f"#SBATCH {directive}" in text, directive
 
 

@@ -21,8 +21,8 @@ from optune_nemo.policy.hf_import import (
 
 @pytest.fixture(scope="module")
 def dist1():
-    from optune_nemo.distributed import init_distributed
     from optune_nemo.policy.cpu_compat import model_parallel_seed
+    from optune_nemo.policy.parallel import init_distributed
 
     d = init_distributed(1, 1)
     model_parallel_seed(0)

@@ -90,7 +90,7 @@ def test_dpo_loss_and_per_pair_match_hand_formula(seed):
         assert float(margin[i]) == pytest.approx(margins[i], rel=1e-12, abs=1e-14)
     loss, metrics = dpo_loss(_t(pc), _t(pr), _t(rc), _t(rr), beta1=b1)
     assert float(loss) == pytest.approx(sum(per) / len(per), rel=1e-12)
-    assert metrics["wdpo_weight_mean"] == 1.0
+    assert "wdpo_weight_mean" not in metrics          # DPO has no reward-gap weight
     assert metrics["margin_mean"] == pytest.approx(sum(margins) / len(margins), rel=1e-12, abs=1e-14)
     acc = sum(1 for m in margins if m > 0) / len(margins)
     assert metrics["implicit_reward_accuracy"] == pytest.approx(acc, abs=1e-15)
@@ -101,7 +101,7 @@ def test_metrics_keys():
     _, m = wdpo_loss(_t(pc), _t(pr), _t(rc), _t(rr), _t(cw), _t(cl), beta1=b1, beta2=b2)
     assert {"loss", "implicit_reward_accuracy", "wdpo_weight_mean", "margin_mean"} <= set(m)
     _, m = dpo_loss(_t(pc), _t(pr), _t(rc), _t(rr), beta1=b1)
-    assert {"loss", "implicit_reward_accuracy", "wdpo_weight_mean", "margin_mean"} <= set(m)
+    assert {"loss", "implicit_reward_accuracy", "margin_mean"} <= set(m)
     assert all(isinstance(v, float) for v in m.values())
 
 
@@ -239,3 +239,99 @@ def test_bradley_terry_loss(seed):
     loss32, _ = bradley_terry_loss(_t(cw, torch.float32), _t(cl, torch.float32))
     assert loss32.dtype == torch.float32
     assert float(loss32) == pytest.approx(want, rel=1e-5)
+
+
+# --------------------------------------------------------------------------- the protocol and registry
+
+from optune_nemo.config import ConfigError, LossConfig  # noqa: E402
+from optune_nemo.losses import PairTensors, build_loss, loss_names  # noqa: E402
+
+
+def _pairs(pc, pr, rc, rr, cw, cl, grad=False):
+    return PairTensors(_t(pc, grad=grad), _t(pr, grad=grad), _t(rc), _t(rr), _t(cw), _t(cl))
+
+
+def test_registry_has_the_four_losses():
+    assert {"dpo", "wdpo", "ipo", "cdpo"} <= set(loss_names())
+    with pytest.raises(ConfigError, match="loss.name: must be one of"):
+        build_loss(LossConfig(name="simpo"))
+
+
+@pytest.mark.parametrize("seed", range(3))
+def test_registered_wdpo_and_dpo_equal_their_formulas(seed):
+    pc, pr, rc, rr, cw, cl, b1, b2 = _random_case(seed + 300)
+    margins, weights, per = _expected(pc, pr, rc, rr, cw, cl, b1, b2)
+    loss, metrics = build_loss(LossConfig(name="wdpo", beta1=b1, beta2=b2))(_pairs(pc, pr, rc, rr, cw, cl))
+    assert loss.tolist() == pytest.approx(per, rel=1e-12)
+    assert metrics["wdpo_weight_mean"].tolist() == pytest.approx(weights, rel=1e-12)
+    loss, metrics = build_loss(LossConfig(name="dpo", beta1=b1))(_pairs(pc, pr, rc, rr, cw, cl))
+    assert loss.tolist() == pytest.approx([-_log_sigmoid(m) for m in margins], rel=1e-12)
+    assert metrics["margin_mean"].tolist() == pytest.approx(margins, rel=1e-12, abs=1e-14)
+    assert metrics["implicit_reward_accuracy"].tolist() == [1.0 if m > 0 else 0.0 for m in margins]
+
+
+@pytest.mark.parametrize("seed", range(3))
+def test_ipo_matches_formula_and_gradient(seed):
+    """IPO: (h - 1/(2 tau))^2 with h = delta_w - delta_l; dL/d logp_w = 2 (h - 1/(2 tau))."""
+    pc, pr, rc, rr, cw, cl, tau, _ = _random_case(seed + 400)
+    hs = [(pc[i] - rc[i]) - (pr[i] - rr[i]) for i in range(len(pc))]
+    pairs = _pairs(pc, pr, rc, rr, cw, cl, grad=True)
+    loss, metrics = build_loss(LossConfig(name="ipo", beta1=tau))(pairs)
+    assert loss.tolist() == pytest.approx([(h - 1 / (2 * tau)) ** 2 for h in hs], rel=1e-12)
+    assert metrics["margin_mean"].tolist() == pytest.approx([tau * h for h in hs], rel=1e-12, abs=1e-14)
+    loss.sum().backward()
+    for i, h in enumerate(hs):
+        assert float(pairs.policy_chosen_logps.grad[i]) == pytest.approx(2 * (h - 1 / (2 * tau)), rel=1e-10)
+        assert float(pairs.policy_rejected_logps.grad[i]) == pytest.approx(-2 * (h - 1 / (2 * tau)), rel=1e-10)
+
+
+def test_ipo_minimum_is_at_the_target_gap():
+    tau = 0.25
+    target = 1 / (2 * tau)
+    pairs = PairTensors(_t([target]), _t([0.0]), _t([0.0]), _t([0.0]), _t([1.0]), _t([0.0]))
+    assert float(build_loss(LossConfig(name="ipo", beta1=tau))(pairs)[0]) == 0.0
+
+
+@pytest.mark.parametrize("seed", range(3))
+def test_cdpo_matches_formula_and_gradient(seed):
+    """cDPO: -(1-eps) log s(m) - eps log s(-m); dL/dm = -(1-eps) (1 - s(m)) + eps s(m)."""
+    pc, pr, rc, rr, cw, cl, b1, _ = _random_case(seed + 500)
+    eps = [0.0, 0.1, 0.3][seed]
+    margins = [b1 * ((pc[i] - rc[i]) - (pr[i] - rr[i])) for i in range(len(pc))]
+    pairs = _pairs(pc, pr, rc, rr, cw, cl, grad=True)
+    loss, _ = build_loss(LossConfig(name="cdpo", beta1=b1, label_smoothing=eps))(pairs)
+    want = [-(1 - eps) * _log_sigmoid(m) - eps * _log_sigmoid(-m) for m in margins]
+    assert loss.tolist() == pytest.approx(want, rel=1e-12)
+    loss.sum().backward()
+    for i, m in enumerate(margins):
+        dm = -(1 - eps) * (1 - _sigmoid(m)) + eps * _sigmoid(m)
+        assert float(pairs.policy_chosen_logps.grad[i]) == pytest.approx(b1 * dm, rel=1e-9, abs=1e-15)
+
+
+def test_cdpo_with_zero_smoothing_is_dpo():
+    pc, pr, rc, rr, cw, cl, b1, _ = _random_case(7)
+    c = build_loss(LossConfig(name="cdpo", beta1=b1, label_smoothing=0.0))(_pairs(pc, pr, rc, rr, cw, cl))[0]
+    d = build_loss(LossConfig(name="dpo", beta1=b1))(_pairs(pc, pr, rc, rr, cw, cl))[0]
+    assert torch.equal(c, d)
+
+
+def test_a_loss_outside_the_package_by_import_path(tmp_path, monkeypatch):
+    """A third-party loss is one file: a class with from_config and __call__, named module:Class."""
+    (tmp_path / "my_loss_for_optune_tests.py").write_text(
+        "from dataclasses import dataclass\n"
+        "@dataclass\n"
+        "class Hinge:\n"
+        "    beta1: float\n"
+        "    @classmethod\n"
+        "    def from_config(cls, cfg):\n"
+        "        return cls(cfg.beta1)\n"
+        "    def __call__(self, p):\n"
+        "        m = self.beta1 * ((p.policy_chosen_logps - p.ref_chosen_logps)\n"
+        "                          - (p.policy_rejected_logps - p.ref_rejected_logps))\n"
+        "        return (1 - m).clamp(min=0), {'margin_mean': m.detach()}\n")
+    monkeypatch.syspath_prepend(str(tmp_path))
+    loss = build_loss(LossConfig(name="my_loss_for_optune_tests:Hinge", beta1=0.5))
+    per, metrics = loss(PairTensors(_t([1.0]), _t([0.0]), _t([0.0]), _t([0.0]), _t([1.0]), _t([0.0])))
+    assert per.tolist() == [0.5] and metrics["margin_mean"].tolist() == [0.5]
+    with pytest.raises(ConfigError, match="loss.name: cannot import"):
+        build_loss(LossConfig(name="no_such_module_xyz:Hinge"))

@@ -9,8 +9,8 @@ import torch.nn.functional as F
 from tiny import VOCAB, WDPO, build, random_pairs, tiny_config
 
 from optune_nemo.generation.torch_engine import TorchEngine, filter_logits, sample_generator
+from optune_nemo.interfaces import PreferenceBatch, SamplingParams
 from optune_nemo.policy.logprobs import make_sequence_batch
-from optune_nemo.types import PreferenceBatch, SamplingParams
 
 
 @pytest.fixture(scope="module")
@@ -67,8 +67,8 @@ def test_train_step_gradient_is_mean_over_pairs(policy):
 
 @pytest.fixture(scope="module")
 def engine(policy):
-    return TorchEngine(policy.unwrapped_model(), decode=lambda ids: ",".join(map(str, ids)), dist=policy.dist,
-                       vocab_size=VOCAB, batch_size=4, max_sequence_length=64)
+    return TorchEngine(policy.inference_model(), decode=lambda ids: ",".join(map(str, ids)), dist=policy.dist,
+                       batch_size=4)
 
 
 def _greedy_reference(model, prompt, steps, stop=()):

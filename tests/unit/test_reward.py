@@ -1,4 +1,4 @@
-"""Reward interface (RewardModel, build_reward) and the rule-based arithmetic reward."""
+"""Reward protocol (ShardedReward via RuleReward, build_reward) and the rule-based arithmetic reward."""
 
 import math
 import sys
@@ -6,9 +6,10 @@ import sys
 import pytest
 
 from optune_nemo.config import ConfigError, RewardConfig
-from optune_nemo.reward.base import RewardModel, build_reward
+from optune_nemo.interfaces import Prompt
+from optune_nemo.reward import build_reward
+from optune_nemo.reward.base import RuleReward
 from optune_nemo.reward.rules import arithmetic_reward, arithmetic_score, is_exact, length_reward
-from optune_nemo.types import Prompt
 
 
 def _partial(x, answer):
@@ -95,7 +96,7 @@ def test_length_reward():
     assert got == pytest.approx([0.0, -0.5, -0.25])
 
 
-# --------------------------------------------------------------------------- RewardModel
+# --------------------------------------------------------------------------- RuleReward
 
 def _prompts(n):
     return [Prompt(100 + i, f"prompt {i}", (i,), {"answer": i}) for i in range(n)]
@@ -108,7 +109,7 @@ def test_reward_model_batches_and_orders():
         seen.append((list(prompts), list(responses), [m["answer"] for m in metadata]))
         return [len(r) + 10 * m["answer"] for r, m in zip(responses, metadata, strict=True)]
 
-    rm = RewardModel(fn, batch_size=2)
+    rm = RuleReward(fn, name="fn", batch_size=2)
     assert rm.name == "fn"
     ps = _prompts(5)
     responses = ["a", "bb", "ccc", "dddd", "eeeee"]
@@ -125,7 +126,7 @@ def test_reward_model_batches_and_orders():
 
 def test_reward_model_single_batch_and_empty():
     calls = []
-    rm = RewardModel(lambda p, r, m: calls.append(1) or [0.0] * len(r), batch_size=64, name="zero")
+    rm = RuleReward(lambda p, r, m: calls.append(1) or [0.0] * len(r), batch_size=64, name="zero")
     assert rm.name == "zero"
     assert rm.score(_prompts(5), ["x"] * 5) == [0.0] * 5
     assert rm.calls == 1
@@ -135,7 +136,7 @@ def test_reward_model_single_batch_and_empty():
 
 @pytest.mark.parametrize("bad", [float("nan"), float("inf"), float("-inf")])
 def test_non_finite_reward_names_prompt_id(bad):
-    rm = RewardModel(lambda p, r, m: [0.5, bad, 0.1][: len(r)], batch_size=3, name="my_reward")
+    rm = RuleReward(lambda p, r, m: [0.5, bad, 0.1][: len(r)], batch_size=3, name="my_reward")
     with pytest.raises(ValueError) as e:
         rm.score(_prompts(3), ["a", "b", "c"])
     msg = str(e.value)
@@ -144,20 +145,20 @@ def test_non_finite_reward_names_prompt_id(bad):
 
 
 def test_non_finite_in_later_batch_names_its_prompt():
-    rm = RewardModel(lambda p, r, m: [math.nan if t == "bad" else 1.0 for t in r], batch_size=2)
+    rm = RuleReward(lambda p, r, m: [math.nan if t == "bad" else 1.0 for t in r], batch_size=2, name="f")
     with pytest.raises(ValueError, match="prompt id 103"):
         rm.score(_prompts(5), ["ok", "ok", "ok", "bad", "ok"])
 
 
 def test_non_numeric_reward_raises():
-    rm = RewardModel(lambda p, r, m: ["high"] * len(r), batch_size=4)
+    rm = RuleReward(lambda p, r, m: ["high"] * len(r), batch_size=4, name="f")
     with pytest.raises(ValueError, match="prompt id 100"):
         rm.score(_prompts(2), ["a", "b"])
 
 
 @pytest.mark.parametrize("n_out", [0, 1, 3])
 def test_wrong_length_raises(n_out):
-    rm = RewardModel(lambda p, r, m: [1.0] * n_out, batch_size=8, name="short")
+    rm = RuleReward(lambda p, r, m: [1.0] * n_out, batch_size=8, name="short")
     with pytest.raises(ValueError, match=rf"returned {n_out} rewards for 2 responses"):
         rm.score(_prompts(2), ["a", "b"])
 
@@ -205,11 +206,17 @@ def test_numpy_and_torch_scalars_are_numbers():
     import numpy as np
     import torch
 
-    from optune_nemo.reward.base import RewardModel
-    from optune_nemo.types import Prompt
-
     prompts = [Prompt(0, "p", (1,)), Prompt(1, "q", (2,))]
-    rm = RewardModel(lambda p, r, m: [np.float32(0.5), torch.tensor(-1.5)], batch_size=8)
+    rm = RuleReward(lambda p, r, m: [np.float32(0.5), torch.tensor(-1.5)], batch_size=8, name="f")
     assert rm.score(prompts, ["a", "b"]) == [0.5, -1.5]
     with pytest.raises(ValueError, match="not a number.*prompt id 1"):
-        RewardModel(lambda p, r, m: [1.0, "high"], batch_size=8).score(prompts, ["a", "b"])
+        RuleReward(lambda p, r, m: [1.0, "high"], batch_size=8, name="f").score(prompts, ["a", "b"])
+
+
+def test_function_that_raises_is_a_config_error_naming_it():
+    def broken(prompts, responses, metadata):
+        raise KeyError("answer")
+
+    with pytest.raises(ConfigError) as e:
+        RuleReward(broken, batch_size=8, name="my.broken").score(_prompts(2), ["a", "b"])
+    assert str(e.value) == "reward.function: my.broken raised KeyError: 'answer'"

@@ -7,7 +7,7 @@ import pyarrow.parquet as pq
 import pytest
 
 from optune_nemo.algorithm.store import PairRecord, PreferencePair, RolloutStore
-from optune_nemo.types import Prompt, Sample
+from optune_nemo.interfaces import Prompt, Sample
 
 REQUIRED_COLUMNS = ("prompt_id", "prompt", "response_a", "response_b", "reward_a", "reward_b",
                     "generated_at_iteration")
@@ -36,7 +36,7 @@ def test_new_store_has_no_pairs():
     store = RolloutStore(_prompts(3))
     assert len(store) == 3
     assert store.prompt_ids() == [0, 1, 2]
-    assert not store.is_complete()
+    assert not all(store.pair(i).has_pair for i in store.prompt_ids())
     assert store.ranking_scores() == {}
     assert store.preference_pairs() == ([], 0)
     rec = store.pair(1)
@@ -55,10 +55,10 @@ def test_set_pair_and_ranking_scores():
     assert isinstance(rec.reward_a, float)
     assert rec.ranking_score == 0.75
     assert store.ranking_scores() == {1: 0.75}
-    assert not store.is_complete()
+    assert not all(store.pair(i).has_pair for i in store.prompt_ids())
     store.set_pair(0, sa, sb, -1, -3, iteration=0)  # ints become floats
     store.set_pair(2, sa, sb, 0.1, 0.1, iteration=0)
-    assert store.is_complete()
+    assert all(store.pair(i).has_pair for i in store.prompt_ids())
     assert store.ranking_scores() == {0: -1.0, 1: 0.75, 2: 0.1}
     assert isinstance(store.pair(0).reward_a, float)
     # replacing a pair overwrites it (regeneration)
@@ -119,7 +119,7 @@ def test_ties_excluded_from_loss_kept_in_ranking():
     pairs, ties = store.preference_pairs(min_reward_gap=1.0)
     assert ties == 4 and pairs == []
     # ties stay in the store
-    assert store.is_complete() and len(store) == 4
+    assert all(store.pair(i).has_pair for i in store.prompt_ids()) and len(store) == 4
     assert store.ranking_scores() == {0: 0.5, 1: 1.0, 2: 0.30, 3: -0.2}
 
 
@@ -264,7 +264,7 @@ def test_equality():
 
 def test_partial_store_round_trip_equal(tmp_path):
     from optune_nemo.algorithm.store import RolloutStore
-    from optune_nemo.types import Prompt, Sample
+    from optune_nemo.interfaces import Prompt, Sample
 
     store = RolloutStore([Prompt(0, "a", (1, 2)), Prompt(1, "b", (3,))])
     store.set_pair(0, Sample([4], "x", "stop"), Sample([5], "y", "length"), 0.0, 1.0, 0)

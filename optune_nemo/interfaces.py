@@ -1,4 +1,6 @@
-"""Data exchanged between the algorithm and its components (policy, generation, reward, data).
+"""The seams of the system: data exchanged between the algorithm and its components, and the protocols
+the components implement (policy, generation engine, reward). Losses have their own protocol in
+`optune_nemo.losses`.
 
 Token sequences are plain `list[int]`, unpadded: padding is the business of whoever batches them
 (the policy and the engines), so no padding convention leaks across an interface.
@@ -6,9 +8,13 @@ Token sequences are plain `list[int]`, unpadded: padding is the business of whoe
 
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
-from typing import Protocol
+from pathlib import Path
+from typing import TYPE_CHECKING, Protocol
+
+if TYPE_CHECKING:
+    from optune_nemo.losses import PairLoss
 
 import torch
 
@@ -24,16 +30,23 @@ class Prompt:
     """Task data the reward may use (e.g. the exact answer); JSON-serialisable."""
 
 
-@dataclass
-class SamplingParams:
-    """How to sample. `seed` makes sampling reproducible and independent of batch composition:
-    the sample `j` of the request with key `k` uses a generator seeded from (seed, k, j)."""
+SAMPLES_PER_PROMPT = 2
+"""Responses sampled per regenerated prompt: a pair (SPEC.md; the paper's Algorithm 1)."""
 
-    n: int = 2
+
+@dataclass(frozen=True)
+class SamplingParams:
+    """How to sample. `n` and `max_new_tokens` have no default (the run's values come from the
+    `generation.*` config); temperature 1, top_p 1 and top_k 0 are the neutral values (the model's
+    own distribution, unfiltered), not defaults of a run. `seed` makes sampling reproducible and
+    independent of batch composition: sample `j` of the request with key `k` uses a generator seeded
+    from (seed, k, j)."""
+
+    n: int
+    max_new_tokens: int
     temperature: float = 1.0
     top_p: float = 1.0
     top_k: int = 0
-    max_new_tokens: int = 32
     stop_token_ids: tuple[int, ...] = ()
     seed: int = 0
 
@@ -94,11 +107,6 @@ class PreferenceBatch:
         return len(self.prompts)
 
 
-PairLossFn = Callable[..., tuple[torch.Tensor, torch.Tensor, torch.Tensor]]
-"""`loss_fn(policy_chosen_logps, policy_rejected_logps, ref_chosen_logps, ref_rejected_logps,
-chosen_rewards, rejected_rewards) -> (per_pair_loss, margin, weight)`, all [B] tensors."""
-
-
 class Policy(Protocol):
     """The trainable policy. Collective: every rank calls every method with the same arguments."""
 
@@ -107,21 +115,53 @@ class Policy(Protocol):
         """[P] float32: sum of log pi(response token | prefix) over response tokens, on every rank."""
         ...
 
-    def train(self, batch: PreferenceBatch, loss_fn: PairLossFn, *, epochs: int,
+    def train(self, batch: PreferenceBatch, loss: PairLoss, *, epochs: int,
               seed: int) -> list[dict[str, float]]:
         """Optimizer steps over `batch` (global batches of train.global_batch_size pairs, the last
-        one possibly smaller). Returns one metrics dict per optimizer step (at least `loss`,
-        `grad_norm`, `lr`, `implicit_reward_accuracy`, `wdpo_weight_mean`)."""
+        one possibly smaller). Returns one dict per optimizer step: `loss`, `grad_norm`, `lr`,
+        `num_pairs` and the mean over the step's pairs of every metric the loss reports."""
+        ...
+
+    def hf_weights(self, dtype: torch.dtype | None = None) -> Iterator[tuple[str, torch.Tensor]]:
+        """The weights under Hugging Face names (`model.layers.0.self_attn.q_proj.weight`, ...), each
+        tensor whole (gathered over tensor-parallel ranks), on the policy's device. Collective: the
+        first tensor-parallel rank of data-parallel rank 0 in every pipeline stage yields its stage's
+        tensors; every other rank takes part in the gathers and yields nothing."""
+        ...
+
+    def export_hf(self, out_dir: str | Path, *, tokenizer) -> Path | None:
+        """The policy as a Hugging Face directory (config, safetensors, tokenizer), written atomically
+        by global rank 0, which returns its path; None elsewhere. Collective."""
         ...
 
     def save_checkpoint(self, directory: str) -> None:
         """Model and optimizer state, sharded, into `directory` (collective)."""
         ...
 
-    def load_checkpoint(self, directory: str) -> None:
-        """Restore what save_checkpoint wrote (collective)."""
+    def load_checkpoint(self, directory: str, *, load_optimizer: bool = True) -> None:
+        """Restore what save_checkpoint wrote (collective); `load_optimizer=False` takes the weights only."""
         ...
 
 
-RewardFn = Callable[..., list[float]]
-"""`fn(prompts: list[str], responses: list[str], metadata: list[dict]) -> list[float]`."""
+RewardFn = Callable[[list[str], list[str], list[dict]], list[float]]
+"""A rule-based reward: `fn(prompts, responses, metadata) -> rewards`, one float per response, where
+`metadata[i]` is prompt i's metadata dict (e.g. the task's exact answer). Keyword arguments given in
+the `reward.function` config node are bound before the call."""
+
+
+class Reward(Protocol):
+    """Scores (prompt, response) pairs. Collective: every rank calls `score` with the same arguments
+    and gets the same list back; implementations shard the work over data-parallel ranks. Any failure
+    on any rank is raised on every rank with the same message."""
+
+    def prepare(self) -> None:
+        """Before a scoring phase: take the devices (load a reward model's weights, open a connection)."""
+        ...
+
+    def score(self, prompts: Sequence[Prompt], responses: Sequence[str]) -> list[float]:
+        """One finite float per (prompt, response), in order."""
+        ...
+
+    def release(self) -> None:
+        """After a scoring phase: give the devices back before the policy trains."""
+        ...

@@ -1,0 +1,48 @@
+"""Screen a dist-checkpoint's `.metadata` before megatron / torch.distributed.checkpoint unpickle it.
+
+torch.distributed.checkpoint stores its metadata as a plain pickle and reads it with `pickle.load`, so a
+model directory received from someone else could run arbitrary code at load. This module unpickles it
+first with an allow-list of the globals such metadata uses (torch.distributed.checkpoint's own classes,
+torch.Size, dtypes, the layout helper) and refuses anything else with a one-line error. The tensors
+themselves (`*.distcp`) are raw storage, and megatron's `common.pt` is read with torch's weights-only
+loader.
+"""
+
+from __future__ import annotations
+
+import pickle
+from pathlib import Path
+
+import torch
+
+_MODULE_PREFIXES = ("torch.distributed.checkpoint.",)
+_GLOBALS = {("torch", "Size"), ("torch.serialization", "_get_layout"), ("collections", "OrderedDict"),
+            ("builtins", "set"), ("builtins", "frozenset"), ("builtins", "slice")}
+
+
+def _allowed(module: str, name: str) -> bool:
+    if module.startswith(_MODULE_PREFIXES) or (module, name) in _GLOBALS:
+        return True
+    return module == "torch" and isinstance(getattr(torch, name, None), torch.dtype)
+
+
+class _Screen(pickle.Unpickler):
+    def find_class(self, module, name):
+        if not _allowed(module, name):
+            raise pickle.UnpicklingError(f"global {module}.{name} is not allowed in checkpoint metadata")
+        return super().find_class(module, name)
+
+
+def check_dist_checkpoint(directory: str | Path) -> None:
+    """Raise CheckpointError when `directory/.metadata` needs anything but checkpoint metadata to unpickle."""
+    from optune_nemo.checkpoint import CheckpointError
+
+    meta = Path(directory) / ".metadata"
+    if not meta.is_file():
+        return    # megatron reports a missing checkpoint itself
+    try:
+        with open(meta, "rb") as f:
+            _Screen(f).load()
+    except Exception as e:
+        raise CheckpointError(f"{meta}: refusing to load this checkpoint ({type(e).__name__}: "
+                              f"{str(e).splitlines()[0] if str(e) else ''})") from None

@@ -1,0 +1,178 @@
+"""A megatron model being trained: DDP-wrapped model chunks with their megatron optimizer, forward /
+backward through megatron's pipeline schedules, optimizer steps under a per-call LR schedule, and
+sharded dist-checkpoints. The policy (`megatron_policy.py`) and the reward model
+(`reward_model.py`) are both `MegatronTrainable`s; each adds its own batches and losses.
+
+Loss scaling: with `calculate_per_token_loss`, a micro-batch's loss function returns the SUM of its
+per-item losses and the count of its real items, and megatron's finalize_model_grads divides the
+summed gradients by the count all-reduced over data-parallel ranks: the gradient is that of the
+MEAN over the real items of the global batch, whatever the micro-batching and the DP size.
+"""
+
+from __future__ import annotations
+
+import os
+
+import torch
+import torch.distributed as tdist
+
+from optune_nemo.config import OptimConfig
+from optune_nemo.distributed import DistEnv
+from optune_nemo.policy.dist_ckpt_helper import install_results_queue
+
+_DIST_OPT_METADATA = {"distrib_optim_sharding_type": "dp_reshardable"}
+
+
+def wrap_for_training(module, *, optim: OptimConfig, use_distributed_optimizer: bool, bf16: bool):
+    """(model chunks, optimizer) for a bare megatron module built with its TransformerConfig: DDP with fp32
+    gradient reduction, the per-token loss scaling above, and megatron's optimizer (bf16: bf16 weights in
+    the model, fp32 main weights in the optimizer)."""
+    from megatron.core.distributed import DistributedDataParallel, DistributedDataParallelConfig
+    from megatron.core.distributed.finalize_model_grads import finalize_model_grads
+    from megatron.core.optimizer import OptimizerConfig, get_megatron_optimizer
+
+    tcfg = module.config
+    tcfg.calculate_per_token_loss = True
+    ddp_cfg = DistributedDataParallelConfig(grad_reduce_in_fp32=True, overlap_grad_reduce=False,
+                                            use_distributed_optimizer=use_distributed_optimizer)
+    chunks = [DistributedDataParallel(config=tcfg, ddp_config=ddp_cfg, module=module)]
+    # without this, data-parallel gradients are never all-reduced
+    tcfg.finalize_model_grads_func = finalize_model_grads
+    o = optim
+    opt_cfg = OptimizerConfig(
+        optimizer=o.optimizer, lr=o.lr, min_lr=o.min_lr, weight_decay=o.weight_decay,
+        adam_beta1=o.adam_beta1, adam_beta2=o.adam_beta2, adam_eps=o.adam_eps, clip_grad=o.clip_grad,
+        use_distributed_optimizer=use_distributed_optimizer, params_dtype=torch.float32, bf16=bf16)
+    return chunks, get_megatron_optimizer(opt_cfg, chunks)
+
+
+class MegatronTrainable:
+    def __init__(self, *, model, optimizer, dist: DistEnv, optim: OptimConfig, use_distributed_optimizer: bool):
+        self.model, self.optimizer, self.dist = model, optimizer, dist
+        self.optim_cfg, self.use_distributed_optimizer = optim, use_distributed_optimizer
+
+    def unwrapped_model(self):
+        """The bare megatron module of this rank (for tests and tools that inspect the weights)."""
+        return self.model[0].module
+
+    def set_train_mode(self, train: bool) -> None:
+        for chunk in self.model:
+            chunk.train(train)
+
+    def forward_backward(self, data: list, *, forward_step, seq_length: int, rows: int, forward_only: bool):
+        """megatron's schedule (1F1B across pipeline stages) over the micro-batches in `data`."""
+        from megatron.core.pipeline_parallel import get_forward_backward_func
+
+        return get_forward_backward_func()(
+            forward_step_func=forward_step, data_iterator=iter(data), model=self.model,
+            num_microbatches=len(data), seq_length=seq_length, micro_batch_size=rows,
+            forward_only=forward_only)
+
+    def scheduler(self, total_steps: int):
+        """An LR schedule over `total_steps` optimizer steps: linear warm-up over warmup_ratio of them, then
+        `lr_decay_style` down to min_lr."""
+        from megatron.core.optimizer_param_scheduler import OptimizerParamScheduler
+
+        o = self.optim_cfg
+        warmup = int(o.warmup_ratio * total_steps)
+        return OptimizerParamScheduler(
+            self.optimizer, init_lr=0.0, max_lr=o.lr, min_lr=o.min_lr, lr_warmup_steps=warmup,
+            lr_decay_steps=max(total_steps, warmup + 1), lr_decay_style=o.lr_decay_style,
+            start_wd=o.weight_decay, end_wd=o.weight_decay, wd_incr_steps=max(total_steps, 1),
+            wd_incr_style="constant")
+
+    def train_step(self, data: list, *, forward_step, seq_length: int, rows: int, scheduler):
+        """One optimizer step over the micro-batches in `data`: (schedule outputs, ok, grad norm, lr)."""
+        self.set_train_mode(True)
+        for chunk in self.model:
+            chunk.zero_grad_buffer()
+        self.optimizer.zero_grad()
+        out = self.forward_backward(data, forward_step=forward_step, seq_length=seq_length, rows=rows,
+                                    forward_only=False)
+        ok, grad_norm, _ = self.optimizer.step()
+        scheduler.step(increment=1)
+        lr = self.optimizer.param_groups[0]["lr"]
+        return out, ok, grad_norm, lr
+
+    def reduce_sums(self, out: list[dict], key: str, size: int) -> torch.Tensor:
+        """Sum the `key` vectors the loss functions returned, over micro-batches, data-parallel ranks and
+        pipeline stages (only the last stage computed them), as float64 on the CPU."""
+        d = self.dist
+        sums = torch.stack([o[key] for o in out]).sum(0) if out else torch.zeros(size)
+        sums = sums.to(d.device, torch.float32)
+        tdist.all_reduce(sums, group=d.dp_group)
+        if d.pp_size > 1:
+            tdist.all_reduce(sums, group=d.pp_group)
+        return sums.cpu().double()
+
+    # ------------------------------------------------------------------ checkpoints
+
+    def _sharded_state_dict(self, *, is_loading: bool, optimizer: bool = True) -> dict:
+        model_sd = self.unwrapped_model().sharded_state_dict()
+        if not optimizer:
+            return {"model": model_sd}
+        meta = _DIST_OPT_METADATA if self.use_distributed_optimizer else None
+        return {"model": model_sd,
+                "optimizer": self.optimizer.sharded_state_dict(model_sd, is_loading=is_loading, metadata=meta)}
+
+    def save_checkpoint(self, directory: str) -> None:
+        """Model and optimizer, sharded (megatron dist_checkpointing), into `directory`. Collective."""
+        from megatron.core import dist_checkpointing
+
+        install_results_queue()
+        os.makedirs(directory, exist_ok=True)
+        tdist.barrier()
+        dist_checkpointing.save(self._sharded_state_dict(is_loading=False), directory)
+
+    def load_checkpoint(self, directory: str, *, load_optimizer: bool = True) -> None:
+        """Restore model and optimizer; `load_optimizer=False` takes the weights only (starting from another
+        run's or an imported model). Collective."""
+        from megatron.core import dist_checkpointing
+
+        from optune_nemo.policy.safe_unpickle import check_dist_checkpoint
+
+        check_dist_checkpoint(directory)
+        if load_optimizer:
+            _prime_adam_state(self.optimizer)
+        with torch.no_grad():
+            state = dist_checkpointing.load(
+                self._sharded_state_dict(is_loading=True, optimizer=load_optimizer), directory)
+            self.unwrapped_model().load_state_dict(state["model"])
+            if load_optimizer:
+                self.optimizer.load_state_dict(state["optimizer"])
+        if load_optimizer:
+            _restore_adam_steps(self.optimizer)
+        else:   # the optimizer's own fp32 main parameters (bf16) must follow the new weights
+            self.optimizer.reload_model_params()
+
+
+def _prime_adam_state(optimizer) -> None:
+    """A fresh torch Adam has no per-parameter state, and megatron's DistributedOptimizer.state_dict
+    (used to build the state dict to load into) asserts one common `step` over it. Give every
+    parameter zero moments and step 0 before a load overwrites them."""
+    for opt in getattr(optimizer, "chained_optimizers", [optimizer]):
+        inner = getattr(opt, "optimizer", None)
+        if not isinstance(inner, torch.optim.Adam):
+            continue
+        for group in inner.param_groups:
+            for p in group["params"]:
+                if not inner.state[p]:
+                    inner.state[p] = {"step": torch.tensor(0.0), "exp_avg": torch.zeros_like(p),
+                                      "exp_avg_sq": torch.zeros_like(p)}
+
+
+def _restore_adam_steps(optimizer) -> None:
+    """Without Apex/TE megatron falls back to torch Adam, whose per-parameter `step` tensors come
+    back from a dist-checkpoint load as one shared, unrestored tensor; the param group keeps the
+    restored step. Give every parameter its own copy of the group's step (exact resume)."""
+    for opt in getattr(optimizer, "chained_optimizers", [optimizer]):
+        inner = getattr(opt, "optimizer", None)
+        if inner is None:
+            continue
+        for group in inner.param_groups:
+            if "step" not in group:
+                continue
+            for p in group["params"]:
+                st = inner.state.get(p)
+                if st and "step" in st:
+                    st["step"] = torch.tensor(float(group["step"]), dtype=torch.float32)
