@@ -197,7 +197,8 @@ class GenerationConfig:
     batch_size: int = 32
     """Prompts per generation batch on one data-parallel rank."""
     tensor_parallel_size: int = 1
-    """trtllm only: the engine's own tensor-parallel size, independent of training's."""
+    """trtllm only: the engine's own tensor-parallel size; with in-memory refit every engine GPU must be visible
+    to the training process (the weights are copied onto each)."""
     offload_during_training: bool = True
     """trtllm only: release the engine's weights and KV cache while the policy trains on the same GPUs."""
     refit: str = "in_memory"

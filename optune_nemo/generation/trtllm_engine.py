@@ -1,35 +1,48 @@
 """TensorRT-LLM generation engine (`generation.engine=trtllm`): the only module that imports
-`tensorrt_llm`. Written against the TensorRT-LLM 1.x LLM API, PyTorch backend.
+`tensorrt_llm`. Written against the TensorRT-LLM 1.2.1 LLM API, PyTorch backend; docs/generation.md
+cites the upstream file and line of every argument, RPC and output field used here.
 
-Lifecycle in an OPTune run (one engine per data-parallel group's first rank; docs/generation.md):
-  1. `TrtllmEngine.build(hf_dir)` starts `tensorrt_llm.LLM(model=hf_dir, backend="pytorch", ...)` from
-     the policy exported at the start of the run (an HF directory: the PyTorch backend loads HF
-     checkpoints directly, no engine build step), with the Ray orchestrator and TensorRT-LLM's RLHF
-     worker extension so weights can be pushed in later.
-  2. Each iteration, before generating, `refit(policy)` pushes the policy's current weights into the
-     running engine IN MEMORY: the megatron weights are converted to Hugging Face names on the GPU
-     (`policy.hf_export.collect_hf_state_dict`), shared as CUDA IPC handles keyed by device UUID, and
-     loaded with the worker extension's `update_weights` (partial loads, then a finalize call that
-     also resets the prefix cache). Nothing is written to disk. If in-memory refit is unavailable (an
-     older TensorRT-LLM without the worker extension), the engine is rebuilt from a fresh HF export
-     (`generation.trtllm.refit: rebuild`), which is correct but costs an engine start per iteration.
-  3. While the policy trains on the same GPUs, `sleep()` releases the engine's weights and KV cache
-     (`generation.offload_during_training`), `wake()` restores them before the next generation.
-Generation tensor parallelism (`generation.trtllm.tensor_parallel_size`) is independent of training's.
+Lifecycle beside a single training rank (`generation/__init__.py` refuses more):
+  1. `TrtllmEngine.build(hf_dir, ...)` starts `tensorrt_llm.LLM(model=hf_dir, dtype="bfloat16", ...)` on the
+     policy's source model (an HF directory, possibly float32: the engine always runs bf16). With
+     `generation.refit: in_memory` it runs on the Ray orchestrator with TensorRT-LLM's RLHF worker extension
+     (`update_weights`) and, when offloading, `enable_sleep=True`.
+  2. Weights follow the policy lazily. A refit is pending from construction (a resumed run loads its
+     checkpoint after the engine starts) and after every `end_generation()` (training follows it).
+     `generate()` (and `begin_generation()`) refit first when one is pending, so every generation, the
+     held-out evaluation after the last iteration included, sees the policy's weights as they are then.
+     Contract: the policy's weights change only between `end_generation()` and the next generation.
+  3. In-memory refit: `policy.hf_weights(bf16)` yields whole HF-named tensors; they are copied, in buckets
+     of `REFIT_BUCKET_BYTES`, onto EVERY engine GPU (one copy per GPU, keyed by that GPU's UUID, as the
+     worker extension looks up its own UUID) and loaded with `update_weights(handles)` (partial loads),
+     then `update_weights(None)` finalises (post-load hooks, prefix-cache reset). Every engine GPU must
+     therefore be visible to the training process; `build` checks it and raises a ConfigError otherwise.
+     `generation.refit: rebuild` instead restarts the engine on a fresh `policy.export_hf` directory (with
+     a policy attached, its first start is already on an export).
+  4. Offload (`generation.offload_during_training`): `end_generation()` releases the engine's weights and
+     KV cache (`sleep`); before the next generation: wake the weights, refit, finalise, wake the KV cache.
+     The KV cache's content is lost while asleep, so waking it always follows a finalise, which resets the
+     prefix (block-reuse) cache. In rebuild mode the engine is shut down instead.
 
-Sampling: TensorRT-LLM draws with its own sampler, so samples are reproducible for a fixed seed and
-batch, but they are NOT identical to the torch engine's per-(key, sample) streams; greedy output is
-(tested against the torch engine, `pytest -m trtllm`).
+Sampling: one TensorRT-LLM request per prompt with seed `mix_seed(params.seed, key)` and the sampler that
+honours per-request seeds in 1.2.1 (`sampler_type="TRTLLMSampler"`). Samples are reproducible for a fixed
+(seed, key) but are not the torch engine's per-(key, sample) streams; greedy output is the same
+(`pytest -m trtllm tests/gpu`).
 """
 
 from __future__ import annotations
 
 import logging
+import os
+import shutil
+import tempfile
 import time
-from collections.abc import Sequence
+from collections.abc import Iterable, Iterator, Sequence
+from pathlib import Path
 
 from optune_nemo.config import ConfigError
-from optune_nemo.types import Sample, SamplingParams
+from optune_nemo.interfaces import Sample, SamplingParams
+from optune_nemo.seeding import mix_seed
 
 try:
     import tensorrt_llm  # noqa: F401
@@ -40,12 +53,19 @@ except ImportError:
 
 log = logging.getLogger(__name__)
 
-INSTALL_HINT = ("generation.engine: trtllm needs TensorRT-LLM 1.x, which is installed in the NGC container "
-                "(see docs/container.md) or with `pip install optune-nemo[gpu]` on a CUDA machine; "
-                "use generation.engine=torch elsewhere")
+INSTALL_HINT = ("generation.engine: trtllm needs TensorRT-LLM 1.2.1, which is installed in the project's NGC "
+                "container (Dockerfile, docs/container.md); use generation.engine=torch elsewhere")
 
-_WORKER_EXTENSION = "tensorrt_llm.llmapi.rlhf_utils.WorkerExtension"
-_SLEEP_TAGS = ["model", "kv_cache"]
+WORKER_EXTENSION = "tensorrt_llm.llmapi.rlhf_utils.WorkerExtension"
+WEIGHT_TAGS = ["model"]
+"""Sleep/wake tag of the model weights (`ExecutorMemoryType.MODEL_ENGINE_MAIN`, restored from pinned host memory)."""
+KV_TAGS = ["kv_cache"]
+"""Sleep/wake tag of the KV cache (`ExecutorMemoryType.KV_CACHE`, content NOT restored)."""
+REFIT_BUCKET_BYTES = 1 << 30
+"""Bytes of weights per `update_weights` call and engine GPU: bounds the extra GPU memory of a refit
+(one bucket on each engine GPU) whatever the model size."""
+FINISH_REASONS = {"stop": "stop", "length": "length"}
+"""TensorRT-LLM `CompletionOutput.finish_reason` -> `Sample.finish_reason`; anything else is an error."""
 
 
 def require_trtllm() -> None:
@@ -53,133 +73,308 @@ def require_trtllm() -> None:
         raise ConfigError(INSTALL_HINT)
 
 
-class TrtllmEngine:
-    """`types.GenerationEngine` backed by a TensorRT-LLM `LLM` (PyTorch backend)."""
+# --------------------------------------------------------------------------- arguments sent to TensorRT-LLM
 
-    def __init__(self, llm, *, tokenizer, tensor_parallel_size: int, refit_mode: str, hf_dir: str,
-                 kv_cache_fraction: float, max_seq_len: int, max_batch_size: int, offload_during_training: bool,
-                 policy=None):
+
+def llm_kwargs(model_dir: str | Path, *, tensor_parallel_size: int, refit_mode: str, kv_cache_fraction: float,
+               max_seq_len: int, max_batch_size: int, offload_during_training: bool) -> dict:
+    """Keyword arguments of `tensorrt_llm.LLM` (1.2.1 `TorchLlmArgs` field names: `BaseLLM.__init__` rejects
+    any other key)."""
+    from tensorrt_llm.llmapi import KvCacheConfig
+
+    kwargs = dict(
+        model=str(model_dir),
+        dtype="bfloat16",            # the source directory may be float32; the engine serves bf16
+        tensor_parallel_size=tensor_parallel_size,
+        max_seq_len=max_seq_len,
+        max_batch_size=max_batch_size,
+        # block reuse shares a prompt's KV blocks between its n samples
+        kv_cache_config=KvCacheConfig(free_gpu_memory_fraction=kv_cache_fraction, enable_block_reuse=True),
+        # the sampler that honours SamplingParams.seed per request in 1.2 (TorchSampler, the "auto" choice,
+        # draws every request from one generator)
+        sampler_type="TRTLLMSampler",
+    )
+    if refit_mode == "in_memory":
+        # _collective_rpc (update_weights, sleep, wakeup) exists only on the Ray executor
+        kwargs.update(orchestrator_type="ray", ray_worker_extension_cls=WORKER_EXTENSION)
+        if offload_during_training:
+            # upstream's 1.2 sleep test runs without CUDA graphs ("CUDA Graph unsupported yet")
+            kwargs.update(enable_sleep=True, cuda_graph_config=None)
+    return kwargs
+
+
+def request_kwargs(params: SamplingParams, key: int, *, pad_id: int) -> dict:
+    """Keyword arguments of the `tensorrt_llm.SamplingParams` of one prompt.
+
+    Token ids in, token ids out: no detokenisation; `end_id=-1` turns off TensorRT-LLM's own end-token
+    stop so that exactly `params.stop_token_ids` end a response (reported as `stop`) and, with
+    `include_stop_str_in_output`, stay in its token ids as in the torch engine. Greedy (temperature 0)
+    asks for ONE sample (`top_k=1`): the LLM API refuses greedy with n > 1, and the n greedy samples are
+    identical anyway (`generate` repeats it). The seed is `mix_seed(params.seed, key)`."""
+    kwargs = dict(max_tokens=params.max_new_tokens, end_id=-1, pad_id=pad_id,
+                  stop_token_ids=list(params.stop_token_ids) or None, include_stop_str_in_output=True,
+                  detokenize=False, seed=mix_seed(params.seed, key))
+    if params.temperature == 0:
+        return {**kwargs, "n": 1, "top_k": 1}
+    return {**kwargs, "n": params.n, "temperature": params.temperature, "top_k": params.top_k,
+            "top_p": params.top_p}
+
+
+def finish_reason(completion) -> str:
+    """`Sample.finish_reason` of a TensorRT-LLM `CompletionOutput`."""
+    reason = completion.finish_reason
+    if reason not in FINISH_REASONS:
+        raise RuntimeError(f"trtllm: a completion finished with reason {reason!r}; only 'stop' (a stop token) "
+                           "and 'length' (max_new_tokens) are expected")
+    return FINISH_REASONS[reason]
+
+
+# --------------------------------------------------------------------------- weights to the engine GPUs
+
+
+def engine_gpu_indices(engine_uuids: Sequence[str], local_uuids: dict[str, int]) -> dict[str, int]:
+    """{engine GPU UUID: this process's CUDA index of that GPU}, one entry per engine GPU."""
+    missing = [u for u in engine_uuids if u not in local_uuids]
+    if missing:
+        visible = os.environ.get("CUDA_VISIBLE_DEVICES", "<unset>")
+        raise ConfigError(
+            f"generation.tensor_parallel_size: engine GPU(s) {missing} are not visible to the training process "
+            f"(CUDA_VISIBLE_DEVICES={visible}); in-memory refit copies the weights onto every engine GPU from "
+            f"this process, so make all {len(engine_uuids)} engine GPUs visible to it or set "
+            "generation.refit=rebuild")
+    return {u: local_uuids[u] for u in dict.fromkeys(engine_uuids)}
+
+
+def buckets(named_tensors: Iterable[tuple[str, object]], max_bytes: int) -> Iterator[list[tuple[str, object]]]:
+    """Consecutive groups of (name, tensor) of at most `max_bytes` each (a larger tensor goes alone)."""
+    bucket, size = [], 0
+    for name, t in named_tensors:
+        nbytes = t.numel() * t.element_size()
+        if bucket and size + nbytes > max_bytes:
+            yield bucket
+            bucket, size = [], 0
+        bucket.append((name, t))
+        size += nbytes
+    if bucket:
+        yield bucket
+
+
+def _local_gpu_uuids() -> dict[str, int]:
+    """{UUID: CUDA index} of the GPUs this process sees, in TensorRT-LLM's UUID format."""
+    import torch
+    from tensorrt_llm._torch.utils import get_device_uuid
+
+    return {get_device_uuid(i): i for i in range(torch.cuda.device_count())}
+
+
+def _to_gpu(tensor, index: int):
+    return tensor.detach().to(f"cuda:{index}").contiguous()
+
+
+def _synchronize(indices: Iterable[int]) -> None:
+    # the copies run asynchronously; the engine's processes read the memory as soon as they get the handles
+    import torch
+
+    for i in indices:
+        torch.cuda.synchronize(i)
+
+
+def _ipc_handle(tensor):
+    from torch.multiprocessing.reductions import reduce_tensor
+
+    return reduce_tensor(tensor)
+
+
+# --------------------------------------------------------------------------- the engine
+
+
+class TrtllmEngine:
+    """`interfaces.GenerationEngine` backed by a TensorRT-LLM `LLM` (PyTorch backend)."""
+
+    def __init__(self, llm, *, tokenizer, policy, tensor_parallel_size: int, refit_mode: str, hf_dir: str,
+                 kv_cache_fraction: float, max_seq_len: int, max_batch_size: int, offload_during_training: bool):
         self.llm, self.tokenizer, self.decode, self.policy = llm, tokenizer, tokenizer.decode, policy
-        self.offload_during_training = offload_during_training
         self.tensor_parallel_size, self.refit_mode, self.hf_dir = tensor_parallel_size, refit_mode, hf_dir
         self.kv_cache_fraction, self.max_seq_len, self.max_batch_size = kv_cache_fraction, max_seq_len, max_batch_size
-        self.asleep = False
+        self.offload_during_training = offload_during_training
+        self.refit_pending = policy is not None
+        """The policy's weights may differ from the engine's (set at construction and by end_generation)."""
+        self.asleep: set[str] = set()
+        """Sleep tags released and not woken yet."""
+        self.engine_gpus: dict[str, int] = {}
+        """in_memory: {engine GPU UUID: CUDA index in this process}."""
+        self._export_dir: Path | None = None
         self.last_stats: dict = {}
 
     @classmethod
-    def build(cls, hf_dir: str, *, tokenizer, policy=None, tensor_parallel_size: int = 1,
-              refit_mode: str = "in_memory", kv_cache_fraction: float = 0.3, max_seq_len: int = 2048,
-              max_batch_size: int = 256, offload_during_training: bool = True) -> TrtllmEngine:
-        """`hf_dir`: the policy as a Hugging Face directory (its source model at the start of a run)."""
+    def build(cls, hf_dir: str, *, tokenizer, policy, tensor_parallel_size: int, refit_mode: str,
+              kv_cache_fraction: float, max_seq_len: int, max_batch_size: int,
+              offload_during_training: bool) -> TrtllmEngine:
+        """Start the engine on `hf_dir` (the policy's source model as a Hugging Face directory)."""
         require_trtllm()
-        return cls(cls._start(hf_dir, tensor_parallel_size, refit_mode, kv_cache_fraction, max_seq_len,
-                              max_batch_size),
-                   tokenizer=tokenizer, policy=policy, tensor_parallel_size=tensor_parallel_size,
-                   refit_mode=refit_mode, hf_dir=str(hf_dir), kv_cache_fraction=kv_cache_fraction,
-                   max_seq_len=max_seq_len, max_batch_size=max_batch_size,
-                   offload_during_training=offload_during_training)
+        engine = cls(None, tokenizer=tokenizer, policy=policy, tensor_parallel_size=tensor_parallel_size,
+                     refit_mode=refit_mode, hf_dir=str(hf_dir), kv_cache_fraction=kv_cache_fraction,
+                     max_seq_len=max_seq_len, max_batch_size=max_batch_size,
+                     offload_during_training=offload_during_training)
+        if refit_mode == "rebuild" and policy is not None:
+            return engine            # the first generation starts it on an export (a resume changes the weights)
+        engine._start(hf_dir)
+        if refit_mode == "in_memory" and policy is not None:
+            try:
+                engine.engine_gpus = engine_gpu_indices(engine.llm._collective_rpc("report_device_id"),
+                                                        _local_gpu_uuids())
+            except BaseException:
+                engine.shutdown()
+                raise
+        return engine
+
+    def _start(self, model_dir) -> None:
+        from tensorrt_llm import LLM
+
+        self.llm = LLM(**llm_kwargs(model_dir, tensor_parallel_size=self.tensor_parallel_size,
+                                    refit_mode=self.refit_mode, kv_cache_fraction=self.kv_cache_fraction,
+                                    max_seq_len=self.max_seq_len, max_batch_size=self.max_batch_size,
+                                    offload_during_training=self.offload_during_training))
+        self.asleep = set()
+
+    def shutdown(self) -> None:
+        """Stop the engine's workers and remove its exports."""
+        if self.llm is not None:
+            self.llm.shutdown()
+            self.llm = None
+        if self._export_dir is not None:
+            shutil.rmtree(self._export_dir, ignore_errors=True)
+            self._export_dir = None
 
     # ------------------------------------------------------------------ the engine hooks of the loop
 
     def begin_generation(self) -> None:
-        """Before an iteration's generation: wake up and take the policy's current weights."""
-        self.wake()
-        if self.policy is not None:
-            log.info("trtllm: weights refitted in %.1f s (%s)", self.refit(self.policy), self.refit_mode)
+        """Before an iteration's generation: weights current and resident (generate() does it too)."""
+        self._ready()
 
     def end_generation(self) -> None:
-        """Before training: give the GPU memory back to the policy."""
-        if self.offload_during_training:
-            self.sleep()
+        """Before training: the policy's weights will change; with offloading, give the GPU memory back."""
+        if self.policy is None:      # nothing trains: the engine keeps serving its model
+            return
+        self.refit_pending = True
+        if not self.offload_during_training:
+            return
+        if self.refit_mode == "rebuild":
+            if self.llm is not None:
+                self.llm.shutdown()
+                self.llm = None
+        else:
+            self._sleep(WEIGHT_TAGS + KV_TAGS)
 
-    @staticmethod
-    def _start(hf_dir, tp, refit_mode, kv_cache_fraction, max_seq_len, max_batch_size):
-        from tensorrt_llm import LLM
-        from tensorrt_llm.llmapi import KvCacheConfig
-
-        kwargs = dict(model=str(hf_dir), backend="pytorch", tensor_parallel_size=tp, max_seq_len=max_seq_len,
-                      max_batch_size=max_batch_size,
-                      # block reuse shares the prompt's KV blocks between the n samples of a prompt
-                      kv_cache_config=KvCacheConfig(free_gpu_memory_fraction=kv_cache_fraction,
-                                                    enable_block_reuse=True))
-        if refit_mode == "in_memory":
-            kwargs.update(orchestrator_type="ray", ray_worker_extension_cls=_WORKER_EXTENSION,
-                          enable_sleep_mode=True)
-        return LLM(**kwargs)
+    def _ready(self) -> None:
+        """The policy's current weights loaded, weights and KV cache resident."""
+        if self.refit_mode == "rebuild":
+            if self.llm is None or self.refit_pending:
+                self._rebuild()
+            return
+        if self.refit_pending:
+            self._wake(WEIGHT_TAGS)              # update_weights writes into the materialised weights
+            self._refit_in_memory()              # ends with the finalise: post-load hooks, prefix-cache reset
+        self._wake(KV_TAGS)
 
     # ------------------------------------------------------------------ weights and memory
 
-    def refit(self, policy) -> float:
-        """Push the policy's current weights into the engine; returns seconds spent."""
-        tic = time.perf_counter()
-        if self.refit_mode == "in_memory":
-            self._refit_in_memory(policy)
-        else:
-            self._rebuild_from_export(policy)
-        return time.perf_counter() - tic
-
-    def _refit_in_memory(self, policy) -> None:
+    def _refit_in_memory(self) -> None:
         import torch
-        from tensorrt_llm._torch.utils import get_device_uuid
-        from torch.multiprocessing.reductions import reduce_tensor
 
-        from optune_nemo.policy.hf_export import collect_hf_state_dict
+        tic, count = time.perf_counter(), 0
+        for bucket in buckets(self.policy.hf_weights(torch.bfloat16), REFIT_BUCKET_BYTES):
+            copies = {uuid: [(name, _to_gpu(t, index)) for name, t in bucket]
+                      for uuid, index in self.engine_gpus.items()}
+            _synchronize(self.engine_gpus.values())
+            handles = {uuid: [(name, _ipc_handle(t)) for name, t in named] for uuid, named in copies.items()}
+            self.llm._collective_rpc("update_weights", args=(handles,))
+            count += len(bucket)
+            del copies, handles
+        if count == 0:
+            raise RuntimeError("trtllm: policy.hf_weights yielded no tensor in the engine's process; in-memory "
+                               "refit runs on the rank that holds the whole tensors (a single training rank)")
+        self.llm._collective_rpc("update_weights", args=(None,))
+        self.refit_pending = False
+        log.info("trtllm: %d tensors refitted in memory onto %d GPU(s) in %.1f s", count, len(self.engine_gpus),
+                 time.perf_counter() - tic)
 
-        state = collect_hf_state_dict(policy.model, policy.cfg.model, vocab_size=policy.vocab_size,
-                                      dist=policy.dist)
-        if state is None:   # only the gathering rank holds the full HF state dict
-            return
-        device = torch.cuda.current_device()
-        tensors = {name: t.to(device=device, dtype=torch.bfloat16).contiguous() for name, t in state.items()}
-        handles = [(name, reduce_tensor(t)) for name, t in tensors.items()]
-        uuid = get_device_uuid(device)
-        self.llm._collective_rpc("update_weights", args=({uuid: handles},))
-        self.llm._collective_rpc("update_weights", args=(None,))   # finalize: post-load hooks, prefix cache reset
-        del tensors
+    def _rebuild(self) -> None:
+        tic = time.perf_counter()
+        if self.llm is not None:
+            self.llm.shutdown()
+            self.llm = None
+        source = self.hf_dir
+        if self.policy is not None:
+            if self._export_dir is None:
+                self._export_dir = Path(tempfile.mkdtemp(prefix="optune_trtllm_"))
+            source = self.policy.export_hf(self._export_dir / "policy", tokenizer=self.tokenizer)
+            if source is None:
+                raise RuntimeError("trtllm: policy.export_hf returned no directory in the engine's process "
+                                   "(generation.refit=rebuild runs beside a single training rank)")
+        self._start(source)
+        self.refit_pending = False
+        log.info("trtllm: engine rebuilt from %s in %.1f s", source, time.perf_counter() - tic)
 
-    def _rebuild_from_export(self, policy) -> None:
-        import tempfile
+    def _sleep(self, tags: list[str]) -> None:
+        todo = [t for t in tags if t not in self.asleep]
+        if todo:
+            self.llm._collective_rpc("sleep", args=(todo,))
+            self.asleep.update(todo)
 
-        from optune_nemo.policy.pretrained import export_policy
+    def _wake(self, tags: list[str]) -> None:
+        todo = [t for t in tags if t in self.asleep]
+        if todo:
+            import torch
 
-        self.llm.shutdown()
-        out = export_policy(policy, self.hf_dir, tempfile.mkdtemp(prefix="optune_trtllm_"), tokenizer=self.tokenizer)
-        self.llm = self._start(out, self.tensor_parallel_size, self.refit_mode, self.kv_cache_fraction,
-                               self.max_seq_len, self.max_batch_size)
-
-    def sleep(self) -> None:
-        """Release weights and KV cache while the policy trains on the same GPUs."""
-        if self.refit_mode == "in_memory" and not self.asleep:
-            self.llm._collective_rpc("sleep", args=(_SLEEP_TAGS,))
-            self.asleep = True
-
-    def wake(self) -> None:
-        if self.asleep:
-            self.llm._collective_rpc("wakeup", args=(_SLEEP_TAGS,))
-            self.asleep = False
+            # the engine's processes re-allocate on the GPU the policy trained on: hand back the memory
+            # the training process's allocator caches but no longer uses
+            torch.cuda.empty_cache()
+            self.llm._collective_rpc("wakeup", args=(todo,))
+            self.asleep.difference_update(todo)
 
     # ------------------------------------------------------------------ generation
 
     def generate(self, prompts: Sequence[Sequence[int]], params: SamplingParams,
                  keys: Sequence[int]) -> list[list[Sample]]:
+        """`interfaces.GenerationEngine.generate`; refits first when the policy's weights may have changed."""
         from tensorrt_llm import SamplingParams as TrtSamplingParams
 
-        self.wake()
-        greedy = params.temperature == 0
-        sp = TrtSamplingParams(
-            max_tokens=params.max_new_tokens, n=params.n, stop_token_ids=list(params.stop_token_ids),
-            temperature=None if greedy else params.temperature, top_k=1 if greedy else (params.top_k or None),
-            top_p=None if greedy else params.top_p, seed=params.seed, include_stop_str_in_output=True)
+        if len(keys) != len(prompts):
+            raise ValueError(f"trtllm: {len(prompts)} prompts but {len(keys)} keys")
+        for p in prompts:
+            if len(p) + params.max_new_tokens > self.max_seq_len:
+                raise ValueError(f"model.seq_length: {len(p)} prompt tokens + generation.max_new_tokens "
+                                 f"{params.max_new_tokens} exceed {self.max_seq_len}")
+        if not prompts:
+            return []
+        self._ready()
+        # a list (not a tuple): the LLM API takes sampling_params[i] for prompt i only from a list
+        requests = [TrtSamplingParams(**request_kwargs(params, key, pad_id=self.tokenizer.pad_token_id))
+                    for key in keys]
         tic = time.perf_counter()
-        outputs = self.llm.generate([list(p) for p in prompts], sp, use_tqdm=False)
+        outputs = self.llm.generate([list(p) for p in prompts], requests, use_tqdm=False)
         elapsed = time.perf_counter() - tic
-        result = [[self._sample(o, params) for o in out.outputs] for out in outputs]
+        result = [self._samples(out, params) for out in outputs]
         tokens = sum(s.num_tokens for group in result for s in group)
         self.last_stats = {"generated_tokens": tokens, "time_s": elapsed,
                            "tokens_per_s": tokens / elapsed if elapsed else 0.0}
         return result
 
+    def _samples(self, output, params: SamplingParams) -> list[Sample]:
+        expected = 1 if params.temperature == 0 else params.n
+        if len(output.outputs) != expected:
+            raise RuntimeError(f"trtllm: a request returned {len(output.outputs)} completions, expected {expected}")
+        samples = [self._sample(c, params) for c in output.outputs]
+        if params.temperature == 0:    # greedy: the n samples are the one greedy response
+            samples = [Sample(list(samples[0].token_ids), samples[0].text, samples[0].finish_reason)
+                       for _ in range(params.n)]
+        return samples
+
     def _sample(self, completion, params: SamplingParams) -> Sample:
-        ids = list(completion.token_ids)
-        stopped = bool(ids) and ids[-1] in params.stop_token_ids
-        return Sample(ids, self.decode(ids), "stop" if stopped else "length")
+        ids = [int(t) for t in completion.token_ids]
+        reason = finish_reason(completion)
+        if reason == "stop" and not (ids and ids[-1] in params.stop_token_ids):
+            raise RuntimeError(f"trtllm: a response reported as stopped does not end with a stop token "
+                               f"({ids[-3:]}); the stop token must stay in the token ids")
+        return Sample(ids, self.decode(ids), reason)

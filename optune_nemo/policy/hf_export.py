@@ -33,7 +33,7 @@ from optune_nemo.policy.hf_import import (
 
 log = logging.getLogger(__name__)
 
-_DROP_KEYS = ("quantization_config", "transformers_version", "_name_or_path", "rope_scaling", "rope_theta",
+_DROP_KEYS = ("quantization_config", "transformers_version", "_name_or_path", "rope_scaling",
               "torch_dtype", "dtype")
 
 
@@ -158,8 +158,11 @@ def hf_config_dict(model_cfg: ModelConfig, *, architecture: str, vocab_size: int
         num_hidden_layers=m.num_layers, num_attention_heads=m.num_attention_heads,
         num_key_value_heads=m.num_query_groups, head_dim=_head_dim(m), rms_norm_eps=m.norm_epsilon,
         hidden_act="silu", tie_word_embeddings=not m.untie_embeddings_and_output_weights,
+        # both spellings: transformers 5 reads rope_parameters / dtype, 4.57 (TensorRT-LLM 1.2's pin, in the
+        # GPU container) reads rope_theta / torch_dtype and would otherwise fall back to base 10000
         rope_parameters={"rope_type": "default", "rope_theta": float(m.rotary_base)},
-        dtype=str(dtype).removeprefix("torch."))
+        rope_theta=float(m.rotary_base),
+        dtype=str(dtype).removeprefix("torch."), torch_dtype=str(dtype).removeprefix("torch."))
     cfg.setdefault("max_position_embeddings", m.seq_length)
     return cfg
 

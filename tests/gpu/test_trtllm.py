@@ -1,11 +1,39 @@
-"""TensorRT-LLM engine on a GPU (opt in: `pytest -m trtllm tests/gpu`, inside the NGC container built
-from the Dockerfile; docs/generation.md). Greedy output equals the torch engine's on SmolLM2, and a
-refit after a training step changes the engine's output exactly as it changes the policy's."""
+"""TensorRT-LLM engine on a GPU (opt in: `pytest -m trtllm tests/gpu`, inside the container built from the
+Dockerfile; docs/generation.md). The reference is the torch engine on the same megatron policy, both bf16,
+built the way every entry point builds them (optune_nemo/build.py):
+
+- greedy output and finish reasons equal the torch engine's, and stop tokens stay in the token ids;
+- sampling is reproducible for a (seed, key), changes with the seed, and a prompt's samples do not depend
+  on the other prompts of its batch;
+- after training steps that change the torch engine's greedy output, the engine follows them (offload
+  sleep, wake, in-memory refit) in a generate() called without begin_generation(), as the held-out
+  evaluation after the last iteration is;
+- sleeping gives GPU memory back;
+- generation.refit=rebuild follows training too, and with two GPUs a TP=2 engine refitted from the single
+  training process does.
+"""
+
+import dataclasses
 
 import pytest
 import torch
 
 pytestmark = [pytest.mark.trtllm, pytest.mark.gpu]
+
+QUESTIONS = ("What is 17 + 25?", "Name a primary color.", "Compute 12 times 7.")
+
+
+def _config(cache_dir):
+    from optune_nemo.build import resolve
+    from optune_nemo.config import load_config, validate
+
+    cfg = resolve(load_config([
+        "policy.hf_path=smollm2", f"policy.cache_dir={cache_dir}", "model.seq_length=256", "generation.engine=trtllm",
+        "precision=bf16", "parallel.use_distributed_optimizer=true",
+        # steps large enough to change greedy output (checked), so a missed refit cannot go unseen
+        "optim.lr=1e-4", "optim.warmup_ratio=0", "train.micro_batch_size=2", "train.global_batch_size=2"]))
+    validate(cfg)
+    return cfg
 
 
 @pytest.fixture(scope="module")
@@ -13,47 +41,129 @@ def setup(tmp_path_factory):
     pytest.importorskip("tensorrt_llm")
     if not torch.cuda.is_available():
         pytest.skip("needs a CUDA GPU")
-    from optune_nemo.config import load_config
-    from optune_nemo.data.hf_tokenizer import HFTokenizer
-    from optune_nemo.distributed import init_distributed
+    from optune_nemo.build import build_engine, build_policy_parts
     from optune_nemo.generation.torch_engine import TorchEngine
-    from optune_nemo.generation.trtllm_engine import TrtllmEngine
-    from optune_nemo.policy.megatron_policy import build_policy
-    from optune_nemo.policy.pretrained import load_pretrained_weights, pretrained_model_config, resolve_hf_dir
 
-    dist = init_distributed(1, 1)
-    hf_dir = resolve_hf_dir("smollm2", tmp_path_factory.mktemp("trt"), rank=0)
-    cfg = load_config(["policy.hf_path=smollm2", "model.seq_length=256", "generation.engine=trtllm"])
-    cfg.model = pretrained_model_config(cfg, hf_dir)
-    tok = HFTokenizer.from_pretrained(hf_dir)
-    policy = build_policy(cfg, vocab_size=tok.vocab_size, pad_token_id=tok.pad_token_id, dist=dist)
-    load_pretrained_weights(policy, hf_dir)
-    torch_engine = TorchEngine(policy.unwrapped_model(), decode=tok.decode, dist=dist, vocab_size=tok.vocab_size,
-                               batch_size=8, max_sequence_length=256)
-    trt = TrtllmEngine.build(str(hf_dir), tokenizer=tok, policy=policy, max_seq_len=256)
-    prompts = [tok.apply_chat_template([{"role": "user", "content": q}])
-               for q in ("What is 17 + 25?", "Name a primary color.", "Compute 12 times 7.")]
-    return policy, torch_engine, trt, prompts, tok
+    cfg = _config(tmp_path_factory.mktemp("trt"))
+    parts = build_policy_parts(cfg, load_weights=True)
+    reference = TorchEngine(parts.policy.inference_model(), decode=parts.tokenizer.decode, dist=parts.dist,
+                            batch_size=8)
+    engine = build_engine(cfg, parts)
+    prompts = [parts.tokenizer.apply_chat_template([{"role": "user", "content": q}]) for q in QUESTIONS]
+    yield cfg, parts, reference, engine, prompts
+    engine.shutdown()
 
 
-def _greedy(engine, prompts, tok):
-    from optune_nemo.types import SamplingParams
+def _params(tok, **kw):
+    from optune_nemo.interfaces import SamplingParams
 
-    params = SamplingParams(n=1, temperature=0, max_new_tokens=16, stop_token_ids=tok.stop_token_ids)
-    return [s[0].token_ids for s in engine.generate(prompts, params, keys=list(range(len(prompts))))]
-
-
-def test_greedy_equals_torch_engine(setup):
-    policy, torch_engine, trt, prompts, tok = setup
-    trt.begin_generation()
-    assert _greedy(trt, prompts, tok) == _greedy(torch_engine, prompts, tok)
+    return SamplingParams(**{"n": 1, "temperature": 0.0, "max_new_tokens": 16,
+                             "stop_token_ids": tuple(tok.stop_token_ids), **kw})
 
 
-def test_refit_follows_the_policy(setup):
-    policy, torch_engine, trt, prompts, tok = setup
-    with torch.no_grad():
-        for p in policy.unwrapped_model().parameters():
-            p.mul_(1.01)
-    trt.end_generation()
-    trt.begin_generation()                 # wake + in-memory refit
-    assert _greedy(trt, prompts, tok) == _greedy(torch_engine, prompts, tok)
+def _tokens(engine, prompts, params, keys=None):
+    keys = list(range(len(prompts))) if keys is None else keys
+    return [[s.token_ids for s in group] for group in engine.generate(prompts, params, keys=keys)]
+
+
+def _train(cfg, parts, reference, prompts):
+    """Optimizer steps through the Policy protocol on pairs the policy sampled (sample 0 preferred)."""
+    from optune_nemo.interfaces import PreferenceBatch
+    from optune_nemo.losses import build_loss
+
+    pairs = reference.generate(prompts, _params(parts.tokenizer, n=2, temperature=1.0, top_p=1.0, seed=7),
+                               keys=list(range(len(prompts))))
+    chosen, rejected = [p[0].token_ids for p in pairs], [p[1].token_ids for p in pairs]
+    ref = parts.policy.sequence_logprobs(prompts + prompts, chosen + rejected)
+    n = len(prompts)
+    batch = PreferenceBatch(prompts=[list(p) for p in prompts], chosen=chosen, rejected=rejected,
+                            ref_chosen_logps=ref[:n].float(), ref_rejected_logps=ref[n:].float(),
+                            chosen_rewards=torch.ones(n), rejected_rewards=torch.zeros(n))
+    parts.policy.train(batch, build_loss(cfg.loss), epochs=1, seed=0)
+
+
+def _train_and_check_it_matters(cfg, parts, reference, prompts):
+    greedy = _params(parts.tokenizer)
+    before = _tokens(reference, prompts, greedy)
+    _train(cfg, parts, reference, prompts)
+    after = _tokens(reference, prompts, greedy)
+    assert after != before, "training did not change the policy's greedy output: the refit checks have no power"
+    return after
+
+
+def test_greedy_and_finish_reasons_equal_the_torch_engine(setup):
+    cfg, parts, reference, engine, prompts = setup
+    tok = parts.tokenizer
+    engine.begin_generation()
+    for max_new in (16, 48):
+        params = _params(tok, max_new_tokens=max_new)
+        ours = engine.generate(prompts, params, keys=[0, 1, 2])
+        theirs = reference.generate(prompts, params, keys=[0, 1, 2])
+        assert [(s[0].token_ids, s[0].finish_reason) for s in ours] == \
+            [(s[0].token_ids, s[0].finish_reason) for s in theirs]
+        for (s,) in ours:
+            assert (s.token_ids[-1] in tok.stop_token_ids) if s.finish_reason == "stop" else \
+                len(s.token_ids) == max_new
+
+
+def test_sampling_is_seeded_per_prompt(setup):
+    cfg, parts, reference, engine, prompts = setup
+    params = _params(parts.tokenizer, n=2, temperature=1.0, top_p=0.9, seed=3)
+    first = _tokens(engine, prompts, params, keys=[10, 11, 12])
+    assert _tokens(engine, prompts, params, keys=[10, 11, 12]) == first
+    assert _tokens(engine, prompts, dataclasses.replace(params, seed=4), keys=[10, 11, 12]) != first
+    assert _tokens(engine, [prompts[1]], params, keys=[11]) == [first[1]]
+    assert _tokens(engine, [prompts[2], prompts[1]], params, keys=[12, 11]) == [first[2], first[1]]
+
+
+def test_sleep_gives_gpu_memory_back(setup):
+    cfg, parts, reference, engine, prompts = setup
+    assert cfg.generation.offload_during_training
+    engine.begin_generation()
+    torch.cuda.synchronize()
+    free_awake = torch.cuda.mem_get_info()[0]
+    engine.end_generation()
+    free_asleep = torch.cuda.mem_get_info()[0]
+    assert free_asleep - free_awake > 1 << 30
+    assert _tokens(engine, prompts, _params(parts.tokenizer)) == _tokens(reference, prompts, _params(parts.tokenizer))
+
+
+def test_the_engine_follows_training_without_begin_generation(setup):
+    cfg, parts, reference, engine, prompts = setup
+    engine.begin_generation()
+    engine.generate(prompts, _params(parts.tokenizer), keys=[0, 1, 2])
+    engine.end_generation()                      # what the loop does before training: sleep, refit pending
+    expected = _train_and_check_it_matters(cfg, parts, reference, prompts)
+    assert _tokens(engine, prompts, _params(parts.tokenizer)) == expected
+
+
+def test_rebuild_mode_follows_training(setup):
+    from optune_nemo.build import build_engine
+
+    cfg, parts, reference, engine, prompts = setup
+    engine.end_generation()                      # give the GPU to the second engine
+    g = dataclasses.replace(cfg.generation, refit="rebuild")
+    rebuilt = build_engine(dataclasses.replace(cfg, generation=g), parts)
+    try:
+        expected = _train_and_check_it_matters(cfg, parts, reference, prompts)
+        rebuilt.end_generation()
+        assert _tokens(rebuilt, prompts, _params(parts.tokenizer)) == expected
+    finally:
+        rebuilt.shutdown()
+
+
+def test_tensor_parallel_2_engine_refitted_from_the_training_process(setup):
+    from optune_nemo.build import build_engine
+
+    cfg, parts, reference, engine, prompts = setup
+    if torch.cuda.device_count() < 2:
+        pytest.skip("needs two GPUs visible to the test process")
+    engine.end_generation()
+    g = dataclasses.replace(cfg.generation, tensor_parallel_size=2)
+    tp2 = build_engine(dataclasses.replace(cfg, generation=g), parts)
+    try:
+        expected = _train_and_check_it_matters(cfg, parts, reference, prompts)
+        tp2.end_generation()
+        assert _tokens(tp2, prompts, _params(parts.tokenizer)) == expected
+    finally:
+        tp2.shutdown()
