@@ -135,11 +135,16 @@ def resume(cfg: OptuneNemoConfig, checkpoints) -> Path | None:
 
 
 def heldout_prompts(cfg: OptuneNemoConfig, tokenizer):
+    """eval.num_prompts held-out prompts: the first rows of eval.path, or the built-in task's held-out split."""
     from optune_nemo.data import load_prompts
 
     if not cfg.eval.num_prompts:
         return []
-    return load_prompts(dataclasses.replace(cfg.data, num_prompts=cfg.eval.num_prompts), tokenizer, split="heldout")
+    data = dataclasses.replace(cfg.data, num_prompts=cfg.eval.num_prompts, path=cfg.eval.path)
+    try:
+        return load_prompts(data, tokenizer, split="heldout")
+    except ConfigError as e:
+        raise ConfigError(str(e).replace("data.path", "eval.path", 1) if cfg.eval.path else str(e)) from None
 
 
 def run_eval(loop, key: str) -> None:

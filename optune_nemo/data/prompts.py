@@ -39,9 +39,13 @@ def _read_rows(path: Path) -> list[dict]:
             rows.append(row)
         return rows
     if path.suffix == ".parquet":
+        import pyarrow as pa
         import pyarrow.parquet as pq
 
-        return pq.read_table(path).to_pylist()
+        try:
+            return pq.read_table(path).to_pylist()
+        except (pa.ArrowException, OSError) as e:
+            raise ConfigError(f"data.path: {path} is not a readable Parquet file ({str(e).splitlines()[0]})") from None
     raise ConfigError(f"data.path: must end in .jsonl or .parquet (got {path})")
 
 
