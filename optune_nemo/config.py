@@ -175,7 +175,8 @@ class TrainConfig:
     global_batch_size: int = 16
     """Pairs per optimizer step, over all data-parallel ranks (gradient accumulation fills it)."""
     epochs_per_iteration: int = 1
-    """Passes over the iteration's training set D_t."""
+    """Passes over the iteration's training set D_t; 0 trains nothing (a control run: sampling and selection
+    without policy updates, to separate regression to the mean from learning)."""
     shuffle: bool = True
     """Shuffle pair order each epoch (seeded by seed, iteration and epoch)."""
 
@@ -312,6 +313,12 @@ class OptuneNemoConfig:
     """Every output of the run goes under this directory."""
     seed: int = 1234
     """Seeds initialisation, sampling, selection and shuffling."""
+    init_from: str | None = None
+    """Start from another run's checkpoint directory (its exp_dir/checkpoints/iter_NNNNNN): all of its state
+    (model, optimizer, rollout store, RNG, metrics and evaluation records) is restored into this exp_dir and
+    the run continues with its own settings (rho, selection, loss, iterations); exp_dir/fork.json records
+    the source. Every run of a sweep forked from one iteration-0 checkpoint shares that iteration (the
+    paper's protocol). Ignored once exp_dir holds a checkpoint of its own (then resume applies)."""
     resume: str = "auto"
     """`auto` continues from the latest complete checkpoint in exp_dir, `never` refuses to start
     over an existing one, or a path to a checkpoint directory."""
@@ -423,6 +430,9 @@ def validate(cfg: OptuneNemoConfig, world_size: int = 1) -> None:
         raise ConfigError(f"resume: must be auto, never or an existing checkpoint directory (got {cfg.resume!r})")
     if not cfg.exp_dir:
         raise ConfigError("exp_dir: must be a non-empty path")
+    if cfg.init_from is not None and not (Path(cfg.init_from).expanduser() / "manifest.json").is_file():
+        raise ConfigError(f"init_from: must be a checkpoint directory (exp_dir/checkpoints/iter_NNNNNN, with its "
+                          f"manifest.json) (got {cfg.init_from!r})")
 
     for key in ("num_layers", "hidden_size", "ffn_hidden_size", "num_attention_heads",
                 "num_query_groups", "seq_length", "rotary_base", "make_vocab_size_divisible_by"):
@@ -458,7 +468,8 @@ def validate(cfg: OptuneNemoConfig, world_size: int = 1) -> None:
         raise ConfigError(f"optim.clip_grad: must be >= 0 (got {cfg.optim.clip_grad})")
 
     _positive("train.micro_batch_size", t.micro_batch_size)
-    _positive("train.epochs_per_iteration", t.epochs_per_iteration)
+    if t.epochs_per_iteration < 0:
+        raise ConfigError(f"train.epochs_per_iteration: must be >= 0 (got {t.epochs_per_iteration})")
     if t.global_batch_size % (t.micro_batch_size * dp):
         raise ConfigError(
             f"train.global_batch_size: must be a multiple of train.micro_batch_size * data-parallel "
@@ -498,7 +509,9 @@ def validate(cfg: OptuneNemoConfig, world_size: int = 1) -> None:
     _positive("data.num_prompts", cfg.data.num_prompts)
     _positive("data.max_prompt_length", cfg.data.max_prompt_length)
     _choice("data.overlong_prompts", cfg.data.overlong_prompts, ("truncate", "reject"))
-    _choice("data.task", cfg.data.task, ("arithmetic",))
+    from optune_nemo.data.tasks import TASKS
+
+    _choice("data.task", cfg.data.task, TASKS)
     if cfg.data.path is not None and Path(cfg.data.path).suffix not in (".jsonl", ".parquet"):
         raise ConfigError(f"data.path: must end in .jsonl or .parquet (got {cfg.data.path!r})")
     if cfg.data.max_prompt_length + g.max_new_tokens > m.seq_length:

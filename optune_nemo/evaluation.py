@@ -1,5 +1,18 @@
-"""Held-out evaluation of the built-in arithmetic task: greedy answers, exact-match accuracy and
-mean reward, before the first and after the last iteration (exp_dir/eval.json, a plot)."""
+"""Held-out evaluation after every `eval.every` iterations, and of the starting policy once.
+
+Each evaluation answers the held-out prompts greedily and reports
+  - `reward_mean`: the mean reward of the answers under the task's gold reward for built-in tasks (the
+    arithmetic task's rule; a run trained on a learned proxy RM is judged by the gold rule), else under
+    the run's own reward;
+  - `accuracy`: the exact-answer rate, where the task defines it;
+  - `response_tokens_mean`: the mean answer length;
+  - the paper's win score (eq. 7) of these answers against the baseline answers (by default the starting
+    policy's, generated once and kept), judged by `eval.judge` (optune_nemo/judge.py).
+Results go into the iteration's metrics record (`eval_*` keys, hence TensorBoard) and into
+`exp_dir/eval.json` ({"baseline": {...}, "iterations": {"t": {...}}}). The evaluator is a checkpoint part:
+the baseline answers and every result so far are saved with each checkpoint, so a resumed or forked run
+(`init_from`) compares against the same baseline.
+"""
 
 from __future__ import annotations
 
@@ -7,49 +20,160 @@ import json
 import logging
 from pathlib import Path
 
+from optune_nemo.distributed import broadcast_object, global_rank
 from optune_nemo.fileio import write_json_atomic
-from optune_nemo.interfaces import SamplingParams
-from optune_nemo.reward.rules import is_exact
+from optune_nemo.interfaces import Prompt, SamplingParams
 
 log = logging.getLogger(__name__)
 
 EVAL_FILE = "eval.json"
+EXAMPLES = 5
+"""Answers kept in eval.json per evaluation (all answers are kept for the baseline)."""
 
 
-def evaluate(engine, reward, prompts, *, max_new_tokens: int, stop_token_ids) -> dict:
-    """Greedy answers to `prompts` (each with metadata["answer"]): accuracy and mean reward."""
-    params = SamplingParams(n=1, temperature=0.0, max_new_tokens=max_new_tokens,
-                            stop_token_ids=tuple(stop_token_ids), seed=0)
+def gold_reward(cfg, dist):
+    """The reward evaluations are scored with: the built-in task's own rule (its gold reward) when the prompts
+    come from it, else the run's reward."""
+    from optune_nemo.reward import build_reward
+
+    if cfg.data.path is None and cfg.eval.path is None:
+        from optune_nemo.config import RewardConfig
+        from optune_nemo.data.tasks import get_task
+
+        return build_reward(RewardConfig(function={"_target_": get_task(cfg.data.task).gold_reward}), dist=dist)
+    return build_reward(cfg.reward, dist=dist)
+
+
+def answer(engine, prompts: list[Prompt], *, max_new_tokens: int, stop_token_ids) -> list:
+    """Greedy answers (one Sample per prompt)."""
+    params = SamplingParams(n=1, temperature=0.0, max_new_tokens=max_new_tokens, stop_token_ids=tuple(stop_token_ids))
     engine.begin_generation()
     try:
-        samples = [s[0] for s in engine.generate([list(p.token_ids) for p in prompts], params,
-                                                 keys=[p.prompt_id for p in prompts])]
+        return [s[0] for s in engine.generate([list(p.token_ids) for p in prompts], params,
+                                              keys=[p.prompt_id for p in prompts])]
     finally:
         engine.end_generation()
+
+
+def score(reward, prompts: list[Prompt], texts: list[str]) -> list[float]:
     reward.prepare()
     try:
-        rewards = reward.score(list(prompts), [s.text for s in samples])
+        return reward.score(prompts, texts)
     finally:
         reward.release()
-    exact = [is_exact(s.text, p.metadata["answer"]) for s, p in zip(samples, prompts)]
-    return {"num_prompts": len(prompts), "accuracy": sum(exact) / len(prompts),
-            "reward_mean": sum(rewards) / len(rewards),
-            "examples": [{"prompt": p.text, "answer": p.metadata["answer"], "response": s.text}
-                         for p, s in list(zip(prompts, samples))[:5]]}
+
+
+class Evaluator:
+    """Called after iteration t (`OPTune.after_iteration`); a checkpoint part."""
+
+    def __init__(self, cfg, *, engine, reward, judge, prompts: list[Prompt], stop_token_ids, task=None):
+        self.cfg, self.engine, self.reward, self.judge = cfg, engine, reward, judge
+        self.prompts, self.stop_token_ids, self.task = prompts, tuple(stop_token_ids), task
+        self.path = Path(cfg.exp_dir) / EVAL_FILE
+        self.state: dict = {"baseline": None, "iterations": {}}
+
+    # ------------------------------------------------------------------ one evaluation
+
+    def _evaluate(self) -> tuple[dict, list[str], list[float]]:
+        samples = answer(self.engine, self.prompts, max_new_tokens=self.cfg.eval.max_new_tokens,
+                         stop_token_ids=self.stop_token_ids)
+        texts = [s.text for s in samples]
+        rewards = score(self.reward, self.prompts, texts)
+        n = len(self.prompts)
+        result = {"num_prompts": n, "reward_mean": sum(rewards) / n,
+                  "response_tokens_mean": sum(s.num_tokens for s in samples) / n}
+        if self.task is not None:
+            result["accuracy"] = sum(self.task.is_correct(t, p.metadata) for t, p in zip(texts, self.prompts)) / n
+        return result, texts, rewards
+
+    def ensure_baseline(self) -> dict:
+        """The baseline's answers and scores: the starting policy's (generated now, once per run family), or
+        the answers of eval.baseline's file (scored now)."""
+        if self.state["baseline"] is None:
+            if self.cfg.eval.baseline == "start":
+                result, texts, rewards = self._evaluate()
+            else:
+                texts = _read_answers(self.cfg.eval.baseline, self.prompts)
+                rewards = score(self.reward, self.prompts, texts)
+                result = {"num_prompts": len(texts), "reward_mean": sum(rewards) / len(texts)}
+            self.state["baseline"] = {**result, "source": self.cfg.eval.baseline, "answers": texts,
+                                      "rewards": rewards}
+            self._write()
+            log.info("held-out baseline (%s): mean reward %.4f%s", self.cfg.eval.baseline, result["reward_mean"],
+                     f", accuracy {result['accuracy']:.3f}" if "accuracy" in result else "")
+        return self.state["baseline"]
+
+    def due(self, t: int) -> bool:
+        last = self.cfg.optune.iterations - 1
+        return t == last or (t + 1) % self.cfg.eval.every == 0
+
+    def __call__(self, t: int) -> dict:
+        """Evaluate after iteration t when due: the `eval_*` keys for the metrics record."""
+        if not self.due(t):
+            return {}
+        base = self.ensure_baseline()
+        result, texts, rewards = self._evaluate()
+        verdict = None
+        if global_rank() == 0:   # one judge (an LLM judge sends its requests once), shared with every rank
+            verdict = self.judge.compare([p.text for p in self.prompts], texts, base["answers"],
+                                         candidate_rewards=rewards, baseline_rewards=base["rewards"]).summary()
+        verdict = broadcast_object(verdict)
+        result.update({k: verdict[k] for k in ("win_score", "wins", "losses", "ties", "invalid")})
+        self.state["iterations"][str(t)] = {**result, "examples": [
+            {"prompt": p.text, "response": x} for p, x in list(zip(self.prompts, texts))[:EXAMPLES]]}
+        self._write()
+        log.info("held-out after iteration %d: mean reward %.4f (baseline %.4f)%s, win score %.1f (%d wins, "
+                 "%d losses, %d ties)", t, result["reward_mean"], base["reward_mean"],
+                 f", accuracy {result['accuracy']:.3f}" if "accuracy" in result else "", result["win_score"],
+                 result["wins"], result["losses"], result["ties"])
+        return {f"eval_{k}": v for k, v in result.items() if k != "num_prompts"}
+
+    # ------------------------------------------------------------------ files and checkpoint part
+
+    def _write(self) -> None:
+        if global_rank() == 0:
+            self.path.parent.mkdir(parents=True, exist_ok=True)
+            write_json_atomic(self.path, self.state)
+
+    def save(self, directory: Path) -> None:
+        if global_rank() == 0:
+            write_json_atomic(Path(directory) / EVAL_FILE, self.state)
+
+    def load(self, directory: Path) -> None:
+        """The checkpoint's baseline and results (those of later iterations, from a run that did not reach
+        its checkpoint, are dropped); exp_dir/eval.json is rewritten to match."""
+        path = Path(directory) / EVAL_FILE
+        if path.is_file():
+            self.state = json.loads(path.read_text())
+            self._write()
+
+
+def _read_answers(path: str, prompts: list[Prompt]) -> list[str]:
+    from optune_nemo.config import ConfigError
+
+    by_id = {}
+    for n, line in enumerate(Path(path).expanduser().read_text().splitlines(), 1):
+        if line.strip():
+            try:
+                row = json.loads(line)
+                by_id[int(row["prompt_id"])] = str(row["response"])
+            except (ValueError, KeyError, TypeError):
+                raise ConfigError(f"eval.baseline: {path} line {n} must be {{\"prompt_id\": int, "
+                                  f"\"response\": str}}") from None
+    missing = [p.prompt_id for p in prompts if p.prompt_id not in by_id]
+    if missing:
+        raise ConfigError(f"eval.baseline: {path} has no answer for held-out prompt ids {missing[:5]}")
+    return [by_id[p.prompt_id] for p in prompts]
 
 
 def read_eval(exp_dir: Path) -> dict:
-    path = exp_dir / EVAL_FILE
+    path = Path(exp_dir) / EVAL_FILE
     return json.loads(path.read_text()) if path.is_file() else {}
 
 
-def write_eval(exp_dir: Path, key: str, result: dict) -> None:
-    write_json_atomic(exp_dir / EVAL_FILE, {**read_eval(exp_dir), key: result})
-
-
 def plot_rewards(exp_dir: Path, records: list[dict], evals: dict) -> Path:
-    """reward_per_iteration.png: chosen / rejected reward of the store per iteration, and the
-    held-out mean reward before and after."""
+    """reward_per_iteration.png: the store's chosen / rejected reward per iteration, and the held-out gold
+    reward of the baseline and after every evaluated iteration."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -59,15 +183,17 @@ def plot_rewards(exp_dir: Path, records: list[dict], evals: dict) -> Path:
     its = [r["iteration"] for r in records]
     ax.plot(its, [r["reward_chosen_mean"] for r in records], "o-", label="store: chosen reward")
     ax.plot(its, [r["reward_rejected_mean"] for r in records], "s-", label="store: rejected reward")
-    if "before" in evals and "after" in evals:
-        ax.plot([its[0] - 0.5, its[-1] + 0.5], [evals["before"]["reward_mean"], evals["after"]["reward_mean"]],
-                "k--", label="held-out greedy reward (before -> after)")
+    evaluated = sorted((int(t), v["reward_mean"]) for t, v in evals.get("iterations", {}).items())
+    if evals.get("baseline") and evaluated:
+        xs = [its[0] - 1] + [t for t, _ in evaluated]
+        ys = [evals["baseline"]["reward_mean"]] + [v for _, v in evaluated]
+        ax.plot(xs, ys, "k^--", label="held-out greedy reward (start, then per iteration)")
     ax.set_xlabel("iteration")
     ax.set_ylabel("reward")
     ax.legend(fontsize=8)
     ax.grid(alpha=0.3)
     fig.tight_layout()
-    path = exp_dir / "reward_per_iteration.png"
+    path = Path(exp_dir) / "reward_per_iteration.png"
     fig.savefig(path, dpi=100)
     plt.close(fig)
     return path

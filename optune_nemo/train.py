@@ -55,6 +55,10 @@ def check_inputs(cfg: OptuneNemoConfig, *, world_size: int) -> OptuneNemoConfig:
     cfg = resolve(cfg)
     validate(cfg, world_size=world_size)
     check_engine_available(cfg.generation, world_size=world_size)
+    if cfg.eval.num_prompts and cfg.eval.judge == "llm":
+        from optune_nemo.judge import build_judge
+
+        build_judge(cfg.eval).check()     # a refused key or model surfaces now, not after iteration 0
     return cfg
 
 
@@ -94,12 +98,24 @@ def build_loop(cfg: OptuneNemoConfig):
     checkpoints.register("trainer", loop)
     checkpoints.register("rng", RngStates())
     checkpoints.register("metrics", metrics)
+    evaluator = None
+    if heldout:
+        from optune_nemo.data.tasks import get_task
+        from optune_nemo.evaluation import Evaluator, gold_reward
+        from optune_nemo.judge import build_judge
+
+        builtin = cfg.data.path is None and cfg.eval.path is None
+        evaluator = Evaluator(cfg, engine=engine, reward=gold_reward(cfg, parts.dist), judge=build_judge(cfg.eval),
+                              prompts=heldout, stop_token_ids=tokenizer.stop_token_ids,
+                              task=get_task(cfg.data.task) if builtin else None)
+        checkpoints.register("eval", evaluator)
+        loop.after_iteration.append(evaluator)
     resumed = resume(cfg, checkpoints)
     if not resumed:
         metrics.start_fresh()
         if hf_dir is not None:
             parts.policy.load_hf_weights(hf_dir)
-    loop.tokenizer, loop.hf_dir, loop.heldout = tokenizer, hf_dir, heldout
+    loop.tokenizer, loop.hf_dir, loop.evaluator = tokenizer, hf_dir, evaluator
     if hf_dir is not None and cfg.policy.export_hf_every_iteration:
         loop.after_iteration.append(
             lambda t: parts.policy.export_hf(exp_dir / "hf" / f"iter_{t:06d}", tokenizer=tokenizer) and None)
@@ -120,18 +136,36 @@ class ModelState:
 
 
 def resume(cfg: OptuneNemoConfig, checkpoints) -> Path | None:
-    """Restore the newest complete checkpoint (per `resume`); returns it, or None to start fresh."""
+    """Restore the newest complete checkpoint (per `resume`), else the `init_from` checkpoint of another run
+    (recorded in exp_dir/fork.json); returns the checkpoint restored, or None to start fresh."""
     if cfg.resume == "never":
         if checkpoints.complete_checkpoints():
             raise ConfigError(f"resume: never, but {checkpoints.root} already holds checkpoints; "
                               "use resume=auto or another exp_dir")
+        directory = None
+    else:
+        directory = Path(cfg.resume) if cfg.resume != "auto" else checkpoints.latest_valid()
+    if directory is not None:
+        log.info("resuming from %s", directory)
+        checkpoints.restore(directory)
+        return directory
+    if cfg.init_from is None:
         return None
-    directory = Path(cfg.resume) if cfg.resume != "auto" else checkpoints.latest_valid()
-    if directory is None:
-        return None
-    log.info("resuming from %s", directory)
-    checkpoints.restore(directory)
-    return directory
+    source = Path(cfg.init_from).expanduser().resolve()
+    from optune_nemo.checkpoint import verify_manifest
+
+    problem = verify_manifest(source)
+    if problem is not None:
+        raise ConfigError(f"init_from: {source} is not a usable checkpoint ({problem})")
+    log.info("starting from %s (init_from)", source)
+    checkpoints.restore(source)
+    if rank_from_env() == 0:
+        from optune_nemo.algorithm.optune import read_trainer_state
+        from optune_nemo.fileio import write_json_atomic
+
+        write_json_atomic(Path(cfg.exp_dir) / "fork.json",
+                          {"init_from": str(source), "iteration": read_trainer_state(source)[0] - 1})
+    return source
 
 
 def heldout_prompts(cfg: OptuneNemoConfig, tokenizer):
@@ -147,29 +181,16 @@ def heldout_prompts(cfg: OptuneNemoConfig, tokenizer):
         raise ConfigError(str(e).replace("data.path", "eval.path", 1) if cfg.eval.path else str(e)) from None
 
 
-def run_eval(loop, key: str) -> None:
-    from optune_nemo.evaluation import evaluate, write_eval
-
-    result = evaluate(loop.engine, loop.reward, loop.heldout, max_new_tokens=loop.cfg.eval.max_new_tokens,
-                      stop_token_ids=loop.tokenizer.stop_token_ids)
-    if loop.policy.dist.rank == 0:
-        write_eval(Path(loop.cfg.exp_dir), key, result)
-    log.info("held-out %s: accuracy %.3f, mean reward %.4f (%d prompts)", key, result["accuracy"],
-             result["reward_mean"], result["num_prompts"])
-
-
 def run_training(cfg: OptuneNemoConfig) -> str:
     """Everything after validation. Returns `completed` or `preempted`."""
     loop = build_loop(cfg)
     exp_dir, rank = Path(cfg.exp_dir), loop.policy.dist.rank
-    if loop.heldout and loop.next_iteration == 0:
-        run_eval(loop, "before")
+    if loop.evaluator is not None:
+        loop.evaluator.ensure_baseline()        # the starting policy's answers, once
     outcome = loop.fit()
     loop.metrics.close()
     if outcome != "completed":
         return outcome
-    if loop.heldout:
-        run_eval(loop, "after")
     if loop.hf_dir is not None and cfg.policy.export_hf_final:
         loop.policy.export_hf(exp_dir / "hf" / "final", tokenizer=loop.tokenizer)
     if rank == 0:
@@ -193,10 +214,12 @@ def summarize(exp_dir: Path) -> None:
              sum(r["regenerated"] for r in records), records[0]["reward_chosen_mean"],
              records[-1]["reward_chosen_mean"], gen, total, 100 * gen / max(total, 1e-9))
     evals = read_eval(exp_dir)
-    if "before" in evals and "after" in evals:
-        b, a = evals["before"], evals["after"]
-        log.info("held-out (%d prompts): accuracy %.3f -> %.3f, mean reward %.4f -> %.4f",
-                 a["num_prompts"], b["accuracy"], a["accuracy"], b["reward_mean"], a["reward_mean"])
+    if evals.get("baseline") and evals.get("iterations"):
+        b = evals["baseline"]
+        a = evals["iterations"][max(evals["iterations"], key=int)]
+        log.info("held-out (%d prompts): mean reward %.4f -> %.4f%s, win score %.1f", a["num_prompts"],
+                 b["reward_mean"], a["reward_mean"],
+                 f", accuracy {b['accuracy']:.3f} -> {a['accuracy']:.3f}" if "accuracy" in a else "", a["win_score"])
     log.info("plot: %s", plot_rewards(exp_dir, records, evals))
 
 

@@ -1,22 +1,14 @@
 #!/usr/bin/env bash
-# A rho sweep as a job array: one OPTune run per array task, each in its own exp_dir, each with the
-# pre-emption handling of slurm/optune.sh.
-#   sbatch slurm/rho_sweep.sh [extra overrides...]
-#SBATCH --job-name=optune-rho
-#SBATCH --array=0-3
-#SBATCH --nodes=1
-#SBATCH --ntasks-per-node=1
-#SBATCH --cpus-per-task=2
-#SBATCH --time=04:00:00
-#SBATCH --requeue
-#SBATCH --signal=B:USR1@120
-#SBATCH --open-mode=append
-#SBATCH --output=slurm-%x-%A_%a.out
-set -uo pipefail
-RHOS=(0.3 0.5 0.7 1.0)
-rho=${RHOS[$SLURM_ARRAY_TASK_ID]}
-selection=lowest_reward
-[ "$rho" = "1.0" ] && selection=all
-REPO=${OPTUNE_REPO:-${SLURM_SUBMIT_DIR:-$PWD}}
-exec bash "$REPO/slurm/optune.sh" "optune.rho=$rho" "optune.selection=$selection" \
-  "exp_dir=${OPTUNE_SWEEP_DIR:-runs/rho_sweep}/rho_$rho" "$@"
+# The paper's rho sweep on Slurm (0.3, 0.5, 0.7 with lowest_reward; 1.0 as selection=all), sharing iteration 0
+# per seed: a thin wrapper that submits the two job arrays of `python -m optune_nemo.sweep --slurm` (bases, then
+# forks with --dependency=afterok). Run it with bash, not sbatch:
+#   bash slurm/rho_sweep.sh --seeds 1 2 3 --iterations 4 -- data.num_prompts=256
+# Every sweep option may be given and wins over the ones here (e.g. --rho 0.5 1, --dry-run, --control,
+# --sbatch-args '--gpus-per-node=8'); docs/evaluation.md.
+# Environment: OPTUNE_PYTHON (interpreter, default python), OPTUNE_SWEEP_DIR (root, default runs/rho_sweep);
+# the array tasks also read OPTUNE_REPO and OPTUNE_CONTAINER_* (slurm/optune.sh).
+set -euo pipefail
+PY=${OPTUNE_PYTHON:-python}
+cd "$(dirname "$0")/.."
+exec "$PY" -m optune_nemo.sweep --slurm --root "${OPTUNE_SWEEP_DIR:-runs/rho_sweep}" --rho 0.3 0.5 0.7 1.0 \
+  --selection lowest_reward "$@"

@@ -124,8 +124,9 @@ class OPTune:
             return None
         log.info("iteration %d: phase=train on %d pairs (%d ties left out)", t, len(batch), n_ties)
         tic = time.perf_counter()
-        steps = self.policy.train(batch, self.loss, epochs=self.cfg.train.epochs_per_iteration,
-                                  seed=mix_seed(self.cfg.seed, "train", t)) if len(batch) else []  # step 5
+        epochs = self.cfg.train.epochs_per_iteration
+        steps = self.policy.train(batch, self.loss, epochs=epochs,
+                                  seed=mix_seed(self.cfg.seed, "train", t)) if len(batch) and epochs else []  # 5
         times.train = time.perf_counter() - tic
         return self.record(t, regenerate, batch, n_ties, steps, times, time.perf_counter() - start)
 

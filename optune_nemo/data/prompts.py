@@ -97,9 +97,9 @@ def prompts_from_rows(rows: list[dict], tokenizer, *, max_length: int, overlong:
 def load_prompts(cfg: DataConfig, tokenizer, *, split: str = "train", seed: int = 0) -> list[Prompt]:
     """The first `data.num_prompts` prompts of the file, or of the built-in task's `split`."""
     if cfg.path is None:
-        from optune_nemo.data.tasks.arithmetic import arithmetic_problems
+        from optune_nemo.data.tasks import get_task
 
-        rows = arithmetic_problems(cfg.num_prompts, seed=seed, split=split)
+        rows = get_task(cfg.task).problems(cfg.num_prompts, seed=seed, split=split)
         source = f"the built-in {cfg.task} task ({split})"
     else:
         rows = _read_rows(Path(cfg.path))[: cfg.num_prompts]

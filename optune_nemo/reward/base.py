@@ -126,7 +126,9 @@ class ShardedReward(ABC):
 
 class RuleReward(ShardedReward):
     """`reward.type=rule`: a Python function `fn(prompts, responses, metadata) -> list[float]`
-    (`interfaces.RewardFn`) named by `reward.function._target_`, its keyword arguments in the same node."""
+    (`interfaces.RewardFn`) named by `reward.function._target_`, its keyword arguments in the same node.
+    An exception from it is the user's to fix (ConfigError, exit 2), except `RewardUnavailable`, which a
+    function that calls a service raises to stop the run with everything kept for a rerun."""
 
     key = "reward.function"
 
@@ -137,6 +139,8 @@ class RuleReward(ShardedReward):
     def score_batch(self, prompts: Sequence[Prompt], responses: Sequence[str]) -> Sequence[float]:
         try:
             return self.fn([p.text for p in prompts], list(responses), [p.metadata for p in prompts])
+        except RewardUnavailable:   # a function calling a service may say so: the run then keeps its state
+            raise
         except Exception as e:   # the user's function: its failure is the user's to fix
             raise ConfigError(f"{self.key}: {self.name} raised {type(e).__name__}: "
                               f"{str(e).splitlines()[0] if str(e) else ''}") from None

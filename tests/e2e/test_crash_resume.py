@@ -26,7 +26,7 @@ _CRASHER = textwrap.dedent("""
     from optune_nemo.config import load_config
     from optune_nemo import train
     where, exp_dir, overrides = sys.argv[1], sys.argv[2], sys.argv[3:]
-    cfg = load_config([*overrides, f"exp_dir={exp_dir}"])
+    cfg = train.check_inputs(load_config([*overrides, f"exp_dir={exp_dir}"]), world_size=1)
     loop = train.build_loop(cfg)
     die = lambda: os.kill(os.getpid(), signal.SIGKILL)
     calls = {"generate": 0}
@@ -46,6 +46,13 @@ _CRASHER = textwrap.dedent("""
                 die()
             return out
         loop.policy.train = train_and_die
+    elif where == "metrics":
+        real = loop.metrics.flush
+        def flush_or_die():
+            if loop.next_iteration == 2:      # iteration 1 is checkpointed; its record not yet written
+                die()
+            real()
+        loop.metrics.flush = flush_or_die
     elif where == "checkpoint":
         real = loop.policy.save_checkpoint
         def save_and_die(d):
@@ -102,10 +109,13 @@ def _assert_same(a, b):
     assert wa.keys() == wb.keys() and all(torch.equal(wa[k], wb[k]) for k in wa)
 
 
-@pytest.mark.parametrize("where", ["generation", "training", "checkpoint"])
+@pytest.mark.parametrize("where", ["generation", "training", "checkpoint", "metrics"])
 def test_kill_then_resume_is_identical(reference, tmp_path, where):
     exp = tmp_path / "run"
     _crash(exp, where)
+    if where == "metrics":   # the kill window between a checkpoint and its metrics record
+        assert (exp / "checkpoints" / "iter_000001").is_dir()
+        assert [r["iteration"] for r in _metrics(exp)] == [0]
     if where == "generation":
         chunks = list((exp / "partial" / "iter_000001").glob("chunk_*.json"))
         assert len(chunks) == 1, "the chunk finished before the kill must be on disk"
@@ -116,6 +126,7 @@ def test_kill_then_resume_is_identical(reference, tmp_path, where):
     _train_cli(exp)
     assert (exp / "COMPLETED").exists()
     _assert_same(reference, exp)
+    assert [r["iteration"] for r in _metrics(exp)] == [0, 1, 2]     # every iteration exactly once
 
 
 def test_kill_at_random_moments(reference, tmp_path):

@@ -201,3 +201,25 @@ def test_resume_tp2_from_tp1_checkpoint(tmp_path):
         ra.pop("implicit_reward_accuracy"), rb.pop("implicit_reward_accuracy")   # see test_tp2_equals_tp1
         for key, va in ra.items():
             assert (abs(va - rb[key]) < 1e-5) if isinstance(va, float) else va == rb[key], key
+
+
+def test_fork_from_iteration_0_equals_the_uninterrupted_run(tmp_path):
+    """init_from: a run started from another run's iteration-0 checkpoint continues exactly as the original
+    would (same seed and settings): store, metrics (the inherited iteration-0 record included), weights and
+    the held-out evaluation's baseline."""
+    ev = ["eval.num_prompts=4", "eval.max_new_tokens=6"]
+    straight, base, fork = tmp_path / "straight", tmp_path / "base", tmp_path / "fork"
+    _train_cli(straight, "optune.iterations=3", *ev)
+    _train_cli(base, "optune.iterations=1", *ev)
+    _train_cli(fork, "optune.iterations=3", f"init_from={base}/checkpoints/iter_000000", *ev)
+    assert json.loads((fork / "fork.json").read_text()) == {
+        "init_from": str((base / "checkpoints" / "iter_000000").resolve()), "iteration": 0}
+    assert not (fork / "checkpoints" / "iter_000000").exists()
+    assert _store(straight) == _store(fork)
+    assert _metrics(straight) == _metrics(fork)
+    assert _metrics(fork)[0] == _metrics(base)[0]
+    wa, wb = run_ranks(_weights_pair, 1, str(straight), str(fork))[0]
+    assert wa.keys() == wb.keys() and all(torch.equal(wa[k], wb[k]) for k in wa)
+    evals = [json.loads((d / "eval.json").read_text()) for d in (straight, base, fork)]
+    assert evals[0]["baseline"] == evals[1]["baseline"] == evals[2]["baseline"]
+    assert evals[0]["iterations"] == evals[2]["iterations"]

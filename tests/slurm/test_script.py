@@ -90,12 +90,3 @@ def test_arguments_and_container_reach_srun(tmp_path):
     assert "--container-image=/img.sqsh" in srun and "--container-mounts=/a:/a" in srun
     assert srun.endswith(f"-m optune_nemo.train optune.rho=0.3 seed=7 exp_dir={tmp_path}/exp"), srun
     assert rc == 0 and "requeue" not in calls
-
-
-@pytest.mark.parametrize("task,rho,selection", [("0", "0.3", "lowest_reward"), ("3", "1.0", "all")])
-def test_rho_sweep_array_task(tmp_path, task, rho, selection):
-    rc, out, calls = _run_script(tmp_path, "exit 0", script=ROOT / "slurm" / "rho_sweep.sh", args=["seed=1"],
-                                 extra_env={"SLURM_ARRAY_TASK_ID": task, "OPTUNE_SWEEP_DIR": str(tmp_path / "sweep")})
-    srun = next(line for line in calls.splitlines() if line.startswith("srun "))
-    assert f"optune.rho={rho} optune.selection={selection} exp_dir={tmp_path}/sweep/rho_{rho} seed=1" in srun, srun
-    assert "--container-image" not in srun

@@ -1,0 +1,252 @@
+"""The experiment report (optune_nemo/report.py) on tiny hand-made run directories laid out like a sweep
+(two bases per seed, forks that inherit iteration 0): settings and seeds, per-iteration curves, the
+cumulative cost axes, the speed-up next to Amdahl's bound, and the Fig. 2 split of the ranking-score gain,
+every number checked against values computed by hand in the comments; report.md, report.json and the
+figures written by the command line."""
+
+from __future__ import annotations
+
+import json
+import re
+from dataclasses import replace
+
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pytest
+
+from optune_nemo.config import OptuneNemoConfig, config_to_yaml
+from optune_nemo.report import (
+    amdahl_bound,
+    analyse,
+    find_runs,
+    gain_split,
+    main,
+    ranking_scores,
+    store_path,
+)
+
+# --------------------------------------------------------------------------- fixture run directories
+
+
+def _config(*, rho, selection, loss, seed, epochs, iterations) -> OptuneNemoConfig:
+    cfg = OptuneNemoConfig()
+    return replace(cfg, seed=seed, optune=replace(cfg.optune, rho=rho, selection=selection, iterations=iterations),
+                   loss=replace(cfg.loss, name=loss), train=replace(cfg.train, epochs_per_iteration=epochs))
+
+
+def _record(t, *, total, gen, reward, tokens, eval_reward=None, win=None):
+    rec = {"iteration": t, "regenerated": 4, "generated_tokens": tokens, "time_generation_s": gen,
+           "time_reward_s": reward, "time_reference_s": 0.5, "time_train_s": total - gen - reward - 0.5,
+           "time_total_s": total, "reward_chosen_mean": 0.5, "reward_rejected_mean": 0.2, "loss": 0.6}
+    if eval_reward is not None:
+        rec.update(eval_reward_mean=eval_reward, eval_win_score=win, eval_wins=1, eval_losses=0, eval_ties=1,
+                   eval_invalid=0, eval_response_tokens_mean=7.0)
+    return rec
+
+
+def _store(path, scores: dict[int, tuple[float, float]], t: int):
+    path.parent.mkdir(parents=True, exist_ok=True)
+    ids = sorted(scores)
+    pq.write_table(pa.table({"prompt_id": pa.array(ids, pa.int64()),
+                             "reward_a": pa.array([scores[i][0] for i in ids], pa.float64()),
+                             "reward_b": pa.array([scores[i][1] for i in ids], pa.float64()),
+                             "generated_at_iteration": pa.array([t] * len(ids), pa.int64())}), path)
+
+
+def _run(root, name, cfg, records, *, baseline_reward, fork_from=None, stores=None):
+    d = root / name
+    d.mkdir(parents=True)
+    (d / "config.yaml").write_text(config_to_yaml(cfg))
+    (d / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in records))
+    (d / "eval.json").write_text(json.dumps({"baseline": {"reward_mean": baseline_reward, "num_prompts": 4},
+                                             "iterations": {}}))
+    if fork_from is not None:
+        (d / "fork.json").write_text(json.dumps({"init_from": str(fork_from / "checkpoints" / "iter_000000"),
+                                                 "iteration": 0}))
+    for t, scores in (stores or {}).items():
+        _store(d / "checkpoints" / f"iter_{t:06d}" / "rollouts.parquet", scores, t)
+    (d / "COMPLETED").write_text("ok\n")
+    return d
+
+
+STORE_0 = {0: (0.1, 0.0), 1: (0.2, 0.9), 2: (0.5, 0.5), 3: (0.3, -1.0)}        # ranking scores .1 .9 .5 .3
+STORE_1_TRAINED = {0: (0.6, 0.1), 1: (0.8, 0.8), 2: (0.0, 0.7), 3: (0.5, 0.5)}  # .6 .8 .7 .5
+STORE_1_CONTROL = {0: (0.4, 0.4), 1: (0.7, 0.1), 2: (0.5, 0.2), 3: (0.0, 0.4)}  # .4 .7 .5 .4
+
+
+@pytest.fixture
+def sweep(tmp_path):
+    """Seeds 1 and 2: a trained base (wdpo) forked into rho=1 (all) and rho=0.5 (lowest_reward), and a
+    no-training base forked into a rho=1 control. Iteration 0 takes 10 s (6 s generation, 1 s reward) and
+    1000 tokens; rho=1 iterations the same; rho=0.5 iterations 7 s (seed 1) / 8 s (seed 2), 500 tokens."""
+    root = tmp_path / "sweep"
+    for seed, base_reward, rho_half_time in ((1, 0.2, 7.0), (2, 0.3, 8.0)):
+        it0 = _record(0, total=10.0, gen=6.0, reward=1.0, tokens=1000, eval_reward=base_reward, win=50.0)
+        kw = dict(seed=seed, loss="wdpo", iterations=1)
+        base = _run(root, f"base-wdpo-seed{seed}", _config(rho=1.0, selection="all", epochs=1, **kw), [it0],
+                    baseline_reward=0.1, stores={0: STORE_0} if seed == 1 else None)
+        base_nt = _run(root, f"base-wdpo-notrain-seed{seed}", _config(rho=1.0, selection="all", epochs=0, **kw),
+                       [it0], baseline_reward=0.1, stores={0: STORE_0} if seed == 1 else None)
+        kw["iterations"] = 3
+        full = [it0] + [_record(t, total=10.0, gen=6.0, reward=1.0, tokens=1000,
+                                eval_reward=base_reward + 0.1 * t * seed, win=50.0 + 10 * t) for t in (1, 2)]
+        _run(root, f"rho1.0-all-wdpo-seed{seed}", _config(rho=1.0, selection="all", epochs=1, **kw), full,
+             baseline_reward=0.1, fork_from=base, stores={1: STORE_1_TRAINED} if seed == 1 else None)
+        half = [it0] + [_record(t, total=rho_half_time, gen=3.0, reward=0.5, tokens=500,
+                                eval_reward=base_reward + 0.05 * t, win=50.0 + 5 * t * seed) for t in (1, 2)]
+        _run(root, f"rho0.5-lowest_reward-wdpo-seed{seed}",
+             _config(rho=0.5, selection="lowest_reward", epochs=1, **kw), half, baseline_reward=0.1, fork_from=base)
+        control = [it0] + [_record(t, total=4.0, gen=3.5, reward=0.5, tokens=1000) for t in (1, 2)]
+        _run(root, f"rho1.0-all-wdpo-notrain-seed{seed}", _config(rho=1.0, selection="all", epochs=0, **kw), control,
+             baseline_reward=0.1, fork_from=base_nt, stores={1: STORE_1_CONTROL} if seed == 1 else None)
+    return root
+
+
+# --------------------------------------------------------------------------- pure pieces
+
+
+def test_gain_split_by_hand():
+    prev = {0: 0.1, 1: 0.9, 2: 0.5, 3: 0.3}
+    cur = {0: 0.6, 1: 0.8, 2: 0.7, 3: 0.5}
+    # bottom half at t-1: prompts 0 (0.1) and 3 (0.3): gains 0.5 + 0.2 = 0.7; top: 1 (-0.1) and 2 (+0.2) = 0.1
+    got = gain_split(prev, cur)
+    assert got["n"] == 4 and got["n_bottom"] == 2
+    assert got["bottom"] == pytest.approx(0.7 / 4) and got["top"] == pytest.approx(0.1 / 4)
+    assert got["total"] == pytest.approx(0.2)                  # mean(cur) - mean(prev) = 2.6/4 - 1.8/4
+    assert got["share_bottom"] == pytest.approx(0.875)
+
+
+def test_gain_split_odd_count_and_ties():
+    # 5 prompts: the bottom is the ceil(5/2) = 3 lowest; equal scores go to the smaller id first
+    prev = {10: 0.5, 11: 0.5, 12: 0.5, 13: 0.5, 14: 0.0}
+    cur = {10: 1.5, 11: 0.5, 12: 0.5, 13: 0.0, 14: 0.0}
+    got = gain_split(prev, cur)
+    # bottom: 14, 10, 11 -> gains 0 + 1.0 + 0 = 1.0; top: 12, 13 -> 0 - 0.5 = -0.5
+    assert got["n_bottom"] == 3
+    assert got["bottom"] == pytest.approx(1.0 / 5) and got["top"] == pytest.approx(-0.5 / 5)
+    assert got["share_bottom"] == pytest.approx(2.0)
+
+
+def test_gain_split_with_no_change_has_no_share():
+    assert gain_split({1: 0.5, 2: 0.5}, {1: 0.5, 2: 0.5})["share_bottom"] is None
+
+
+def test_amdahl_bound():
+    assert amdahl_bound(0.6, 0.5) == pytest.approx(1 / 0.7)
+    assert amdahl_bound(0.0, 0.3) == pytest.approx(1.0)
+    assert amdahl_bound(1.0, 0.25) == pytest.approx(4.0)
+    assert amdahl_bound(0.8, 1.0) == pytest.approx(1.0)
+
+
+# --------------------------------------------------------------------------- on the fixture sweep
+
+
+def test_forks_read_their_source_store(sweep):
+    fork = sweep / "rho1.0-all-wdpo-seed1"
+    assert store_path(fork, 0) == sweep / "base-wdpo-seed1" / "checkpoints" / "iter_000000" / "rollouts.parquet"
+    assert store_path(fork, 1) == fork / "checkpoints" / "iter_000001" / "rollouts.parquet"
+    assert store_path(fork, 2) is None
+    assert ranking_scores(store_path(fork, 0)) == {0: 0.1, 1: 0.9, 2: 0.5, 3: 0.3}
+
+
+def test_settings_seeds_and_fork_sources(sweep):
+    rep = analyse(find_runs([sweep]))
+    assert len(rep.runs) == 10
+    assert [(s["label"], s["seeds"]) for s in rep.settings] == [
+        ("rho=0.5 lowest_reward wdpo", [1, 2]),
+        ("rho=1 all wdpo no-training", [1, 2]),
+        ("rho=1 all wdpo", [1, 2]),
+    ]
+    assert sum(r["fork_source"] for r in rep.runs) == 4     # the bases are no settings of their own
+
+
+def test_curves(sweep):
+    rep = analyse(find_runs([sweep]))
+    full = {p["iteration"]: p for p in rep.curves["rho=1 all wdpo"]["eval_reward_mean"]}
+    # t=2: seed 1 0.2 + 0.2 = 0.4, seed 2 0.3 + 0.4 = 0.7
+    assert full[2]["mean"] == pytest.approx(0.55) and full[2]["min"] == pytest.approx(0.4)
+    assert full[2]["max"] == pytest.approx(0.7) and full[2]["n"] == 2
+    assert full[0]["mean"] == pytest.approx(0.25)                      # the inherited iteration 0
+    half = {p["iteration"]: p for p in rep.curves["rho=0.5 lowest_reward wdpo"]["eval_win_score"]}
+    assert half[2]["mean"] == pytest.approx((60 + 70) / 2) and half[2]["min"] == 60 and half[2]["max"] == 70
+    # cumulative cost at t=2: tokens 1000 + 500 + 500; seconds 10 + 7 + 7 (seed 1) and 10 + 8 + 8 (seed 2)
+    assert half[2]["cumulative_tokens"]["mean"] == pytest.approx(2000)
+    assert half[2]["cumulative_time_s"]["min"] == pytest.approx(24) and half[2]["cumulative_time_s"]["max"] == 26
+    assert rep.curves["rho=1 all wdpo no-training"]["eval_reward_mean"][-1]["iteration"] == 0   # never evaluated after
+    assert rep.baseline["mean"] == pytest.approx(0.1)
+
+
+def test_speedup_and_amdahl(sweep):
+    rep = analyse(find_runs([sweep]))
+    row = next(r for r in rep.speedup if r["setting"] == "rho=0.5 lowest_reward wdpo")
+    # rho=1 iterations t>=1 take 10 s; rho=0.5: 7 s (seed 1), 8 s (seed 2) -> 10 / 7.5; per seed 10/7 and 10/8
+    assert row["seeds"] == [1, 2]
+    assert row["speedup"] == pytest.approx(10 / 7.5)
+    assert row["speedup_per_seed"]["min"] == pytest.approx(1.25)
+    assert row["speedup_per_seed"]["max"] == pytest.approx(10 / 7)
+    # g over the rho=1 runs' t>=1: 6 s of 10 s; with reward 7 of 10
+    assert row["generation_share"] == pytest.approx(0.6)
+    assert row["amdahl_bound"] == pytest.approx(1 / (1 - 0.6 + 0.6 * 0.5))
+    assert row["amdahl_bound_generation_reward"] == pytest.approx(1 / (1 - 0.7 + 0.7 * 0.5))
+    control = next(r for r in rep.speedup if r["setting"] == "rho=1 all wdpo no-training")
+    assert control["speedup"] == pytest.approx(1.0) and control["generation_share"] == pytest.approx(3.5 / 4)
+
+
+def test_fig2_attribution(sweep):
+    fig2 = analyse(find_runs([sweep])).fig2
+    by = {(r["group"], r["iteration"]): r for r in fig2["summary"]}
+    trained, control = by[("trained wdpo", 1)], by[("control", 1)]
+    # trained: store 0 -> STORE_1_TRAINED (see test_gain_split_by_hand): bottom 0.175, top 0.025
+    assert trained["n"] == 1 and trained["bottom"] == pytest.approx(0.175) and trained["top"] == pytest.approx(0.025)
+    assert trained["share_bottom"] == pytest.approx(0.875)
+    # control: .1->.4 (+.3), .3->.4 (+.1) in the bottom = 0.4 / 4; .9->.7 (-.2), .5->.5 (0) on top = -0.2 / 4
+    assert control["bottom"] == pytest.approx(0.1) and control["top"] == pytest.approx(-0.05)
+    assert control["total"] == pytest.approx(0.05)
+    a = fig2["attribution"][0]
+    assert a["group"] == "trained wdpo" and a["iteration"] == 1
+    assert a["bottom_from_training"] == pytest.approx(0.075) and a["total_from_training"] == pytest.approx(0.15)
+    assert a["share_bottom_of_training_gain"] == pytest.approx(0.5)
+    assert a["bottom_regression_fraction"] == pytest.approx(0.1 / 0.175)
+    # seed 2 keeps no stores, and no run has a store after iteration 2: those are listed, not guessed
+    assert len(fig2["missing_stores"]) == 2 + 2 + 2
+
+
+def test_command_line_writes_markdown_json_and_figures(sweep, tmp_path):
+    out = tmp_path / "report"
+    assert main([str(sweep), "--out", str(out)]) == 0
+    md, data = (out / "report.md").read_text(), json.loads((out / "report.json").read_text())
+    for label in ("rho=0.5 lowest_reward wdpo", "rho=1 all wdpo", "rho=1 all wdpo no-training"):
+        assert f"| {label} |" in md
+    assert "## Speed-up over rho = 1" in md and "## Fig. 2" in md
+    for name in ("vs_iteration.png", "vs_tokens.png", "vs_time.png", "speedup.png", "gain_split.png"):
+        assert name in data["figures"] and f"]({name})" in md
+        blob = (out / name).read_bytes()
+        assert blob[:8] == b"\x89PNG\r\n\x1a\n" and len(blob) > 5000, name
+    # every number in the tables is in report.json (which keeps them unrounded)
+    numbers = []
+
+    def walk(v):
+        if isinstance(v, bool):
+            return
+        if isinstance(v, (int, float)):
+            numbers.append(float(v))
+        elif isinstance(v, dict):
+            for x in v.values():
+                walk(x)
+        elif isinstance(v, list):
+            for x in v:
+                walk(x)
+
+    walk(data)
+    lines = md.splitlines()
+    cells = [c for i, line in enumerate(lines) if line.startswith("| ") and not lines[i + 1].startswith("|---")
+             for c in line.strip("|").split("|")[1:]]
+    found = [float(x) for c in cells for x in re.findall(r"-?\d+(?:\.\d+)?(?:e[-+]?\d+)?", c.replace("n=", ""))]
+    assert len(found) > 50
+    for x in found:
+        assert any(abs(v - x) <= 5e-4 * max(abs(v), 1e-9) + 1e-12 for v in numbers), x
+
+
+def test_command_line_without_runs(tmp_path, capsys):
+    assert main([str(tmp_path), "--out", str(tmp_path / "r")]) == 2
+    assert "no run directory" in capsys.readouterr().err
