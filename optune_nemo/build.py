@@ -16,10 +16,11 @@ from optune_nemo.config import OptuneNemoConfig
 
 def resolve(cfg: OptuneNemoConfig) -> OptuneNemoConfig:
     """`cfg` with model.* replaced by the shape of `policy.hf_path` (read from config.json or a GGUF
-    header; nothing is written), ready for `config.validate`."""
+    header; nothing is written) and precision=auto decided for this machine, ready for `config.validate`."""
+    from optune_nemo.config import resolve_precision
     from optune_nemo.policy.pretrained import with_source_shape
 
-    return with_source_shape(cfg)
+    return resolve_precision(with_source_shape(cfg))
 
 
 def prepare_source(cfg: OptuneNemoConfig) -> Path | None:

@@ -65,11 +65,26 @@ def captured(fn):
 def run_hydra_main(task, *, prog: str, schema=None) -> int:
     """Run a `@hydra.main` function (its body wrapped in `captured`); returns the exit code (0, 2 for the
     user's input, 1 otherwise)."""
-    from optune_nemo.config import OptuneNemoConfig
-    from optune_nemo.reward.base import RewardUnavailable
-
     os.environ["HYDRA_FULL_ERROR"] = "1"      # errors reach us instead of Hydra's multi-line report
     say = (lambda line: print(line, file=sys.stderr, flush=True)) if rank_from_env() == 0 else (lambda line: None)
+    try:
+        return _run(task, say, schema, prog)
+    finally:
+        _close_process_group()
+
+
+def _close_process_group() -> None:
+    """Leave torch.distributed cleanly: NCCL otherwise warns at exit, after our last line."""
+    import torch.distributed as dist
+
+    if dist.is_available() and dist.is_initialized():
+        dist.destroy_process_group()
+
+
+def _run(task, say, schema, prog: str) -> int:
+    from optune_nemo.config import OptuneNemoConfig
+    from optune_nemo.reward.base import RewardError
+
     try:
         task()
         if _CAPTURED:
@@ -79,7 +94,7 @@ def run_hydra_main(task, *, prog: str, schema=None) -> int:
     except ConfigError as e:
         say(f"{prog}: configuration error: {e}")
         return 2
-    except RewardUnavailable as e:
+    except RewardError as e:      # a reward service down, or a reward model failing (RewardUnavailable too)
         say(f"{prog}: error: {e} (everything generated so far is kept: rerun the same command to resume)")
         return 1
     except Exception as e:

@@ -120,8 +120,10 @@ class ParallelConfig:
     """Tensor-parallel ranks; must divide num_attention_heads, num_query_groups and the world size."""
     pipeline_model_parallel_size: int = 1
     """Pipeline stages; must divide num_layers and the world size."""
-    use_distributed_optimizer: bool = False
-    """Shard optimizer state over data-parallel ranks (megatron DistributedOptimizer)."""
+    use_distributed_optimizer: bool | None = None
+    """Shard optimizer state (and the fp32 main weights) over data-parallel ranks (megatron
+    DistributedOptimizer). null: on with bf16/fp8 (megatron-core 0.16 checkpoints mixed precision only
+    through it), off with fp32."""
 
 
 @dataclass
@@ -229,7 +231,9 @@ class RewardConfig:
     path: str | None = None
     """hf / megatron: the reward model directory."""
     url: str | None = None
-    """remote: the server, e.g. http://rm-host:8000."""
+    """remote: the server (`python -m optune_nemo.serve_rm`), http://host:port or grpc://host:port."""
+    model_name: str = "reward"
+    """remote: the model name the server serves the reward under (serve_rm's server.model_name)."""
     batch_size: int = 64
     """Responses scored per call (per data-parallel rank)."""
     timeout_s: float = 60.0
@@ -322,9 +326,11 @@ class OptuneNemoConfig:
     resume: str = "auto"
     """`auto` continues from the latest complete checkpoint in exp_dir, `never` refuses to start
     over an existing one, or a path to a checkpoint directory."""
-    precision: str = "fp32"
-    """`fp32`, `bf16` (bf16 weights and compute, fp32 master weights and gradient reduction) or `fp8`
-    (bf16 + Transformer Engine FP8 GEMMs per the fp8.* recipe; GPU with Transformer Engine only)."""
+    precision: str = "auto"
+    """`fp32`, `bf16` (bf16 weights and compute, fp32 main weights in the optimizer, fp32 gradient reduction,
+    log-softmax and attention softmax), `fp8` (bf16 + Transformer Engine FP8 GEMMs per the fp8.* recipe; GPU
+    with Transformer Engine only), or `auto`: bf16 where bf16 matrix products are fast (a CUDA GPU with bf16,
+    a CPU with AVX-512 BF16 or AMX), else fp32; the choice is logged and written to exp_dir/config.yaml."""
     policy: PolicyConfig = field(default_factory=PolicyConfig)
     model: ModelConfig = field(default_factory=ModelConfig)
     parallel: ParallelConfig = field(default_factory=ParallelConfig)
@@ -415,12 +421,12 @@ def validate(cfg: OptuneNemoConfig, world_size: int = 1) -> None:
         raise ConfigError(f"loss.label_smoothing: must be in [0, 0.5) (got {lo.label_smoothing})")
     _positive("loss.beta1", lo.beta1)
     _positive("loss.beta2", lo.beta2)
-    _choice("precision", cfg.precision, ("fp32", "bf16", "fp8"))
+    _choice("precision", cfg.precision, ("fp32", "bf16", "fp8", "auto"))
     _choice("fp8.format", cfg.fp8.format, ("hybrid", "e4m3"))
     _choice("fp8.recipe", cfg.fp8.recipe, ("delayed", "tensorwise", "mxfp8", "blockwise"))
     _choice("fp8.amax_compute_algo", cfg.fp8.amax_compute_algo, ("max", "most_recent"))
     _positive("fp8.amax_history_len", cfg.fp8.amax_history_len)
-    if cfg.precision != "fp32" and not cfg.parallel.use_distributed_optimizer:
+    if cfg.precision in ("bf16", "fp8") and cfg.parallel.use_distributed_optimizer is False:
         raise ConfigError(f"parallel.use_distributed_optimizer: precision={cfg.precision} needs true (megatron-core "
                           "0.16's non-distributed mixed-precision optimizer cannot write sharded checkpoints)")
     if cfg.precision == "fp8" and cfg.model.transformer_impl != "transformer_engine":
@@ -503,8 +509,9 @@ def validate(cfg: OptuneNemoConfig, world_size: int = 1) -> None:
     if r.type in ("hf", "megatron") and not (r.path and Path(r.path).expanduser().is_dir()):
         raise ConfigError(f"reward.path: reward.type={r.type} needs an existing reward model directory "
                           f"(got {r.path!r})")
-    if r.type == "remote" and not (r.url and r.url.startswith(("http://", "https://", "grpc://"))):
-        raise ConfigError(f"reward.url: reward.type=remote needs the server's URL, http://host:port (got {r.url!r})")
+    if r.type == "remote" and not (r.url and r.url.startswith(("http://", "grpc://"))):
+        raise ConfigError(f"reward.url: reward.type=remote needs the server's URL, http://host:port or "
+                          f"grpc://host:port (got {r.url!r})")
 
     _positive("data.num_prompts", cfg.data.num_prompts)
     _positive("data.max_prompt_length", cfg.data.max_prompt_length)
@@ -550,6 +557,25 @@ def validate(cfg: OptuneNemoConfig, world_size: int = 1) -> None:
     if cfg.checkpoint.keep_last < 0:
         raise ConfigError(f"checkpoint.keep_last: must be >= 0 (got {cfg.checkpoint.keep_last})")
     _choice("logging.level", cfg.logging.level, ("DEBUG", "INFO", "WARNING", "ERROR"))
+
+
+def resolve_precision(cfg: OptuneNemoConfig) -> OptuneNemoConfig:
+    """`cfg` with precision=auto and use_distributed_optimizer=null decided for this machine (logged)."""
+    import dataclasses
+    import logging
+
+    from optune_nemo.hardware import fast_bf16
+
+    precision = cfg.precision
+    if precision == "auto":
+        fast, why = fast_bf16()
+        precision = "bf16" if fast else "fp32"
+        logging.getLogger(__name__).info("precision: auto -> %s (%s)", precision, why)
+    dist_opt = cfg.parallel.use_distributed_optimizer
+    if dist_opt is None:
+        dist_opt = precision in ("bf16", "fp8")
+    return dataclasses.replace(cfg, precision=precision,
+                               parallel=dataclasses.replace(cfg.parallel, use_distributed_optimizer=dist_opt))
 
 
 def num_regenerated(rho: float, num_prompts: int) -> int:

@@ -115,6 +115,13 @@ class Policy(Protocol):
         """[P] float32: sum of log pi(response token | prefix) over response tokens, on every rank."""
         ...
 
+    def pair_logprobs(self, prompts: Sequence[Sequence[int]], chosen: Sequence[Sequence[int]],
+                      rejected: Sequence[Sequence[int]], *, seed: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """(chosen, rejected) summed response log-probs [P] float32 each, on every rank, computed with the
+        batching `train(..., seed=seed)` uses in its first epoch: the reference log-probs of an iteration
+        then equal the policy's own at its first step, whatever the precision."""
+        ...
+
     def train(self, batch: PreferenceBatch, loss: PairLoss, *, epochs: int,
               seed: int) -> list[dict[str, float]]:
         """Optimizer steps over `batch` (global batches of train.global_batch_size pairs, the last

@@ -59,6 +59,10 @@ def check_inputs(cfg: OptuneNemoConfig, *, world_size: int) -> OptuneNemoConfig:
         from optune_nemo.judge import build_judge
 
         build_judge(cfg.eval).check()     # a refused key or model surfaces now, not after iteration 0
+    if cfg.reward.type == "remote":
+        from optune_nemo.reward.remote import check_reachable
+
+        check_reachable(cfg.reward)       # a server that does not answer: exit 2 before the first write
     return cfg
 
 

@@ -9,7 +9,7 @@ from optune_nemo.interfaces import PreferenceBatch
 from optune_nemo.losses.wdpo import WDPO as _WDPO
 
 VOCAB = 300
-TINY = ["policy.hf_path=null", "eval.num_prompts=0", "model.num_layers=2", "model.hidden_size=64",
+TINY = ["policy.hf_path=null", "eval.num_prompts=0", "precision=fp32", "model.num_layers=2", "model.hidden_size=64",
         "model.ffn_hidden_size=96",
         "model.num_attention_heads=4", "model.num_query_groups=2", "model.init_method_std=0.2",
         "model.seq_length=64", "optim.warmup_ratio=0.0", "optim.lr=0.002", "train.shuffle=false",

@@ -119,14 +119,14 @@ class OPTune:
         for pid, (a, b, r_a, r_b) in new_pairs.items():                      # step 3
             self.store.set_pair(pid, a, b, r_a, r_b, t)
         log.info("iteration %d: phase=reference", t)
-        batch, n_ties = self.training_set(times)                             # step 4
+        batch, n_ties = self.training_set(t, times)                          # step 4
         if self.guard.requested():
             return None
         log.info("iteration %d: phase=train on %d pairs (%d ties left out)", t, len(batch), n_ties)
         tic = time.perf_counter()
         epochs = self.cfg.train.epochs_per_iteration
         steps = self.policy.train(batch, self.loss, epochs=epochs,
-                                  seed=mix_seed(self.cfg.seed, "train", t)) if len(batch) and epochs else []  # 5
+                                  seed=self.train_seed(t)) if len(batch) and epochs else []         # step 5
         times.train = time.perf_counter() - tic
         return self.record(t, regenerate, batch, n_ties, steps, times, time.perf_counter() - start)
 
@@ -157,6 +157,10 @@ class OPTune:
                 payload = self.chunks.load(t, index) if index in done else None
                 if payload is None or payload["prompt_ids"] != ids:
                     payload = self._generate_chunk(t, ids, times)
+                    self.chunks.save(t, index, payload)     # kept even if scoring fails: never generated twice
+                    log.info("iteration %d: chunk %d of %d generated (%d prompts)", t, index, len(chunks), len(ids))
+                if payload.get("rewards") is None:
+                    payload["rewards"] = self._score_chunk(ids, payload, times)
                     self.chunks.save(t, index, payload)
                 pairs = _samples_of(payload)
                 times.generated_tokens += sum(s.num_tokens for pair in pairs for s in pair)
@@ -174,17 +178,24 @@ class OPTune:
         samples = self.engine.generate([list(self.prompts[i].token_ids) for i in ids], self.sampling,
                                        keys=[sampling_key(t, i) for i in ids])
         times.generation += time.perf_counter() - tic
+        return {"prompt_ids": list(ids), "rewards": None,
+                "samples": [[{"token_ids": s.token_ids, "text": s.text, "finish_reason": s.finish_reason}
+                             for s in pair] for pair in samples]}
+
+    def _score_chunk(self, ids: list[int], payload: dict, times: PhaseTimes) -> list[list[float]]:
+        """Rewards of a chunk's new responses (only these: reused pairs are never re-scored)."""
         tic = time.perf_counter()
         flat_prompts = [self.prompts[i] for i in ids for _ in range(SAMPLES_PER_PROMPT)]
-        flat_texts = [s.text for pair in samples for s in pair]
-        rewards = self.reward.score(flat_prompts, flat_texts)   # only the new responses
+        flat_texts = [s["text"] for pair in payload["samples"] for s in pair]
+        rewards = self.reward.score(flat_prompts, flat_texts)
         times.reward += time.perf_counter() - tic
-        return {"prompt_ids": list(ids),
-                "samples": [[{"token_ids": s.token_ids, "text": s.text, "finish_reason": s.finish_reason}
-                             for s in pair] for pair in samples],
-                "rewards": [rewards[SAMPLES_PER_PROMPT * k:SAMPLES_PER_PROMPT * (k + 1)] for k in range(len(ids))]}
+        return [rewards[SAMPLES_PER_PROMPT * k:SAMPLES_PER_PROMPT * (k + 1)] for k in range(len(ids))]
 
-    def training_set(self, times: PhaseTimes) -> tuple[PreferenceBatch, int]:
+    def train_seed(self, t: int) -> int:
+        """Seeds iteration t's pair order; the reference pass uses the same batching (Policy.pair_logprobs)."""
+        return mix_seed(self.cfg.seed, "train", t)
+
+    def training_set(self, t: int, times: PhaseTimes) -> tuple[PreferenceBatch, int]:
         """Step 4: D_t = every non-tied pair of the store, reused ones included, with reference
         log-probs under the current policy pi_t (computed before any update of this iteration,
         so no second copy of the model is needed)."""
@@ -193,12 +204,11 @@ class OPTune:
         chosen = [list(p.chosen_token_ids) for p in pairs]
         rejected = [list(p.rejected_token_ids) for p in pairs]
         tic = time.perf_counter()
-        ref = self.policy.sequence_logprobs(prompts + prompts, chosen + rejected) if pairs else torch.zeros(0)
+        ref_c, ref_r = (self.policy.pair_logprobs(prompts, chosen, rejected, seed=self.train_seed(t)) if pairs
+                        else (torch.zeros(0), torch.zeros(0)))
         times.reference = time.perf_counter() - tic
-        n = len(pairs)
         batch = PreferenceBatch(
-            prompts=prompts, chosen=chosen, rejected=rejected,
-            ref_chosen_logps=ref[:n].float(), ref_rejected_logps=ref[n:].float(),
+            prompts=prompts, chosen=chosen, rejected=rejected, ref_chosen_logps=ref_c, ref_rejected_logps=ref_r,
             chosen_rewards=torch.tensor([p.chosen_reward for p in pairs], dtype=torch.float32),
             rejected_rewards=torch.tensor([p.rejected_reward for p in pairs], dtype=torch.float32))
         return batch, n_ties

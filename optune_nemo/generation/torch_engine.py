@@ -5,9 +5,11 @@ KV cache, and imports no model framework.
 - Batches are formed by prompt length (sorted), so left padding is small; pads are masked and each
   row carries its own positions, so a row's numbers do not depend on its batch.
 - Each prompt is prefilled ONCE; its cache rows are then repeated for its `n` samples.
-- Rows that hit a stop token or max_new_tokens leave the batch (cache rows dropped).
-- Sampling: temperature, top_k, top_p, greedy at temperature 0; sample j of the request with key k
-  draws from a generator seeded by (seed, k, j), so results do not depend on batch composition,
+- Rows that hit a stop token or max_new_tokens leave the batch (cache rows dropped) once a quarter of the
+  batch has finished (compaction copies the cache; see COMPACT_WHEN_DEAD).
+- Sampling: temperature, top_k, top_p, greedy at temperature 0, on the top CANDIDATES tokens of each row
+  (exact: rows the candidates do not cover are redrawn over the full vocabulary); sample j of the request
+  with key k draws from a generator seeded by (seed, k, j), so results do not depend on batch composition,
   data-parallel sharding or tensor-parallel size. Padded-vocabulary ids are never sampled.
 - Tensor parallel: vocab-parallel logits are gathered ([rows, V] is small) and every TP rank samples
   identically. Data parallel: prompts are dealt over DP ranks and results all-gathered.
@@ -24,54 +26,87 @@ from optune_nemo.distributed import gather_shards, shard
 from optune_nemo.interfaces import Sample, SamplingParams
 from optune_nemo.seeding import generator
 
+CANDIDATES = 1024
+"""Tokens ranked per row before sampling. A language model's next-token distribution puts nearly all of
+its mass on far fewer tokens, so sampling works on these candidates only (no full-vocabulary sort or
+cumsum per step); a row whose draw falls outside them is redrawn exactly over the whole vocabulary."""
+
 
 def sample_generator(seed: int, key: int, j: int) -> torch.Generator:
     """The CPU generator of sample `j` of the request with key `key`."""
     return generator(seed, key, j)
 
 
-def filter_logits(logits_RV: torch.Tensor, *, temperature: float, top_k: int, top_p: float) -> torch.Tensor:
-    """Temperature, then top-k, then nucleus (top-p) filtering; removed entries become -inf."""
-    logits = logits_RV / temperature
-    if top_k and top_k < logits.shape[-1]:
-        kth = torch.topk(logits, top_k, dim=-1).values[:, -1:]
-        logits = logits.masked_fill(logits < kth, float("-inf"))
-    if top_p < 1.0:
-        logits = _nucleus(logits, top_p)
-    return logits
+def draw_uniforms(generators: Sequence[torch.Generator]) -> torch.Tensor:
+    """One float64 uniform per row from the row's own generator (CPU): rows do not influence each other."""
+    return torch.cat([torch.rand(1, generator=g, dtype=torch.float64) for g in generators])
 
 
-def _nucleus(logits: torch.Tensor, top_p: float, candidates: int = 1024) -> torch.Tensor:
-    """Drop a token when the probability mass of the tokens ranked above it already reaches top_p
-    (the first token always stays). Exact: the ranking is taken over the top `candidates` tokens when
-    they hold at least top_p of every row's mass (a full sort of the vocabulary otherwise)."""
-    k = min(candidates, logits.shape[-1])
+def sample_from_uniform(logits_RV: torch.Tensor, u_R: torch.Tensor, *, temperature: float, top_k: int,
+                        top_p: float) -> torch.Tensor:
+    """The token of each row that inverse-CDF sampling with uniform u gives, under temperature, then top-k,
+    then nucleus (top-p) filtering: exact in distribution.
+
+    Tokens are ranked (`topk`, at most CANDIDATES); probabilities are taken under the full softmax (or the
+    top-k one). Nucleus: a token is kept while the mass ranked above it is below top_p (the first always);
+    the candidates contain the whole nucleus when they hold at least top_p of the mass, and rows where they
+    do not are done over a full sort. Without a nucleus, a draw beyond the candidates' mass is done over
+    the full sorted distribution with the same u (the two orders agree on the candidates)."""
+    logits = logits_RV.float() / temperature
+    R, V = logits.shape
+    u = u_R.to(device=logits.device, dtype=torch.float64)
+    k = min(top_k or CANDIDATES, V)
     top, order = torch.topk(logits, k, dim=-1)
-    # probabilities under the FULL softmax, for the candidates only
-    probs = torch.exp(top - torch.logsumexp(logits, -1, keepdim=True))
-    if k < logits.shape[-1] and not bool((probs.sum(-1) >= top_p).all()):
-        top, order = torch.sort(logits, dim=-1, descending=True)
-        probs = top.softmax(-1)
-    keep_sorted = probs.cumsum(-1) - probs < top_p
-    keep = torch.zeros_like(logits, dtype=torch.bool).scatter(-1, order, keep_sorted)
-    return logits.masked_fill(~keep, float("-inf"))
+    lse = torch.logsumexp(top if top_k else logits, -1, keepdim=True)
+    p = torch.exp(top - lse).double()                                   # [R, k], descending
+    cum = p.cumsum(-1)
+    if top_p < 1.0:
+        keep = (cum - p) < top_p
+        covered = (k == V) | bool(top_k) | (cum[:, -1] >= top_p)
+        p = p * keep
+        cum = p.cumsum(-1)
+        target = u * cum[:, -1]
+        exact = covered
+    else:
+        target = u                                    # the candidates hold cum[:, -1] of the mass
+        exact = (k == V) | bool(top_k) | (target < cum[:, -1])
+    pos = torch.searchsorted(cum, target.unsqueeze(1)).squeeze(1).clamp(max=k - 1)
+    # never beyond the last candidate with mass (rounding at the top of the cdf)
+    pos = torch.minimum(pos, (p > 0).to(torch.int64).cumsum(-1).argmax(-1))
+    tokens = order.gather(1, pos.unsqueeze(1)).squeeze(1)
+    if not bool(torch.as_tensor(exact).all()):
+        rows = (~torch.as_tensor(exact, device=logits.device).expand(R)).nonzero().squeeze(1)
+        tokens[rows] = _full_sort_sample(logits[rows], u[rows], top_p=top_p)
+    return tokens
+
+
+def _full_sort_sample(logits_RV: torch.Tensor, u_R: torch.Tensor, *, top_p: float) -> torch.Tensor:
+    """The exact draw over the whole sorted vocabulary (the rare rows the candidates do not cover)."""
+    top, order = torch.sort(logits_RV, dim=-1, descending=True)
+    p = top.softmax(-1).double()
+    cum = p.cumsum(-1)
+    if top_p < 1.0:
+        p = p * ((cum - p) < top_p)
+        cum = p.cumsum(-1)
+    pos = torch.searchsorted(cum, (u_R * cum[:, -1]).unsqueeze(1)).squeeze(1)
+    pos = torch.minimum(pos, (p > 0).to(torch.int64).cumsum(-1).argmax(-1))
+    return order.gather(1, pos.unsqueeze(1)).squeeze(1)
 
 
 def sample_tokens(logits_RV: torch.Tensor, params: SamplingParams,
                   generators: Sequence[torch.Generator]) -> list[int]:
-    """One token per row: argmax at temperature 0, else a draw from the filtered softmax by inverse
-    CDF with one uniform from the row's own generator (exact in distribution, independent of the
-    other rows)."""
+    """One token per row: argmax at temperature 0, else `sample_from_uniform` with one uniform from the
+    row's own generator."""
     if params.temperature == 0:
         return logits_RV.argmax(-1).tolist()
-    probs = filter_logits(logits_RV.float(), temperature=params.temperature, top_k=params.top_k,
-                          top_p=params.top_p).softmax(-1)
-    cdf = probs.double().cumsum(-1)
-    u = torch.cat([torch.rand(1, generator=g, dtype=torch.float64) for g in generators])
-    idx = torch.searchsorted(cdf, (u * cdf[:, -1]).unsqueeze(1)).squeeze(1)
-    # never past the last token with mass (rounding at the top of the cdf)
-    last = (probs > 0).to(torch.int64).cumsum(-1).argmax(-1)
-    return torch.minimum(idx, last).tolist()
+    return sample_from_uniform(logits_RV, draw_uniforms(generators), temperature=params.temperature,
+                               top_k=params.top_k, top_p=params.top_p).tolist()
+
+
+COMPACT_WHEN_DEAD = 4
+"""Finished rows are dropped from the batch (and their cache rows with them) once they are at least 1/4 of
+it: a compaction copies the whole cache, so doing it for every finished row would cost more than the
+compute the finished rows waste in between (they are run, their samples ignored)."""
 
 
 class KVCache:
@@ -97,10 +132,16 @@ class KVCache:
         return self.k[li][:, :, :end], self.v[li][:, :, :end]
 
     def select(self, rows: torch.Tensor) -> None:
-        """Keep / repeat rows (prefix sharing, finished rows leaving)."""
-        self.k = [k.index_select(0, rows) for k in self.k]
-        self.v = [v.index_select(0, rows) for v in self.v]
+        """Keep / repeat rows (prefix sharing, finished rows leaving); only the written slots are copied."""
+        self.k = [_select_rows(k, rows, self.length) for k in self.k]
+        self.v = [_select_rows(v, rows, self.length) for v in self.v]
         self.start_R = self.start_R.index_select(0, rows)
+
+
+def _select_rows(cache: torch.Tensor, rows: torch.Tensor, length: int) -> torch.Tensor:
+    out = cache.new_empty(len(rows), *cache.shape[1:])
+    torch.index_select(cache[:, :, :length], 0, rows, out=out[:, :, :length])
+    return out
 
 
 class IncrementalModel(Protocol):
@@ -170,25 +211,25 @@ class TorchEngine:
         out_tokens: list[list[int]] = [[] for _ in range(B * n)]
         reasons = ["length"] * (B * n)
         next_pos = (L - pad).repeat_interleave(n)
+        done = [False] * (B * n)                                         # per row of the current batch
         stop = set(params.stop_token_ids)
         for step in range(params.max_new_tokens):
             new = self._sample(logits, params, gens)
-            alive = []
             for r, tok in enumerate(new):
+                if done[r]:
+                    continue
                 out_tokens[owner[r]].append(tok)
                 if tok in stop:
-                    reasons[owner[r]] = "stop"
-                elif step + 1 < params.max_new_tokens:
-                    alive.append(r)
-            if not alive:
+                    reasons[owner[r]], done[r] = "stop", True
+            if all(done) or step + 1 == params.max_new_tokens:
                 break
-            if len(alive) < len(new):                                     # finished rows stop costing
+            if sum(done) * COMPACT_WHEN_DEAD >= len(done):                 # finished rows stop costing
+                alive = [r for r, d in enumerate(done) if not d]
                 keep = torch.tensor(alive, device=dev)
                 cache.select(keep)
                 next_pos = next_pos.index_select(0, keep)
-                gens = [gens[r] for r in alive]
-                owner = [owner[r] for r in alive]
-                new = [new[r] for r in alive]
+                gens, owner = [gens[r] for r in alive], [owner[r] for r in alive]
+                new, done = [new[r] for r in alive], [False] * len(alive)
             logits = self._forward(torch.tensor(new, device=dev)[:, None], next_pos[:, None], cache)
             next_pos = next_pos + 1
         samples = [Sample(t, self.decode(t), reasons[r]) for r, t in enumerate(out_tokens)]

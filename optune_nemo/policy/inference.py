@@ -16,7 +16,6 @@ import contextlib
 from collections.abc import Iterator
 
 import torch
-import torch.nn.functional as F
 
 from optune_nemo.distributed import DistEnv, broadcast_object
 from optune_nemo.policy.cpu_compat import cpu_compat_suspended
@@ -59,7 +58,7 @@ class MegatronDecoder:
             self._rotary_table = self.model.rotary_pos_emb(self.max_sequence_length)[:, 0, 0]   # [L, dim]
         return self._rotary_table[positions_RS.clamp(min=0)].transpose(0, 1).unsqueeze(2)  # [S, R, 1, dim]
 
-    def _attention(self, layer, hidden_SRH, freqs, cache, li: int, mask_RSK):
+    def _attention(self, layer, hidden_SRH, freqs, cache, li: int, bias_R1ST):
         from megatron.core.models.common.embeddings.rope_utils import apply_rotary_pos_emb
 
         attn = layer.self_attention
@@ -69,9 +68,7 @@ class MegatronDecoder:
         k = apply_rotary_pos_emb(k, freqs, config=cfg)
         keys, values = cache.write(li, k.permute(1, 2, 0, 3), v.permute(1, 2, 0, 3))  # [R, groups, T, dim]
         q = q.permute(1, 2, 0, 3)                                           # [R, heads, S, dim]
-        # grouped-query attention without copying the cache to every head (head h uses group h // rep)
-        ctx = F.scaled_dot_product_attention(q, keys, values, attn_mask=mask_RSK.unsqueeze(1),
-                                             enable_gqa=keys.shape[1] != q.shape[1])
+        ctx = _gqa_attention(q, keys, values, bias_R1ST)                    # [R, heads, S, dim]
         S, R = hidden_SRH.shape[:2]
         out, bias = attn.linear_proj(ctx.permute(2, 0, 1, 3).reshape(S, R, -1))
         return out if bias is None else out + bias
@@ -91,18 +88,13 @@ class MegatronDecoder:
             hidden = torch.empty(S, R, m.config.hidden_size, dtype=self.dtype, device=self.device)
             torch.distributed.recv(hidden, src=self._pp_neighbour(-1), group=d.pp_group)
         freqs = self._rotary(positions_RS)
-        total = cache.length + S
-        slots = torch.arange(total, device=self.device)
-        query_slots = slots[total - S:]
-        # key slot visible to a query when it is not left padding and not in the future
-        mask = (slots[None, None, :] >= cache.start_R[:, None, None]) & \
-               (slots[None, None, :] <= query_slots[None, :, None])
+        bias = attention_bias(cache.start_R, cache.length, S, dtype=torch.float32)   # once for every layer
         for li, layer in enumerate(m.decoder.layers):
             residual = hidden
-            hidden = residual + self._attention(layer, layer.input_layernorm(hidden), freqs, cache, li, mask)
-            out, bias = layer.mlp(layer.pre_mlp_layernorm(hidden))
-            hidden = hidden + (out if bias is None else out + bias)
-        cache.length = total
+            hidden = residual + self._attention(layer, layer.input_layernorm(hidden), freqs, cache, li, bias)
+            out, b = layer.mlp(layer.pre_mlp_layernorm(hidden))
+            hidden = hidden + (out if b is None else out + b)
+        cache.length += S
         if not m.post_process:
             torch.distributed.send(hidden.contiguous(), dst=self._pp_neighbour(+1), group=d.pp_group)
             return None
@@ -124,3 +116,30 @@ class MegatronDecoder:
         from optune_nemo.policy.parallel import pipeline_last_rank
 
         return broadcast_object(obj, src=pipeline_last_rank(), group=self.dist.pp_group)
+
+
+def attention_bias(start_R: torch.Tensor, past: int, S: int, *, dtype: torch.dtype) -> torch.Tensor:
+    """Additive attention bias [R, 1, S, past + S]: 0 where query s (slot past + s) may see key slot j, i.e.
+    j is not the row's left padding (j >= start_R[r]) and not in the future (j <= past + s); -inf elsewhere.
+    A query that is itself padding sees only its own slot (no empty softmax row, whose NaN would reach
+    the values of real tokens through 0 * NaN)."""
+    T = past + S
+    slots = torch.arange(T, device=start_R.device)
+    query = slots[past:]
+    ok = (slots[None, None, :] >= start_R[:, None, None]) & (slots[None, None, :] <= query[None, :, None])
+    ok |= slots[None, None, :] == query[None, :, None]
+    return torch.zeros(ok.shape, dtype=dtype, device=start_R.device).masked_fill(~ok, float("-inf"))[:, None]
+
+
+def _gqa_attention(q_RHSD: torch.Tensor, k_RGTD: torch.Tensor, v_RGTD: torch.Tensor,
+                   bias_R1ST: torch.Tensor) -> torch.Tensor:
+    """softmax(q k^T / sqrt(d) + bias) v with grouped-query attention (head h reads group h // (H / G)),
+    without copying keys and values per head: the heads of a group are folded into the query rows of one
+    batched matrix product. Scores and softmax in float32 (megatron's attention_softmax_in_fp32)."""
+    R, H, S, D = q_RHSD.shape
+    G, T = k_RGTD.shape[1], k_RGTD.shape[2]
+    rep = H // G
+    q = q_RHSD.reshape(R, G, rep * S, D)
+    scores = torch.matmul(q, k_RGTD.transpose(-1, -2)).view(R, G, rep, S, T).float()
+    probs = torch.softmax(scores * D ** -0.5 + bias_R1ST[:, :, None], dim=-1).to(v_RGTD.dtype)
+    return torch.matmul(probs.view(R, G, rep * S, T), v_RGTD).view(R, H, S, D)

@@ -2,12 +2,18 @@
 
 Training batches: the pairs of D_t are cut into global batches of `train.global_batch_size`; a
 global batch is dealt round-robin over data-parallel ranks, and each rank's share is split into
-`num_microbatches` micro-batches of `train.micro_batch_size` pairs (chosen and rejected sequences
-forward together, 2 * mbs rows). Short shares are filled with masked dummy pairs so every rank runs
-the same number of micro-batches. The loss is the MEAN over the real pairs of the global batch:
-each micro-batch returns the SUM of its per-pair losses and its count of real pairs, and with
-`calculate_per_token_loss` megatron's finalize_model_grads divides the summed gradients by the
-count all-reduced over data-parallel ranks (tested against a single-process float reference).
+micro-batches of `train.micro_batch_size` pairs. A micro-batch is ONE packed row (policy/packing.py):
+each pair as [prompt | chosen | rejected], the prompt run once for both responses, no padding, and the
+LM head and log-softmax only at the positions that predict a response token. An empty share becomes a
+masked dummy pair so every rank runs the same number of micro-batches. The loss is the MEAN over the
+real pairs of the global batch: each micro-batch returns the SUM of its per-pair losses and its count
+of real pairs, and with `calculate_per_token_loss` megatron's finalize_model_grads divides the summed
+gradients by the count all-reduced over data-parallel ranks (tests/multiproc/test_gradient_reference.py
+checks it against float64 autograd through transformers).
+
+Reference log-probs (`pair_logprobs`) use the very micro-batches of the first epoch's steps, so at the
+first step of an iteration the policy's log-probs equal the reference's bit for bit (the margin starts
+at exactly 0, in bf16 too).
 
 Forward/backward, optimizer steps and checkpoints are `trainable.MegatronTrainable`'s.
 
@@ -27,17 +33,22 @@ from pathlib import Path
 import torch
 
 from optune_nemo.config import ConfigError, OptuneNemoConfig
-from optune_nemo.distributed import DistEnv, broadcast_object, gather_shards, shard
+from optune_nemo.distributed import DistEnv, all_gather_object, broadcast_object, gather_shards, shard
 from optune_nemo.interfaces import PreferenceBatch
 from optune_nemo.losses import PairLoss, PairTensors
 from optune_nemo.policy.cpu_compat import model_parallel_seed
-from optune_nemo.policy.logprobs import make_sequence_batch, sequence_logprobs_from_logits
+from optune_nemo.policy.logprobs import vocab_parallel_token_logprobs
 from optune_nemo.policy.model import build_gpt_model, padded_vocab_size
+from optune_nemo.policy.packing import PackedBatch, group_length, pack_groups, sum_per_output
 from optune_nemo.policy.parallel import pipeline_last_rank
 from optune_nemo.policy.trainable import MegatronTrainable, wrap_for_training
 from optune_nemo.seeding import generator
 
 log = logging.getLogger(__name__)
+
+FP8_TOKEN_MULTIPLE = 32
+"""Transformer Engine's FP8 GEMMs need the token dimension divisible by 8 (16 for per-tensor scaling's
+weight-gradient GEMM on Hopper, 16 for blockwise, 32 for MXFP8 blocks): packed rows are rounded up to 32."""
 
 class MegatronPolicy(MegatronTrainable):
     """`interfaces.Policy` on a megatron-core GPTModel (DDP-wrapped) and a megatron optimizer."""
@@ -51,6 +62,7 @@ class MegatronPolicy(MegatronTrainable):
         self.padded_vocab_size = padded_vocab_size(vocab_size, cfg.model, dist.tp_size)
         self.hf_dir = hf_dir
         self._decoder = None
+        self._rotary_table = None
 
     # ------------------------------------------------------------------ helpers
 
@@ -102,90 +114,141 @@ class MegatronPolicy(MegatronTrainable):
         return export_hf(self.model, self.cfg.model, out_dir, tokenizer=tokenizer, architecture=info.architecture,
                          dist=self.dist, vocab_size=info.vocab_size, hf_config=info.config, overwrite=True)
 
-    def _logps(self, output, batch):
-        return sequence_logprobs_from_logits(output, batch, real_vocab_size=self.vocab_size,
-                                             tp_rank=self.dist.tp_rank)
+    # ------------------------------------------------------------------ packed forward
+
+    def _rotary(self, positions_BS: torch.Tensor) -> torch.Tensor:
+        """Rotary frequencies per token [S, B, 1, dim] (positions restart after a shared prompt)."""
+        if self._rotary_table is None:
+            self._rotary_table = self.unwrapped_model().rotary_pos_emb(self.cfg.model.seq_length)[:, 0, 0]
+        return self._rotary_table[positions_BS].transpose(0, 1).unsqueeze(2)
+
+    def _forward(self, model, mb: PackedBatch) -> torch.Tensor:
+        """One packed micro-batch through this rank's chunk (`model`, DDP-wrapped). The last pipeline stage
+        returns the log-prob of every label [N]: the LM head and the log-softmax run only at the positions
+        that predict a response token. Other stages return their hidden states for the next stage."""
+        m = model.module
+        emb = m.embedding(input_ids=mb.tokens_BS, position_ids=mb.positions_BS) if m.pre_process else None
+        hidden = m.decoder(hidden_states=emb, attention_mask=mb.mask_B1SS, rotary_pos_emb=self._rotary(mb.positions_BS))
+        if not m.post_process:
+            return hidden
+        h = hidden.transpose(0, 1).reshape(-1, hidden.shape[-1]).index_select(0, mb.label_index_N)   # [N, H]
+        weight = m.shared_embedding_or_output_weight() if m.share_embeddings_and_output_weights else None
+        logits, _ = m.output_layer(h.unsqueeze(0), weight=weight)                                  # [1, N, V/tp]
+        return vocab_parallel_token_logprobs(logits, mb.labels_N[None], real_vocab_size=self.vocab_size,
+                                             tp_rank=self.dist.tp_rank)[0]
+
+    def _pack(self, groups: list, length: int | None = None) -> PackedBatch:
+        return pack_groups(groups, pad_id=self.pad_token_id, length=length,
+                           multiple_of=FP8_TOKEN_MULTIPLE if self.cfg.precision == "fp8" else 1).to(self.dist.device)
+
+    def _row_length(self, micro_batches: list[list]) -> int | None:
+        """Pipeline stages exchange fixed shapes: every micro-batch of a pipeline has the longest one's length
+        (the data, hence the length, is the same on every stage). Without PP each keeps its own."""
+        if self.dist.pp_size == 1:
+            return None
+        mult = FP8_TOKEN_MULTIPLE if self.cfg.precision == "fp8" else 1
+        longest = max(sum(group_length(g) for g in mb) for mb in micro_batches)
+        return -(-longest // mult) * mult
+
+    def _forward_only(self, micro_batches: list[list]) -> list[torch.Tensor]:
+        """Per-response summed log-probs of each micro-batch of groups, on the last stage (every stage gets
+        the list from it)."""
+        length = self._row_length(micro_batches)
+        data = [self._pack(mb, length) for mb in micro_batches]
+
+        def loss_func(mb, output):
+            return torch.zeros((), device=output.device), torch.tensor(1), {"logps": sum_per_output(output, mb)}
+
+        def forward_step(data_iterator, model):
+            mb = next(data_iterator)
+            return self._forward(model, mb), partial(loss_func, mb)
+
+        self.set_train_mode(False)
+        with torch.no_grad():
+            out = self.forward_backward(data, forward_step=forward_step, seq_length=length or 0, rows=1,
+                                        forward_only=True) if data else []
+        sums = [o["logps"].float().cpu() for o in out]
+        if self.dist.pp_size > 1:
+            sums = broadcast_object(sums if self.dist.is_last_pp_stage else None, src=pipeline_last_rank(),
+                                    group=self.dist.pp_group)
+        return sums
 
     # ------------------------------------------------------------------ log-probs
 
     def sequence_logprobs(self, prompts: Sequence[Sequence[int]],
                           responses: Sequence[Sequence[int]]) -> torch.Tensor:
         """[P] float32 summed response log-probs, on every rank, in input order."""
-        d, n = self.dist, len(prompts)
+        d, n, per_mb = self.dist, len(prompts), 2 * self.cfg.train.micro_batch_size
         mine = shard(n, d.dp_rank, d.dp_size)
-        rows = 2 * self.cfg.train.micro_batch_size
-        T = max(len(p) + len(r) for p, r in zip(prompts, responses))
-        # every micro-batch has exactly `rows` sequences (pipeline stages exchange fixed shapes):
-        # the last one is filled with copies of its first sequence, dropped afterwards
-        data = []
-        for k in range(0, len(mine), rows):
-            idx = mine[k:k + rows]
-            idx = idx + [idx[0]] * (rows - len(idx))
-            data.append(make_sequence_batch([prompts[i] for i in idx], [responses[i] for i in idx],
-                                            pad_id=self.pad_token_id, length=T).to(d.device))
+        micro = [mine[k:k + per_mb] for k in range(0, len(mine), per_mb)]
+        sums = self._forward_only([[(prompts[i], [responses[i]]) for i in mb] for mb in micro])
+        local = torch.cat(sums).tolist() if sums else []
+        return torch.tensor(gather_shards(local, n, group=d.dp_group), dtype=torch.float32)
 
-        def loss_func(batch, output):
-            logps = self._logps(output, batch).detach()
-            return torch.zeros((), device=output.device), torch.tensor(1), {"logps": logps}
+    def pair_logprobs(self, prompts, chosen, rejected, *, seed: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """`interfaces.Policy.pair_logprobs`: (chosen, rejected) summed log-probs [P] each, on every rank,
+        computed with the micro-batches `train(..., seed=seed)` forms in its first epoch (same packing, same
+        order), so the reference of an iteration equals the policy's log-probs at its first step bit for bit,
+        whatever the precision."""
+        d, n = self.dist, len(prompts)
+        micro = [mb for step in self._epoch_layout(n, seed, 0) for mb in step if mb]   # no dummies: no step
+        groups = [[(prompts[i], [chosen[i], rejected[i]]) for i in mb] for mb in micro]
+        sums = self._forward_only(groups)
+        local = [(i, s[2 * k].item(), s[2 * k + 1].item()) for mb, s in zip(micro, sums) for k, i in enumerate(mb)]
+        out_c, out_r = torch.empty(n), torch.empty(n)
+        for part in all_gather_object(local, group=d.dp_group):
+            for i, c, r in part:
+                out_c[i], out_r[i] = c, r
+        return out_c, out_r
 
-        def forward_step(data_iterator, model):
-            batch = next(data_iterator)
-            return model(batch.tokens_BT, batch.position_ids_BT, None), partial(loss_func, batch)
-
-        self.set_train_mode(False)
-        with torch.no_grad():
-            # equal micro-batch counts are only needed within a pipeline, not across DP ranks
-            out = self.forward_backward(data, forward_step=forward_step, seq_length=T,
-                                         rows=rows, forward_only=True) if data else []
-        local = torch.cat([o["logps"].cpu() for o in out])[:len(mine)] if out else torch.zeros(0)
-        if d.pp_size > 1:
-            local = broadcast_object(local if d.is_last_pp_stage else None, src=pipeline_last_rank(),
-                                     group=d.pp_group)
-        return torch.tensor(gather_shards(local.float().tolist(), n, group=d.dp_group), dtype=torch.float32)
+    def _epoch_layout(self, n: int, seed: int, epoch: int) -> list[list[list[int]]]:
+        """This rank's micro-batches of pair indices, per optimizer step of `epoch`: the epoch's order
+        (shuffled by seed and epoch), cut into global batches, dealt round-robin over data-parallel ranks,
+        cut into micro-batches of train.micro_batch_size pairs. Every rank gets the same number of
+        micro-batches in a step (an empty one where its share runs out: a dummy pair, masked)."""
+        d, G, mbs = self.dist, self.cfg.train.global_batch_size, self.cfg.train.micro_batch_size
+        order = (torch.randperm(n, generator=generator(seed, "epoch", epoch)).tolist() if self.cfg.train.shuffle
+                 else list(range(n)))
+        steps = []
+        for s in range(math.ceil(n / G)):
+            idx = order[s * G:(s + 1) * G]
+            mine = [idx[j] for j in shard(len(idx), d.dp_rank, d.dp_size)]
+            num_mb = math.ceil(math.ceil(len(idx) / d.dp_size) / mbs)
+            steps.append([mine[k * mbs:(k + 1) * mbs] for k in range(num_mb)])
+        return steps
 
     # ------------------------------------------------------------------ training
 
     def train(self, batch: PreferenceBatch, loss: PairLoss, *, epochs: int,
               seed: int) -> list[dict[str, float]]:
-        n, G = len(batch), self.cfg.train.global_batch_size
+        n = len(batch)
         names = metric_names(loss)
-        steps_per_epoch = math.ceil(n / G)
-        scheduler = self.scheduler(epochs * steps_per_epoch)
-        metrics = []
-        for epoch in range(epochs):
-            if self.cfg.train.shuffle:
-                gen = generator(seed, "epoch", epoch)
-                order = torch.randperm(n, generator=gen).tolist()
-            else:
-                order = list(range(n))
-            for s in range(steps_per_epoch):
-                metrics.append(self._step(batch, order[s * G:(s + 1) * G], loss, names, scheduler))
-        return metrics
+        layouts = [self._epoch_layout(n, seed, epoch) for epoch in range(epochs)]
+        scheduler = self.scheduler(sum(len(steps) for steps in layouts))
+        return [self._step(batch, micro, loss, names, scheduler) for steps in layouts for micro in steps]
 
-    def _pair_microbatch(self, batch: PreferenceBatch, idx: list[int], mbs: int, T: int) -> dict:
+    def _pair_microbatch(self, batch: PreferenceBatch, idx: list[int], length: int | None) -> dict:
+        """A packed micro-batch of pairs [prompt | chosen | rejected]; an empty share is one dummy pair with
+        mask 0 (a rank still runs the step's micro-batches and its collectives)."""
         real = len(idx)
-        idx = idx + [idx[0] if idx else 0] * (mbs - real)   # dummies, masked below
-        seqs = make_sequence_batch([batch.prompts[i] for i in idx] * 2,
-                                   [batch.chosen[i] for i in idx] + [batch.rejected[i] for i in idx],
-                                   pad_id=self.pad_token_id, length=T)
+        idx = idx or [0]
+        packed = self._pack([(batch.prompts[i], [batch.chosen[i], batch.rejected[i]]) for i in idx], length)
         pick = torch.tensor(idx, dtype=torch.long)
-        mask = torch.zeros(mbs)
-        mask[:real] = 1.0
-        return {"seqs": seqs.to(self.dist.device), "pair_mask": mask.to(self.dist.device),
-                **{k: getattr(batch, k)[pick].to(self.dist.device) for k in
+        mask = torch.full((len(idx),), 1.0 if real else 0.0)
+        dev = self.dist.device
+        return {"packed": packed, "pair_mask": mask.to(dev),
+                **{k: getattr(batch, k)[pick].to(dev) for k in
                    ("ref_chosen_logps", "ref_rejected_logps", "chosen_rewards", "rejected_rewards")}}
 
-    def _step(self, batch: PreferenceBatch, idx: list[int], loss: PairLoss, names: list[str],
+    def _step(self, batch: PreferenceBatch, micro: list[list[int]], loss: PairLoss, names: list[str],
               scheduler) -> dict:
-        d, mbs = self.dist, self.cfg.train.micro_batch_size
-        mine = [idx[j] for j in shard(len(idx), d.dp_rank, d.dp_size)]
-        num_mb = math.ceil(math.ceil(len(idx) / d.dp_size) / mbs)
-        T = max(len(batch.prompts[i]) + max(len(batch.chosen[i]), len(batch.rejected[i])) for i in idx)
-        data = [self._pair_microbatch(batch, mine[k * mbs:(k + 1) * mbs], mbs, T) for k in range(num_mb)]
+        length = self._row_length([[(batch.prompts[i], [batch.chosen[i], batch.rejected[i]]) for i in mb or [0]]
+                                   for mb in micro])
+        data = [self._pair_microbatch(batch, mb, length) for mb in micro]
 
         def loss_func(mb, output):
-            logps = self._logps(output, mb["seqs"])
-            per_pair, metrics = loss(PairTensors(logps[:mbs], logps[mbs:], mb["ref_chosen_logps"],
+            logps = sum_per_output(output, mb["packed"])              # [2P]: chosen, rejected of each pair
+            per_pair, metrics = loss(PairTensors(logps[0::2], logps[1::2], mb["ref_chosen_logps"],
                                                  mb["ref_rejected_logps"], mb["chosen_rewards"],
                                                  mb["rejected_rewards"]))
             m = mb["pair_mask"]
@@ -196,10 +259,9 @@ class MegatronPolicy(MegatronTrainable):
 
         def forward_step(data_iterator, model):
             mb = next(data_iterator)
-            s = mb["seqs"]
-            return model(s.tokens_BT, s.position_ids_BT, None), partial(loss_func, mb)
+            return self._forward(model, mb["packed"]), partial(loss_func, mb)
 
-        out, ok, grad_norm, lr = self.train_step(data, forward_step=forward_step, seq_length=T, rows=2 * mbs,
+        out, ok, grad_norm, lr = self.train_step(data, forward_step=forward_step, seq_length=length or 0, rows=1,
                                                  scheduler=scheduler)
         sums = self.reduce_sums(out, "sums", len(names) + 2)
         count = float(sums[-1])
@@ -222,6 +284,9 @@ def build_policy(cfg: OptuneNemoConfig, *, vocab_size: int, pad_token_id: int, d
     (module docstring)."""
     from megatron.core import parallel_state as ps
 
+    from optune_nemo.config import resolve_precision
+
+    cfg = resolve_precision(cfg)         # idempotent: callers that skipped build.resolve get the same choice
     model_parallel_seed(cfg.seed)
     gpt = build_gpt_model(cfg.model, vocab_size=vocab_size, tp_size=dist.tp_size, pp_size=dist.pp_size,
                           pre_process=ps.is_pipeline_first_stage(), post_process=ps.is_pipeline_last_stage(),

@@ -120,6 +120,9 @@ class MegatronTrainable:
         from megatron.core import dist_checkpointing
 
         install_results_queue()
+        # before the first optimizer step Adam has no state, and the distributed optimizer's sharded state
+        # dict then refuses to describe it (an iteration whose pairs are all ties, a control run)
+        _prime_adam_state(self.optimizer)
         os.makedirs(directory, exist_ok=True)
         tdist.barrier()
         dist_checkpointing.save(self._sharded_state_dict(is_loading=False), directory)
@@ -157,7 +160,10 @@ def _prime_adam_state(optimizer) -> None:
         for group in inner.param_groups:
             for p in group["params"]:
                 if not inner.state[p]:
-                    inner.state[p] = {"step": torch.tensor(0.0), "exp_avg": torch.zeros_like(p),
+                    # what torch Adam's first step would create (a device step tensor when fused/capturable)
+                    on_device = group.get("fused") or group.get("capturable")
+                    step = torch.zeros((), dtype=torch.float32, device=p.device) if on_device else torch.tensor(0.0)
+                    inner.state[p] = {"step": step, "exp_avg": torch.zeros_like(p),
                                       "exp_avg_sq": torch.zeros_like(p)}
 
 

@@ -14,7 +14,8 @@ from dist_utils import run_ranks
 
 from optune_nemo.config import load_config, num_regenerated
 
-E2E = ["policy.hf_path=null", "eval.num_prompts=0", "optim.lr=5e-4", "data.num_prompts=16", "optune.rho=0.5",
+E2E = ["policy.hf_path=null", "eval.num_prompts=0", "precision=fp32",
+       "optim.lr=5e-4", "data.num_prompts=16", "optune.rho=0.5",
        "optune.iterations=3", "generation.max_new_tokens=8",
        "generation.chunk_size=6", "generation.batch_size=4", "train.global_batch_size=8",
        "train.micro_batch_size=2", "logging.progress=false", "model.init_method_std=0.1",

@@ -17,7 +17,8 @@ import pytest
 
 pytestmark = pytest.mark.slurm
 ROOT = Path(__file__).resolve().parents[2]
-TINY = ["policy.hf_path=null", "eval.num_prompts=0", "optim.lr=5e-4", "data.num_prompts=16", "optune.rho=0.5",
+TINY = ["policy.hf_path=null", "eval.num_prompts=0", "precision=fp32",
+       "optim.lr=5e-4", "data.num_prompts=16", "optune.rho=0.5",
         "optune.iterations=4", "generation.max_new_tokens=48", "generation.chunk_size=2",
         "generation.batch_size=2", "train.global_batch_size=8", "train.micro_batch_size=2",
         "logging.progress=false", "model.init_method_std=0.1",

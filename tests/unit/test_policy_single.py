@@ -8,9 +8,9 @@ import torch
 import torch.nn.functional as F
 from tiny import VOCAB, WDPO, build, random_pairs, tiny_config
 
-from optune_nemo.generation.torch_engine import TorchEngine, filter_logits, sample_generator
+from optune_nemo.generation.torch_engine import TorchEngine, sample_from_uniform, sample_generator
 from optune_nemo.interfaces import PreferenceBatch, SamplingParams
-from optune_nemo.policy.logprobs import make_sequence_batch
+from optune_nemo.policy.packing import pack_groups, sum_per_output
 
 
 @pytest.fixture(scope="module")
@@ -24,11 +24,24 @@ def _full_logits(model, seq):
         return model(torch.tensor([seq]), torch.arange(len(seq))[None], None)[0, :, :VOCAB].double()
 
 
-def test_batch_layout_worked_example():
-    b = make_sequence_batch([[5, 6, 7]], [[8, 9]], pad_id=0, length=6)
-    assert b.tokens_BT.tolist() == [[5, 6, 7, 8, 9, 0]]
-    assert b.labels_BT.tolist() == [[6, 7, 8, 9, 0, 0]]
-    assert b.loss_mask_BT.tolist() == [[0, 0, 1, 1, 0, 0]]
+def test_packing_worked_example():
+    """The example of policy/packing.py's docstring, written out."""
+    b = pack_groups([([5, 6], [[7, 8], [9]]), ([4], [[3]])], pad_id=0, length=8)
+    assert b.tokens_BS.tolist() == [[5, 6, 7, 8, 9, 4, 3, 0]]
+    assert b.positions_BS.tolist() == [[0, 1, 2, 3, 2, 0, 1, 0]]
+    assert b.label_index_N.tolist() == [1, 2, 1, 5] and b.labels_N.tolist() == [7, 8, 9, 3]
+    assert b.output_N.tolist() == [0, 0, 1, 2] and b.num_outputs == 3
+    attend = (~b.mask_B1SS[0, 0]).int().tolist()
+    assert attend == [[1, 0, 0, 0, 0, 0, 0, 0],       # 5
+                      [1, 1, 0, 0, 0, 0, 0, 0],       # 6
+                      [1, 1, 1, 0, 0, 0, 0, 0],       # 7: prompt + itself
+                      [1, 1, 1, 1, 0, 0, 0, 0],       # 8
+                      [1, 1, 0, 0, 1, 0, 0, 0],       # 9: prompt, not the other response
+                      [0, 0, 0, 0, 0, 1, 0, 0],       # 4: its own group only
+                      [0, 0, 0, 0, 0, 1, 1, 0],       # 3
+                      [0, 0, 0, 0, 0, 0, 0, 1]]       # padding sees itself only
+    assert pack_groups([([5, 6], [[7]])], pad_id=0, multiple_of=32).length == 32
+    assert sum_per_output(torch.tensor([1.0, 2.0, 4.0, 8.0]), b).tolist() == [3.0, 4.0, 8.0]
 
 
 def test_logprobs_match_float64_reference(policy):
@@ -45,7 +58,16 @@ def test_logprobs_do_not_depend_on_batching(policy):
     prompts, responses, _ = random_pairs(9, seed=4)
     together = policy.sequence_logprobs(prompts, responses)
     alone = torch.cat([policy.sequence_logprobs([p], [r]) for p, r in zip(prompts, responses)])
-    torch.testing.assert_close(together, alone, atol=1e-5, rtol=0)
+    # packed rows of different lengths reduce in a different order: fp32 rounding only
+    torch.testing.assert_close(together, alone, atol=1e-5, rtol=1e-6)
+
+
+def test_prefix_shared_pairs_equal_the_unshared_sequences(policy):
+    """pair_logprobs runs each prompt once for both responses; the result is what the plain sequences give."""
+    prompts, chosen, rejected = random_pairs(7, seed=9)
+    c, r = policy.pair_logprobs(prompts, chosen, rejected, seed=3)
+    plain = policy.sequence_logprobs(prompts + prompts, chosen + rejected)
+    torch.testing.assert_close(torch.cat([c, r]), plain, atol=1e-5, rtol=1e-6)
 
 
 def test_train_step_gradient_is_mean_over_pairs(policy):
@@ -138,26 +160,43 @@ def test_first_token_distribution_matches_softmax(policy, engine):
     assert int(counts[VOCAB:].sum()) == 0
 
 
-def test_filter_logits_top_k_top_p():
-    logits = torch.log(torch.tensor([[0.5, 0.2, 0.15, 0.1, 0.05]], dtype=torch.float64))
-    kept = lambda **kw: torch.isfinite(filter_logits(logits, temperature=1.0, **kw))[0].tolist()
-    assert kept(top_k=2, top_p=1.0) == [True, True, False, False, False]
-    assert kept(top_k=0, top_p=0.6) == [True, True, False, False, False]      # 0.5 < 0.6 -> keep 2nd
-    assert kept(top_k=0, top_p=0.45) == [True, False, False, False, False]
-    assert kept(top_k=0, top_p=0.86) == [True, True, True, True, False]
+def _reference_distribution(logits, *, temperature, top_k, top_p):
+    """The filtered sampling distribution written out in float64 over a full sort: temperature, top-k,
+    then the nucleus (a token stays while the mass ranked above it is below top_p)."""
+    z = logits.double() / temperature
+    order = torch.argsort(z, descending=True)
+    zs = z[order]
+    if top_k:
+        zs = zs[:top_k]
+    p = torch.softmax(zs, 0)
+    if top_p < 1:
+        above = torch.cumsum(p, 0) - p
+        p = torch.where(above < top_p, p, torch.zeros_like(p))
+        p = p / p.sum()
+    out = torch.zeros_like(z)
+    out[order[:len(p)]] = p
+    return out
+
+
+@pytest.mark.parametrize("case", ["peaked", "flat", "flat-top_k", "peaked-top_k-top_p"])
+@pytest.mark.parametrize("top_p", [1.0, 0.9, 0.5])
+def test_sampling_on_candidates_is_exact(case, top_p):
+    """The token each uniform u maps to, over a fine grid of u, reproduces the exact filtered distribution:
+    on rows whose mass the top candidates cover (peaked), and on rows they do not (flat: the full-sort
+    path), with and without top-k."""
+    g = torch.Generator().manual_seed(hash(case) % 1000)
+    V = 2000
+    logits = torch.randn(V, generator=g) * (6.0 if case.startswith("peaked") else 0.05)
+    top_k = 50 if "top_k" in case else 0
+    M = 20000
+    u = (torch.arange(M, dtype=torch.float64) + 0.5) / M
+    toks = sample_from_uniform(logits.expand(M, V), u, temperature=0.8, top_k=top_k, top_p=top_p)
+    freq = torch.bincount(toks, minlength=V).double() / M
+    ref = _reference_distribution(logits, temperature=0.8, top_k=top_k, top_p=top_p)
+    assert (freq - ref).abs().max().item() <= 2.0 / M, (freq - ref).abs().max().item()
+    assert freq[ref == 0].sum().item() == 0          # never a token outside the filter
+
+
+def test_sampling_generators_are_reproducible():
     g1, g2 = sample_generator(1, 2, 3), sample_generator(1, 2, 3)
     assert torch.equal(torch.rand(4, generator=g1), torch.rand(4, generator=g2))
-
-
-def test_nucleus_over_candidates_equals_full_sort():
-    """The top-k shortcut keeps exactly the tokens a full sort keeps, on peaked and flat rows."""
-    from optune_nemo.generation.torch_engine import _nucleus
-
-    g = torch.Generator().manual_seed(0)
-    peaked = torch.randn(8, 5000, generator=g) * 6
-    flat = torch.randn(8, 5000, generator=g) * 0.01          # needs more than the candidates: fallback
-    for logits in (peaked, flat):
-        for p in (0.5, 0.9, 0.99):
-            fast = torch.isfinite(_nucleus(logits, p, candidates=64))
-            full = torch.isfinite(_nucleus(logits, p, candidates=logits.shape[-1]))
-            assert torch.equal(fast, full), p
