@@ -1,32 +1,61 @@
-"""Policy training throughput and MFU: wDPO steps of the megatron policy on synthetic pairs.
+"""Policy training throughput and MFU: wDPO optimizer steps of the megatron policy on synthetic pairs.
 
-    .venv/bin/python bench/training.py --preset llama-1b --precision bf16 --steps 10   # one GPU
-    .venv/bin/python bench/training.py --preset tiny --steps 3                          # CPU smoke run
+    .venv/bin/python bench/training.py --preset llama-1b --precision bf16 --steps 10      # one GPU
+    .venv/bin/python bench/training.py --preset smollm2 --precision bf16 --steps 5
+    .venv/bin/python bench/training.py --preset tiny --steps 3                            # CPU smoke run
 
-Prints one JSON object: tokens/s (prompt + response tokens of chosen and rejected sequences through
-forward + backward), model FLOPs per token (6 N, plus attention 12 L h s), MFU against `--peak-tflops`
-(default: the H100 SXM dense bf16 figure, 989; pass the right one for the machine), and the per-step
-times. The first `--warmup` steps are not timed.
+Synthetic pairs: a prompt of --prompt-tokens and two responses of --response-tokens each, random token
+ids, random weights of the preset's shape. Each optimizer step trains --pairs-per-step pairs (packed,
+prefix-shared micro-batches of --micro-batch-size pairs: optune_nemo/policy/packing.py). The first
+--warmup steps are not timed. Prints one JSON object with:
+  - `pairs_per_s`, `tokens_per_s` (tokens actually run: prompt + both responses per pair);
+  - `model_tflops_per_s` / `mfu`: megatron's FLOP formula (megatron/training/training.py
+    `num_floating_point_operations`: SwiGLU MLP, GQA projections, causal attention counted at half of
+    s^2, the LM head on every position, no embedding) applied to the conventional DPO work, two
+    sequences of prompt + response per pair; prefix sharing and the response-only LM head make the run
+    do less than that, so this MFU can exceed what the hardware executes;
+  - `executed_tflops_per_s` / `executed_mfu`: the same formula applied to what the packed run executes
+    (prompt + both responses per pair, attention over prompt + own response, LM head on response tokens);
+  against --peak-tflops (default: the H100 SXM dense bf16 figure, 989; give the right one for the
+  machine).
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import statistics
 import sys
 import time
 
 import torch
 
+from optune_nemo.hardware import machine_info
+
 PRESETS = {
-    # ~1.2 B parameters, Llama-3.2-1B-like shape (vocab 32000)
-    "llama-1b": ["model.num_layers=16", "model.hidden_size=2048", "model.ffn_hidden_size=8192",
-                 "model.num_attention_heads=32", "model.num_query_groups=8", "model.seq_length=1024",
-                 "model.untie_embeddings_and_output_weights=false"],
-    "tiny": ["model.num_layers=2", "model.hidden_size=64", "model.ffn_hidden_size=176",
-             "model.num_attention_heads=4", "model.num_query_groups=2", "model.seq_length=128"],
+    # Llama-3.2-1B's shape: 16 layers, hidden 2048, SwiGLU 8192, 32 heads / 8 KV heads, vocab 128256, tied
+    "llama-1b": (["model.num_layers=16", "model.hidden_size=2048", "model.ffn_hidden_size=8192",
+                  "model.num_attention_heads=32", "model.num_query_groups=8", "model.seq_length=2048",
+                  "model.rotary_base=500000", "model.untie_embeddings_and_output_weights=false"], 128256),
+    # SmolLM2-135M-Instruct's shape (the default run's model)
+    "smollm2": (["model.num_layers=30", "model.hidden_size=576", "model.ffn_hidden_size=1536",
+                 "model.num_attention_heads=9", "model.num_query_groups=3", "model.seq_length=1024",
+                 "model.rotary_base=100000", "model.untie_embeddings_and_output_weights=false"], 49152),
+    "tiny": (["model.num_layers=2", "model.hidden_size=64", "model.ffn_hidden_size=176",
+              "model.num_attention_heads=4", "model.num_query_groups=2", "model.seq_length=128"], 300),
 }
-VOCAB = {"llama-1b": 32000, "tiny": 300}
+
+
+def megatron_flops(m, *, tokens: int, attended: int, head_tokens: int, vocab: int) -> float:
+    """Forward + backward FLOPs of `tokens` tokens that each attend (causally) over sequences of length
+    `attended`, with the LM head on `head_tokens` of them: megatron's num_floating_point_operations terms
+    (12 = 3 passes x 2 GEMMs per block x 2 FLOPs per multiply-add; causal attention at half of s^2)."""
+    kv = m.kv_channels or m.hidden_size // m.num_attention_heads
+    q_ratio = kv * m.num_attention_heads / m.hidden_size
+    mlp = 12 * m.num_layers * m.hidden_size * m.ffn_hidden_size * 1.5
+    attn = 12 * m.num_layers * m.hidden_size ** 2 * q_ratio * (
+        1 + m.num_query_groups / m.num_attention_heads + attended / m.hidden_size * 0.5)
+    return tokens * (mlp + attn) + head_tokens * 6 * m.hidden_size * vocab
 
 
 def main(argv=None) -> dict:
@@ -37,58 +66,66 @@ def main(argv=None) -> dict:
     ap.add_argument("--warmup", type=int, default=1)
     ap.add_argument("--pairs-per-step", type=int, default=16)
     ap.add_argument("--micro-batch-size", type=int, default=4)
-    ap.add_argument("--prompt-tokens", type=int, default=256)
-    ap.add_argument("--response-tokens", type=int, default=256)
+    ap.add_argument("--prompt-tokens", type=int, default=None, help="default: a quarter of model.seq_length")
+    ap.add_argument("--response-tokens", type=int, default=None, help="default: a quarter of model.seq_length")
     ap.add_argument("--peak-tflops", type=float, default=989.0)
     args = ap.parse_args(argv)
 
-
+    from optune_nemo.build import build_policy_parts, resolve
     from optune_nemo.config import load_config
     from optune_nemo.interfaces import PreferenceBatch
     from optune_nemo.losses.wdpo import WDPO
-    from optune_nemo.policy.megatron_policy import build_policy
-    from optune_nemo.policy.parallel import init_distributed
 
-    over = [*PRESETS[args.preset], "policy.hf_path=null", f"precision={args.precision}",
-            f"parallel.use_distributed_optimizer={'true' if args.precision != 'fp32' else 'false'}",
+    shape, vocab = PRESETS[args.preset]
+    over = [*shape, "policy.hf_path=null", "eval.num_prompts=0", f"precision={args.precision}",
             f"train.global_batch_size={args.pairs_per_step}", f"train.micro_batch_size={args.micro_batch_size}",
             "optim.warmup_ratio=0.0", "train.shuffle=false"]
-    cfg = load_config(over)
-    dist = init_distributed(1, 1)
-    vocab = VOCAB[args.preset]
-    policy = build_policy(cfg, vocab_size=vocab, pad_token_id=0, dist=dist)
+    cfg = resolve(load_config(over))
+    m = cfg.model
+    P = args.prompt_tokens or m.seq_length // 4
+    R = args.response_tokens or m.seq_length // 4
+    if P < 1 or R < 1 or P + R > m.seq_length:
+        raise SystemExit(f"--prompt-tokens {P} + --response-tokens {R} must be positive and fit model.seq_length "
+                         f"{m.seq_length}")
+
+    class _Tok:                     # the policy needs only the vocabulary size and a pad id
+        vocab_size, pad_token_id = vocab, 0
+
+    parts = build_policy_parts(cfg, tokenizer=_Tok(), load_weights=False)
+    policy = parts.policy
     n_params = sum(p.numel() for p in policy.unwrapped_model().parameters())
-    P, R = args.prompt_tokens, min(args.response_tokens, cfg.model.seq_length - args.prompt_tokens)
     g = torch.Generator().manual_seed(0)
     n = args.pairs_per_step * (args.steps + args.warmup)
     seq = lambda k: torch.randint(1, vocab, (k,), generator=g).tolist()
     prompts, chosen, rejected = [seq(P) for _ in range(n)], [seq(R) for _ in range(n)], [seq(R) for _ in range(n)]
     zeros = torch.zeros(n)
-    batch = PreferenceBatch(prompts, chosen, rejected, zeros, zeros, torch.ones(n), zeros)
     loss = WDPO(beta1=0.1, beta2=1.0)
+    sync = torch.cuda.synchronize if torch.cuda.is_available() else (lambda: None)
     times = []
     for step in range(args.steps + args.warmup):
         sl = slice(step * args.pairs_per_step, (step + 1) * args.pairs_per_step)
-        part = PreferenceBatch(batch.prompts[sl], batch.chosen[sl], batch.rejected[sl], zeros[sl], zeros[sl],
-                               batch.chosen_rewards[sl], batch.rejected_rewards[sl])
-        if torch.cuda.is_available():
-            torch.cuda.synchronize()
+        part = PreferenceBatch(prompts[sl], chosen[sl], rejected[sl], zeros[sl] - 30, zeros[sl] - 30,
+                               torch.ones(args.pairs_per_step), zeros[sl])
+        sync()
         tic = time.perf_counter()
         policy.train(part, loss, epochs=1, seed=step)
-        if torch.cuda.is_available():
-            torch.cuda.synchronize()
+        sync()
         if step >= args.warmup:
             times.append(time.perf_counter() - tic)
-    tokens_per_step = 2 * args.pairs_per_step * (P + R)
-    m = cfg.model
-    flops_per_token = 6 * n_params + 12 * m.num_layers * m.hidden_size * (P + R)
-    tps = tokens_per_step * len(times) / sum(times)
-    result = {"benchmark": "training", "preset": args.preset, "params": n_params, "precision": args.precision,
-              "tokens_per_step": tokens_per_step, "step_s": [round(t, 3) for t in times],
-              "tokens_per_s": round(tps, 1), "model_tflops_per_s": round(tps * flops_per_token / 1e12, 3),
-              "mfu": round(tps * flops_per_token / (args.peak_tflops * 1e12), 4), "peak_tflops": args.peak_tflops,
-              "device": torch.cuda.get_device_name() if torch.cuda.is_available() else "cpu",
-              "torch": torch.__version__}
+    step_s = statistics.median(times)
+    pairs = args.pairs_per_step
+    model_flops = pairs * 2 * megatron_flops(m, tokens=P + R, attended=P + R, head_tokens=P + R, vocab=vocab)
+    executed = pairs * megatron_flops(m, tokens=P + 2 * R, attended=P + R, head_tokens=2 * R, vocab=vocab)
+    result = {"benchmark": "training", "preset": args.preset, "params": n_params, "precision": cfg.precision,
+              "prompt_tokens": P, "response_tokens": R, "pairs_per_step": pairs,
+              "micro_batch_size": args.micro_batch_size, "step_s": [round(t, 4) for t in times],
+              "median_step_s": round(step_s, 4), "pairs_per_s": round(pairs / step_s, 2),
+              "tokens_per_s": round(pairs * (P + 2 * R) / step_s, 1),
+              "model_tflops_per_s": round(model_flops / step_s / 1e12, 3),
+              "mfu": round(model_flops / step_s / (args.peak_tflops * 1e12), 4),
+              "executed_tflops_per_s": round(executed / step_s / 1e12, 3),
+              "executed_mfu": round(executed / step_s / (args.peak_tflops * 1e12), 4),
+              "peak_tflops": args.peak_tflops, **machine_info()}
     print(json.dumps(result), flush=True)
     return result
 

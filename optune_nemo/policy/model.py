@@ -140,6 +140,14 @@ def build_gpt_model(model_cfg: ModelConfig, *, vocab_size: int, tp_size: int = 1
         position_embedding_type="rope",
         rotary_base=model_cfg.rotary_base,
     )
+    if config.params_dtype != torch.float32:
+        # megatron's torch-norm fallback (no Apex/TE) builds its norms in fp32 whatever params_dtype says; a
+        # parameter group mixing fp32 and bf16 parameters (Qwen2's bf16 QKV biases beside fp32 norms in the
+        # no-weight-decay group) makes megatron-core 0.16's DistributedOptimizer pair parameters with the
+        # wrong main weights when it checkpoints. Transformer Engine's norms are already in params_dtype.
+        for module in model.modules():
+            if isinstance(module, (torch.nn.RMSNorm, torch.nn.LayerNorm)):
+                module.to(config.params_dtype)
     if torch.cuda.is_available():
         model.cuda(torch.cuda.current_device())
     return model
