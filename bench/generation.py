@@ -42,6 +42,8 @@ def _sync():
 def _hf_generate(model, tok, texts, *, n, max_new_tokens, stop_ids, greedy, seed):
     """Batched HF generate (left padding); returns per-sample token lists cut after a stop token."""
     tok.padding_side = "left"
+    if tok.pad_token is None:            # SmolLM2's tokenizer has none; pads are masked either way
+        tok.pad_token = tok.eos_token
     batch = tok.apply_chat_template([[{"role": "user", "content": t}] for t in texts], add_generation_prompt=True,
                                     return_tensors="pt", return_dict=True, padding=True).to(model.device)
     torch.manual_seed(seed)
@@ -86,7 +88,7 @@ def run_one(dtype: str, n_prompts: int, args) -> dict:
     from optune_nemo.interfaces import SamplingParams
 
     precision = {"float32": "fp32", "bfloat16": "bf16"}[dtype]
-    cfg = resolve(load_config(["policy.hf_path=smollm2", f"model.seq_length={args.seq_length}",
+    cfg = resolve(load_config([f"policy.hf_path={args.hf_path}", f"model.seq_length={args.seq_length}",
                                f"precision={precision}"]))
     parts = build_policy_parts(cfg)
     tokenizer, hf_dir = parts.tokenizer, parts.hf_dir
@@ -125,7 +127,7 @@ def run_one(dtype: str, n_prompts: int, args) -> dict:
     eng_tps = statistics.median(t / s for t, s in zip(eng_tok, eng_t))
     hf_tps = statistics.median(t / s for t, s in zip(hf_tok_n, hf_t))
     share = _matmul_share(lambda: engine.generate(ids, params, keys=list(range(len(ids)))))
-    return {"benchmark": "generation", "model": "SmolLM2-135M-Instruct", "dtype": dtype, "prompts": n_prompts,
+    return {"benchmark": "generation", "model": args.hf_path, "dtype": dtype, "prompts": n_prompts,
             "n": args.n, "max_new_tokens": args.max_new_tokens, "temperature": 1.0, "top_p": 0.9,
             "reps": args.reps, "engine_s": [round(t, 3) for t in eng_t], "engine_tokens": eng_tok,
             "engine_tokens_per_s": round(eng_tps, 1), "hf_s": [round(t, 3) for t in hf_t], "hf_tokens": hf_tok_n,
@@ -142,6 +144,7 @@ def main(argv=None) -> list[dict]:
     ap.add_argument("--reps", type=int, default=3)
     ap.add_argument("--seq-length", type=int, default=512)
     ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--hf-path", default="smollm2", help="policy.hf_path of the model (default: SmolLM2)")
     ap.add_argument("--out", default=None, help="write the results as a JSON list")
     args = ap.parse_args(argv)
     results = []
