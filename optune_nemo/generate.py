@@ -37,6 +37,8 @@ def _parse(argv):
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--seq-length", type=int, default=DEFAULT_SEQ_LENGTH, help="longest prompt + response")
     p.add_argument("--cache-dir", default=None, help="where a .gguf is dequantised (default: policy.cache_dir)")
+    p.add_argument("--precision", default=None, choices=["fp32", "bf16", "auto"],
+                   help="default: the checkpoint's, else the schema's (auto)")
     return p.parse_args(argv)
 
 
@@ -51,6 +53,8 @@ def _config(args):
         cfg = load_config([f"policy.hf_path={args.hf}", f"model.seq_length={args.seq_length}"])
     if args.cache_dir:
         cfg.policy.cache_dir = args.cache_dir
+    if args.precision:
+        cfg.precision = args.precision
     cfg.parallel.tensor_model_parallel_size = cfg.parallel.pipeline_model_parallel_size = 1
     return resolve(cfg)
 

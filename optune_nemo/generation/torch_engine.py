@@ -26,10 +26,11 @@ from optune_nemo.distributed import gather_shards, shard
 from optune_nemo.interfaces import Sample, SamplingParams
 from optune_nemo.seeding import generator
 
-CANDIDATES = 1024
-"""Tokens ranked per row before sampling. A language model's next-token distribution puts nearly all of
-its mass on far fewer tokens, so sampling works on these candidates only (no full-vocabulary sort or
-cumsum per step); a row whose draw falls outside them is redrawn exactly over the whole vocabulary."""
+CANDIDATES = (64, 1024)
+"""Tokens ranked per row before sampling, tried in turn. A language model's next-token distribution puts
+nearly all of its mass on far fewer tokens, so sampling works on the top 64 candidates (a partial sort of
+the vocabulary costs a fifth of a top-1024 on a CPU); rows the candidates do not cover are redone with more,
+then over the fully sorted vocabulary: the draw stays exact."""
 
 
 def sample_generator(seed: int, key: int, j: int) -> torch.Generator:
@@ -47,50 +48,53 @@ def sample_from_uniform(logits_RV: torch.Tensor, u_R: torch.Tensor, *, temperatu
     """The token of each row that inverse-CDF sampling with uniform u gives, under temperature, then top-k,
     then nucleus (top-p) filtering: exact in distribution.
 
-    Tokens are ranked (`topk`, at most CANDIDATES); probabilities are taken under the full softmax (or the
-    top-k one). Nucleus: a token is kept while the mass ranked above it is below top_p (the first always);
-    the candidates contain the whole nucleus when they hold at least top_p of the mass, and rows where they
-    do not are done over a full sort. Without a nucleus, a draw beyond the candidates' mass is done over
-    the full sorted distribution with the same u (the two orders agree on the candidates)."""
-    logits = logits_RV.float() / temperature
+    Probabilities are taken under the full softmax (or the top-k one) and ranked (`topk`). Nucleus: a token
+    is kept while the mass ranked above it is below top_p (the first always); the top candidates contain the
+    whole nucleus when they hold at least top_p of the mass. Without a nucleus, a draw that falls beyond the
+    candidates' mass is redone with more of them. Rows the candidates do not settle are redone with the next
+    candidate count, and finally over the fully sorted vocabulary (the orders agree on the candidates)."""
+    logits = logits_RV.float()
+    if temperature != 1.0:
+        logits = logits / temperature
     R, V = logits.shape
     u = u_R.to(device=logits.device, dtype=torch.float64)
-    k = min(top_k or CANDIDATES, V)
-    top, order = torch.topk(logits, k, dim=-1)
-    lse = torch.logsumexp(top if top_k else logits, -1, keepdim=True)
-    p = torch.exp(top - lse).double()                                   # [R, k], descending
-    cum = p.cumsum(-1)
-    if top_p < 1.0:
-        keep = (cum - p) < top_p
-        covered = (k == V) | bool(top_k) | (cum[:, -1] >= top_p)
-        p = p * keep
-        cum = p.cumsum(-1)
-        target = u * cum[:, -1]
-        exact = covered
-    else:
-        target = u                                    # the candidates hold cum[:, -1] of the mass
-        exact = (k == V) | bool(top_k) | (target < cum[:, -1])
-    pos = torch.searchsorted(cum, target.unsqueeze(1)).squeeze(1).clamp(max=k - 1)
-    # never beyond the last candidate with mass (rounding at the top of the cdf)
-    pos = torch.minimum(pos, (p > 0).to(torch.int64).cumsum(-1).argmax(-1))
-    tokens = order.gather(1, pos.unsqueeze(1)).squeeze(1)
-    if not bool(torch.as_tensor(exact).all()):
-        rows = (~torch.as_tensor(exact, device=logits.device).expand(R)).nonzero().squeeze(1)
-        tokens[rows] = _full_sort_sample(logits[rows], u[rows], top_p=top_p)
+    if top_k:                                   # the distribution is the softmax over the kept k tokens
+        top, order = torch.topk(logits, min(top_k, V), dim=-1)
+        return _draw(top.softmax(-1).double(), order, u, top_p)[0]
+    probs = torch.softmax(logits, -1)           # one pass over the vocabulary for the normaliser
+    tokens = torch.empty(R, dtype=torch.long, device=logits.device)
+    rows = torch.arange(R, device=logits.device)
+    for k in (*CANDIDATES, V):
+        k = min(k, V)
+        sub, sub_p = (logits, probs) if len(rows) == R else (logits[rows], probs[rows])   # no copy on pass 1
+        order = torch.topk(sub, k, dim=-1).indices if k < V else torch.argsort(sub, -1, True)
+        got, settled = _draw(sub_p.gather(1, order).double(), order, u[rows], top_p, complete=k == V)
+        tokens[rows[settled]] = got[settled]
+        rows = rows[~settled]
+        if not len(rows):
+            break
     return tokens
 
 
-def _full_sort_sample(logits_RV: torch.Tensor, u_R: torch.Tensor, *, top_p: float) -> torch.Tensor:
-    """The exact draw over the whole sorted vocabulary (the rare rows the candidates do not cover)."""
-    top, order = torch.sort(logits_RV, dim=-1, descending=True)
-    p = top.softmax(-1).double()
+def _draw(p: torch.Tensor, order: torch.Tensor, u: torch.Tensor, top_p: float, *, complete: bool = True):
+    """Inverse-CDF draws over ranked candidate probabilities `p` [R, k] (descending, token ids `order`):
+    (tokens, settled). A row is settled when the candidates decide its draw exactly: they hold the whole
+    nucleus (top_p < 1), or the draw falls within their mass, or they are the whole distribution."""
     cum = p.cumsum(-1)
     if top_p < 1.0:
+        settled = cum[:, -1] >= top_p
         p = p * ((cum - p) < top_p)
         cum = p.cumsum(-1)
-    pos = torch.searchsorted(cum, (u_R * cum[:, -1]).unsqueeze(1)).squeeze(1)
+        target = u * cum[:, -1]
+    else:
+        target = u if not complete else u * cum[:, -1]
+        settled = target < cum[:, -1]
+    if complete:
+        settled = torch.ones_like(settled)
+    pos = torch.searchsorted(cum, target.unsqueeze(1)).squeeze(1).clamp(max=p.shape[1] - 1)
+    # never beyond the last candidate with mass (rounding at the top of the cdf)
     pos = torch.minimum(pos, (p > 0).to(torch.int64).cumsum(-1).argmax(-1))
-    return order.gather(1, pos.unsqueeze(1)).squeeze(1)
+    return order.gather(1, pos.unsqueeze(1)).squeeze(1), settled
 
 
 def sample_tokens(logits_RV: torch.Tensor, params: SamplingParams,
@@ -110,37 +114,40 @@ compute the finished rows waste in between (they are run, their samples ignored)
 
 
 class KVCache:
-    """Pre-allocated keys/values per layer, [R, groups, slots, dim], `slots` = longest prompt +
-    max_new_tokens, filled in place; `length` slots are written. `start_R` is each row's first valid
-    slot (its left padding)."""
+    """Pre-allocated keys and values per layer, filled in place; `slots` = longest prompt + max_new_tokens,
+    `length` of them written. Keys are stored transposed, [R, groups, dim, slots], so the scores q k^T of
+    a decode step are one strided matrix product over the written slots (no per-step copy of the cache);
+    values are [R, groups, slots, dim]. `start_R` is each row's first valid slot (its left padding)."""
 
     def __init__(self, num_layers: int, slots: int, start_R: torch.Tensor):
-        self.k: list[torch.Tensor | None] = [None] * num_layers
+        self.kt: list[torch.Tensor | None] = [None] * num_layers
         self.v: list[torch.Tensor | None] = [None] * num_layers
         self.slots, self.length = slots, 0
         self.start_R = start_R
 
     def write(self, li: int, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """Store this step's keys/values of layer `li` ([R, groups, S, dim]); return all so far."""
-        if self.k[li] is None:
+        """Store this step's keys/values of layer `li` ([R, groups, S, dim]); return all so far as
+        (keys transposed [R, groups, dim, T], values [R, groups, T, dim])."""
+        if self.kt[li] is None:
             R, G, _, D = k.shape
-            self.k[li] = k.new_empty(R, G, self.slots, D)
+            self.kt[li] = k.new_empty(R, G, D, self.slots)
             self.v[li] = v.new_empty(R, G, self.slots, D)
         end = self.length + k.shape[2]
-        self.k[li][:, :, self.length:end] = k
+        self.kt[li][:, :, :, self.length:end] = k.transpose(-1, -2)
         self.v[li][:, :, self.length:end] = v
-        return self.k[li][:, :, :end], self.v[li][:, :, :end]
+        return self.kt[li][:, :, :, :end], self.v[li][:, :, :end]
 
     def select(self, rows: torch.Tensor) -> None:
         """Keep / repeat rows (prefix sharing, finished rows leaving); only the written slots are copied."""
-        self.k = [_select_rows(k, rows, self.length) for k in self.k]
-        self.v = [_select_rows(v, rows, self.length) for v in self.v]
+        n = self.length
+        self.kt = [_select_rows(k, rows, (slice(None), slice(None), slice(None), slice(0, n))) for k in self.kt]
+        self.v = [_select_rows(v, rows, (slice(None), slice(None), slice(0, n))) for v in self.v]
         self.start_R = self.start_R.index_select(0, rows)
 
 
-def _select_rows(cache: torch.Tensor, rows: torch.Tensor, length: int) -> torch.Tensor:
+def _select_rows(cache: torch.Tensor, rows: torch.Tensor, written: tuple) -> torch.Tensor:
     out = cache.new_empty(len(rows), *cache.shape[1:])
-    torch.index_select(cache[:, :, :length], 0, rows, out=out[:, :, :length])
+    torch.index_select(cache[written], 0, rows, out=out[written])
     return out
 
 

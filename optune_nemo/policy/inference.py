@@ -53,22 +53,21 @@ class MegatronDecoder:
 
     # ------------------------------------------------------------------ one step
 
-    def _rotary(self, positions_RS: torch.Tensor) -> torch.Tensor:
+    def _rotary(self, positions_RS: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """(cos, sin) of this step's positions [S, R, 1, dim] in the model's dtype: computed once per step
+        for every layer, exactly as megatron's apply_rotary_pos_emb computes them per call."""
         if self._rotary_table is None:   # depends on no weight: computed once
             self._rotary_table = self.model.rotary_pos_emb(self.max_sequence_length)[:, 0, 0]   # [L, dim]
-        return self._rotary_table[positions_RS.clamp(min=0)].transpose(0, 1).unsqueeze(2)  # [S, R, 1, dim]
+        freqs = self._rotary_table[positions_RS.clamp(min=0)].transpose(0, 1).unsqueeze(2)
+        return torch.cos(freqs).to(self.dtype), torch.sin(freqs).to(self.dtype)
 
-    def _attention(self, layer, hidden_SRH, freqs, cache, li: int, bias_R1ST):
-        from megatron.core.models.common.embeddings.rope_utils import apply_rotary_pos_emb
-
+    def _attention(self, layer, hidden_SRH, rope, cache, li: int, bias_R1ST):
         attn = layer.self_attention
         q, k, v = attn.get_query_key_value_tensors(hidden_SRH, None)[:3]   # [S, R, heads, dim]
-        cfg = attn.config
-        q = apply_rotary_pos_emb(q, freqs, config=cfg)
-        k = apply_rotary_pos_emb(k, freqs, config=cfg)
-        keys, values = cache.write(li, k.permute(1, 2, 0, 3), v.permute(1, 2, 0, 3))  # [R, groups, T, dim]
+        q, k = _apply_rope(q, *rope), _apply_rope(k, *rope)
+        keys_t, values = cache.write(li, k.permute(1, 2, 0, 3), v.permute(1, 2, 0, 3))
         q = q.permute(1, 2, 0, 3)                                           # [R, heads, S, dim]
-        ctx = _gqa_attention(q, keys, values, bias_R1ST)                    # [R, heads, S, dim]
+        ctx = _gqa_attention(q, keys_t, values, bias_R1ST)                  # [R, heads, S, dim]
         S, R = hidden_SRH.shape[:2]
         out, bias = attn.linear_proj(ctx.permute(2, 0, 1, 3).reshape(S, R, -1))
         return out if bias is None else out + bias
@@ -87,11 +86,11 @@ class MegatronDecoder:
         else:
             hidden = torch.empty(S, R, m.config.hidden_size, dtype=self.dtype, device=self.device)
             torch.distributed.recv(hidden, src=self._pp_neighbour(-1), group=d.pp_group)
-        freqs = self._rotary(positions_RS)
+        rope = self._rotary(positions_RS)
         bias = attention_bias(cache.start_R, cache.length, S, dtype=torch.float32)   # once for every layer
         for li, layer in enumerate(m.decoder.layers):
             residual = hidden
-            hidden = residual + self._attention(layer, layer.input_layernorm(hidden), freqs, cache, li, bias)
+            hidden = residual + self._attention(layer, layer.input_layernorm(hidden), rope, cache, li, bias)
             out, b = layer.mlp(layer.pre_mlp_layernorm(hidden))
             hidden = hidden + (out if b is None else out + b)
         cache.length += S
@@ -131,15 +130,23 @@ def attention_bias(start_R: torch.Tensor, past: int, S: int, *, dtype: torch.dty
     return torch.zeros(ok.shape, dtype=dtype, device=start_R.device).masked_fill(~ok, float("-inf"))[:, None]
 
 
-def _gqa_attention(q_RHSD: torch.Tensor, k_RGTD: torch.Tensor, v_RGTD: torch.Tensor,
+def _apply_rope(t_SRHD: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    """Rotary embedding (non-interleaved halves), the arithmetic of megatron's _apply_rotary_pos_emb_bshd
+    with the cos/sin it would compute."""
+    x1, x2 = torch.chunk(t_SRHD, 2, dim=-1)
+    return t_SRHD * cos + torch.cat((-x2, x1), dim=-1) * sin
+
+
+def _gqa_attention(q_RHSD: torch.Tensor, kt_RGDT: torch.Tensor, v_RGTD: torch.Tensor,
                    bias_R1ST: torch.Tensor) -> torch.Tensor:
     """softmax(q k^T / sqrt(d) + bias) v with grouped-query attention (head h reads group h // (H / G)),
     without copying keys and values per head: the heads of a group are folded into the query rows of one
-    batched matrix product. Scores and softmax in float32 (megatron's attention_softmax_in_fp32)."""
+    batched matrix product (keys come transposed from the cache). Scores and softmax in float32 (megatron's
+    attention_softmax_in_fp32)."""
     R, H, S, D = q_RHSD.shape
-    G, T = k_RGTD.shape[1], k_RGTD.shape[2]
+    G, T = kt_RGDT.shape[1], kt_RGDT.shape[3]
     rep = H // G
     q = q_RHSD.reshape(R, G, rep * S, D)
-    scores = torch.matmul(q, k_RGTD.transpose(-1, -2)).view(R, G, rep, S, T).float()
+    scores = torch.matmul(q, kt_RGDT).view(R, G, rep, S, T).float()
     probs = torch.softmax(scores * D ** -0.5 + bias_R1ST[:, :, None], dim=-1).to(v_RGTD.dtype)
     return torch.matmul(probs.view(R, G, rep * S, T), v_RGTD).view(R, H, S, D)

@@ -38,7 +38,7 @@ def _megatron_gradient(rank, hf_dir, overrides, n):
 
     cfg = resolve(load_config([f"policy.hf_path={hf_dir}", "model.seq_length=64", "eval.num_prompts=0",
                                "train.shuffle=false", "optim.clip_grad=0", "optim.warmup_ratio=0",
-                               "optim.lr=1e-3", *overrides]))
+                               "optim.lr=1e-3", "precision=fp32", *overrides]))
     parts = build_policy_parts(cfg)
     policy = parts.policy
     vocab = read_hf_config(hf_dir).vocab_size

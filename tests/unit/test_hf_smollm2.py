@@ -74,7 +74,7 @@ def test_generate_cli_greedy_equals_transformers(smollm2_dir):
     prompts = ["What is 17 + 25?", "Name three primary colors.", "Compute 12 times 7.",
                "Write one sentence about the sea."]
     args = [sys.executable, "-m", "optune_nemo.generate", "--hf", str(smollm2_dir), "--max-new-tokens", "24",
-            "--seq-length", "256"]
+            "--seq-length", "256", "--precision", "fp32"]
     for p in prompts:
         args += ["--prompt", p]
     proc = subprocess.run(args, capture_output=True, text=True, timeout=600)
