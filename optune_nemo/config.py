@@ -281,8 +281,10 @@ class LossConfig:
     DPO), or `module:Class` for a loss kept outside the package."""
     beta1: float = 0.1
     """Scale of the implicit reward in the sigmoid (dpo, wdpo, cdpo); IPO's tau."""
-    beta2: float = 1.0
-    """Scale of the reward gap in the wDPO weight sigmoid(beta2 * (r_w - r_l))."""
+    beta2: float = 4.0
+    """Scale of the reward gap in the wDPO weight sigmoid(beta2 * (r_w - r_l)). 4 puts the median non-zero
+    gap of the built-in task at iteration 0 (0.34) at weight 0.8 (4 ~ logit(0.8) / 0.34; docs/algorithm.md);
+    rescale it with your reward's gaps."""
     label_smoothing: float = 0.1
     """cdpo: probability that a preference label is flipped, in [0, 0.5)."""
 

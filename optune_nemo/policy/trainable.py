@@ -11,6 +11,7 @@ MEAN over the real items of the global batch, whatever the micro-batching and th
 
 from __future__ import annotations
 
+import math
 import os
 
 import torch
@@ -69,14 +70,17 @@ class MegatronTrainable:
             forward_only=forward_only)
 
     def scheduler(self, total_steps: int):
-        """An LR schedule over `total_steps` optimizer steps: linear warm-up over warmup_ratio of them, then
-        `lr_decay_style` down to min_lr."""
+        """An LR schedule over `total_steps` optimizer steps: linear warm-up over w = ceil(warmup_ratio *
+        total_steps) of them, then `lr_decay_style` down to min_lr.
+
+        w is rounded up so that a short iteration (4 steps at 10 %) still warms up, and the warm-up starts at
+        lr / (w + 1) rather than 0, so no step is wasted at lr 0: step k < w runs at lr * (k + 1) / (w + 1)."""
         from megatron.core.optimizer_param_scheduler import OptimizerParamScheduler
 
         o = self.optim_cfg
-        warmup = int(o.warmup_ratio * total_steps)
+        warmup = math.ceil(o.warmup_ratio * total_steps - 1e-9) if o.warmup_ratio > 0 else 0
         return OptimizerParamScheduler(
-            self.optimizer, init_lr=0.0, max_lr=o.lr, min_lr=o.min_lr, lr_warmup_steps=warmup,
+            self.optimizer, init_lr=o.lr / (warmup + 1), max_lr=o.lr, min_lr=o.min_lr, lr_warmup_steps=warmup,
             lr_decay_steps=max(total_steps, warmup + 1), lr_decay_style=o.lr_decay_style,
             start_wd=o.weight_decay, end_wd=o.weight_decay, wd_incr_steps=max(total_steps, 1),
             wd_incr_style="constant")
