@@ -173,8 +173,31 @@ def train_command(run: PlannedRun, launcher: list[str]) -> list[str]:
     return [*launcher, "-m", "optune_nemo.train", *run.overrides]
 
 
-def run_local(plan: list[PlannedRun], *, launcher: list[str], dry_run: bool) -> int:
-    """Every run not COMPLETED, one after another; 0 when all completed, else 1."""
+PRUNED = ("model", "rng_states.pt")
+"""What --prune removes from a completed fork's checkpoints: the model/optimizer shards and RNG states. The
+rollout stores, metrics, evaluation records and manifests (all the report reads) stay."""
+
+
+def prune_checkpoints(exp_dir: Path) -> int:
+    """Delete the PRUNED parts of every checkpoint under exp_dir; returns how many checkpoints were pruned.
+    A pruned run can no longer be resumed or forked from (it is COMPLETED, so the sweep never resumes it)."""
+    import shutil
+
+    n = 0
+    for ckpt in sorted((exp_dir / "checkpoints").glob("iter_*")):
+        for name in PRUNED:
+            part = ckpt / name
+            if part.is_dir():
+                shutil.rmtree(part)
+            elif part.exists():
+                part.unlink()
+        n += 1
+    return n
+
+
+def run_local(plan: list[PlannedRun], *, launcher: list[str], dry_run: bool, prune: bool = False) -> int:
+    """Every run not COMPLETED, one after another; 0 when all completed, else 1. With `prune`, a fork's
+    model shards are deleted once it completed (prune_checkpoints); bases keep theirs (forks start there)."""
     failed: list[str] = []
     for run in plan:
         if run.completed:
@@ -193,6 +216,9 @@ def run_local(plan: list[PlannedRun], *, launcher: list[str], dry_run: bool) -> 
         if rc != 0 or not run.completed:
             log.error("sweep: %s did not complete (exit code %d)", run.name, rc)
             failed.append(run.name)
+        elif prune and run.stage == "fork":
+            log.info("sweep: pruned the model shards of %d checkpoint(s) of %s", prune_checkpoints(run.exp_dir),
+                     run.name)
     if failed:
         log.error("sweep: %d run(s) did not complete: %s (rerun the same command to resume)", len(failed),
                   ", ".join(failed))
@@ -279,6 +305,10 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--launcher", default=shlex.quote(sys.executable),
                    help="local: what runs `-m optune_nemo.train`, e.g. 'torchrun --nproc-per-node=8'")
     p.add_argument("--dry-run", action="store_true", help="print the commands, run nothing")
+    p.add_argument("--prune", action="store_true",
+                   help="local: once a fork completed, delete its checkpoints' model and optimizer shards (keeps "
+                        "rollouts, metrics and evaluation: what the report reads); a pruned run cannot be resumed "
+                        "or forked from")
     p.add_argument("overrides", nargs="*", help="key=value overrides for every run")
     return p.parse_args(argv)
 
@@ -298,7 +328,7 @@ def main(argv: list[str] | None = None) -> int:
             submit_slurm(plan, Path(args.root), sbatch_args=shlex.split(args.sbatch_args),
                          max_running=args.max_running, dry_run=args.dry_run)
             return 0
-        return run_local(plan, launcher=shlex.split(args.launcher), dry_run=args.dry_run)
+        return run_local(plan, launcher=shlex.split(args.launcher), dry_run=args.dry_run, prune=args.prune)
     except ConfigError as e:
         print(f"optune_nemo.sweep: configuration error: {e}", file=sys.stderr)
         return 2

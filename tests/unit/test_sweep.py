@@ -118,19 +118,23 @@ with open(os.environ["STUB_LOG"], "a") as f:
     f.write(json.dumps(args) + "\\n")
 if exp.name in os.environ.get("STUB_FAIL", "").split(","):
     sys.exit(3)
-exp.mkdir(parents=True, exist_ok=True)
+ckpt = exp / "checkpoints" / "iter_000000"
+(ckpt / "model").mkdir(parents=True, exist_ok=True)
+(ckpt / "model" / "__0_0.distcp").write_bytes(b"w")
+for name in ("rng_states.pt", "rollouts.parquet", "metrics.jsonl"):
+    (ckpt / name).write_bytes(b"x")
 (exp / "COMPLETED").write_text("ok\\n")
 """
 
 
-def _local(tmp_path, monkeypatch, fail=""):
+def _local(tmp_path, monkeypatch, fail="", extra=()):
     stub = tmp_path / "stub_train.py"
     stub.write_text(STUB_TRAIN)
     monkeypatch.setenv("STUB_LOG", str(tmp_path / "calls.jsonl"))
     monkeypatch.setenv("STUB_FAIL", fail)
     monkeypatch.setattr("optune_nemo.sweep.has_init_from", lambda: True)
     monkeypatch.setattr("optune_nemo.sweep.check_overrides", lambda plan: None)
-    rc = main(["--root", str(tmp_path / "sweep"), *ARGS, "--launcher", f"{sys.executable} {stub}"])
+    rc = main(["--root", str(tmp_path / "sweep"), *ARGS, *extra, "--launcher", f"{sys.executable} {stub}"])
     log = tmp_path / "calls.jsonl"
     calls = [json.loads(line) for line in log.read_text().splitlines()] if log.exists() else []
     log.unlink(missing_ok=True)
@@ -152,6 +156,17 @@ def test_local_skips_forks_of_a_failed_base(tmp_path, monkeypatch):
     rc, ran = _local(tmp_path, monkeypatch, fail="wdpo-seed2")
     assert rc == 1
     assert ran == ["wdpo-seed1", "wdpo-seed2", "rho0.5-lowest_reward-wdpo-seed1", "rho1-all-wdpo-seed1"]
+
+
+def test_prune_removes_fork_shards_and_keeps_what_the_report_reads(tmp_path, monkeypatch):
+    rc, ran = _local(tmp_path, monkeypatch, extra=["--prune"])
+    assert rc == 0 and len(ran) == 6
+    root = tmp_path / "sweep"
+    for ckpt in (root / "runs").glob("*/checkpoints/iter_000000"):
+        assert sorted(p.name for p in ckpt.iterdir()) == ["metrics.jsonl", "rollouts.parquet"]
+    for ckpt in (root / "base").glob("*/checkpoints/iter_000000"):    # forks start from the bases: kept
+        assert (ckpt / "model" / "__0_0.distcp").is_file() and (ckpt / "rng_states.pt").is_file()
+    assert len(list((root / "runs").glob("*/checkpoints/iter_000000"))) == 4
 
 
 def test_running_needs_init_from(tmp_path, monkeypatch, capsys):
