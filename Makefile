@@ -24,8 +24,8 @@ run: $(VENV)/.installed
 	$(PY) -m optune_nemo.train $(ARGS)
 
 test: $(VENV)/.installed
-	$(PY) -m ruff check optune_nemo tests $(wildcard bench)
+	$(PY) -m ruff check optune_nemo tests bench scripts
 	$(PY) -m pytest $(PYTEST_ARGS) tests
 
 lint: $(VENV)/.installed
-	$(PY) -m ruff check optune_nemo tests $(wildcard bench)
+	$(PY) -m ruff check optune_nemo tests bench scripts

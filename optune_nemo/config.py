@@ -147,7 +147,9 @@ class OptimConfig:
     """Optimizer and learning-rate schedule, built through megatron.core.optimizer."""
 
     optimizer: str = "adam"
-    """`adam` or `sgd`."""
+    """`adam`, `sgd`, or `rmsprop` (the paper's optimizer; torch RMSprop inside megatron's fp32 optimizer:
+    precision=fp32 and the non-distributed optimizer only, since megatron-core 0.16's distributed optimizer
+    checkpoints Adam state alone)."""
     lr: float = 3e-5
     """Peak learning rate."""
     min_lr: float = 0.0
@@ -160,6 +162,11 @@ class OptimConfig:
     """Adam beta2."""
     adam_eps: float = 1e-8
     """Adam epsilon."""
+    rmsprop_alpha: float = 0.99
+    """rmsprop: smoothing constant of the squared-gradient average (torch's default; the paper does not
+    state one)."""
+    rmsprop_eps: float = 1e-8
+    """rmsprop: epsilon added to the root of the average."""
     clip_grad: float = 1.0
     """Global gradient-norm clip; 0 disables it."""
     warmup_ratio: float = 0.1
@@ -467,7 +474,15 @@ def validate(cfg: OptuneNemoConfig, world_size: int = 1) -> None:
             f"must divide the world size {world_size}")
     dp = world_size // (tp * pp)
 
-    _choice("optim.optimizer", cfg.optim.optimizer, ("adam", "sgd"))
+    _choice("optim.optimizer", cfg.optim.optimizer, ("adam", "sgd", "rmsprop"))
+    if cfg.optim.optimizer == "rmsprop":
+        if cfg.precision not in ("fp32", "auto") or cfg.parallel.use_distributed_optimizer:
+            raise ConfigError("optim.optimizer: rmsprop runs with precision=fp32 and "
+                              "parallel.use_distributed_optimizer=false (megatron-core 0.16's distributed "
+                              f"optimizer checkpoints Adam state only; got precision={cfg.precision})")
+        if not 0 < cfg.optim.rmsprop_alpha < 1:
+            raise ConfigError(f"optim.rmsprop_alpha: must be in (0, 1) (got {cfg.optim.rmsprop_alpha})")
+        _positive("optim.rmsprop_eps", cfg.optim.rmsprop_eps)
     _positive("optim.lr", cfg.optim.lr)
     if not 0 <= cfg.optim.warmup_ratio < 1:
         raise ConfigError(f"optim.warmup_ratio: must be in [0, 1) (got {cfg.optim.warmup_ratio})")
@@ -571,6 +586,8 @@ def resolve_precision(cfg: OptuneNemoConfig) -> OptuneNemoConfig:
     precision = cfg.precision
     if precision == "auto":
         fast, why = fast_bf16()
+        if cfg.optim.optimizer == "rmsprop":
+            fast, why = False, "optim.optimizer=rmsprop runs in fp32"
         precision = "bf16" if fast else "fp32"
         logging.getLogger(__name__).info("precision: auto -> %s (%s)", precision, why)
     dist_opt = cfg.parallel.use_distributed_optimizer

@@ -40,7 +40,7 @@ def sample_generator(seed: int, key: int, j: int) -> torch.Generator:
 
 def draw_uniforms(generators: Sequence[torch.Generator]) -> torch.Tensor:
     """One float64 uniform per row from the row's own generator (CPU): rows do not influence each other."""
-    return torch.cat([torch.rand(1, generator=g, dtype=torch.float64) for g in generators])
+    return torch.cat([torch.rand(1, generator=g, dtype=torch.float64) for g in generators])  # host: CPU generators
 
 
 def sample_from_uniform(logits_RV: torch.Tensor, u_R: torch.Tensor, *, temperature: float, top_k: int,

@@ -1,6 +1,6 @@
 """Run megatron-core's CUDA-only code paths on a CPU build of torch.
 
-megatron-core 0.16.1 assumes CUDA in a few dozen places (see ../shared/notes/megatron-core-on-cpu.md):
+megatron-core 0.16.1 assumes CUDA in a few dozen places:
 `device="cuda"` / `torch.cuda.current_device()` buffers, `Tensor.cuda()`, `pin_memory`, CUDA RNG
 state tracking (attention always enters the tracker's `fork()`), `torch.cuda.Event` and NVTX.
 `enable_cpu_compat()` redirects those to the CPU. It is a no-op when CUDA is available, so the GPU

@@ -41,10 +41,32 @@ def wrap_for_training(module, *, optim: OptimConfig, use_distributed_optimizer: 
     tcfg.finalize_model_grads_func = finalize_model_grads
     o = optim
     opt_cfg = OptimizerConfig(
-        optimizer=o.optimizer, lr=o.lr, min_lr=o.min_lr, weight_decay=o.weight_decay,
-        adam_beta1=o.adam_beta1, adam_beta2=o.adam_beta2, adam_eps=o.adam_eps, clip_grad=o.clip_grad,
+        # rmsprop: megatron builds its fp32 wrapper around an SGD, whose torch optimizer is then swapped
+        optimizer="sgd" if o.optimizer == "rmsprop" else o.optimizer, lr=o.lr, min_lr=o.min_lr,
+        weight_decay=o.weight_decay, adam_beta1=o.adam_beta1, adam_beta2=o.adam_beta2,
+        adam_eps=o.adam_eps, clip_grad=o.clip_grad,
         use_distributed_optimizer=use_distributed_optimizer, params_dtype=torch.float32, bf16=bf16)
-    return chunks, get_megatron_optimizer(opt_cfg, chunks)
+    optimizer = get_megatron_optimizer(opt_cfg, chunks)
+    if o.optimizer == "rmsprop":
+        _use_rmsprop(optimizer, o)
+    return chunks, optimizer
+
+
+_SGD_ONLY = ("momentum", "dampening", "nesterov", "maximize", "foreach", "differentiable", "fused")
+
+
+def _use_rmsprop(optimizer, o: OptimConfig) -> None:
+    """Replace the torch SGD inside megatron's (fp32, non-distributed) optimizer wrappers by torch RMSprop
+    over the same parameter groups (megatron's per-group keys, weight decay and lr multipliers kept; SGD's
+    own keys dropped, so its momentum does not leak into RMSprop). Checkpoints go through megatron's generic
+    per-parameter state path (`square_avg` beside the parameters, one common `step`)."""
+    for opt in getattr(optimizer, "chained_optimizers", [optimizer]):
+        if "SGD" not in type(opt.optimizer).__name__:    # torch's, or TE's / Apex's FusedSGD on a GPU
+            raise RuntimeError(f"rmsprop: expected megatron to build an SGD, got {type(opt.optimizer)}")
+        groups = [{k: v for k, v in g.items() if k not in _SGD_ONLY} for g in opt.optimizer.param_groups]
+        opt.optimizer = torch.optim.RMSprop(groups, lr=o.lr, alpha=o.rmsprop_alpha, eps=o.rmsprop_eps,
+                                            momentum=0.0, centered=False)
+        opt.init_state_fn = lambda inner, config=None: _prime_optimizer_state(inner)
 
 
 class MegatronTrainable:
@@ -154,21 +176,27 @@ class MegatronTrainable:
 
 
 def _prime_adam_state(optimizer) -> None:
-    """A fresh torch Adam has no per-parameter state, and megatron's DistributedOptimizer.state_dict
-    (used to build the state dict to load into) asserts one common `step` over it. Give every
-    parameter zero moments and step 0 before a load overwrites them."""
+    """A fresh torch Adam (or RMSprop) has no per-parameter state, and megatron's state dicts (used to build
+    the state dict to load into) assert one common `step` over it. Give every parameter zero moments and
+    step 0 before a load overwrites them."""
     for opt in getattr(optimizer, "chained_optimizers", [optimizer]):
         inner = getattr(opt, "optimizer", None)
-        if not isinstance(inner, torch.optim.Adam):
-            continue
-        for group in inner.param_groups:
-            for p in group["params"]:
-                if not inner.state[p]:
-                    # what torch Adam's first step would create (a device step tensor when fused/capturable)
-                    on_device = group.get("fused") or group.get("capturable")
-                    step = torch.zeros((), dtype=torch.float32, device=p.device) if on_device else torch.tensor(0.0)
-                    inner.state[p] = {"step": step, "exp_avg": torch.zeros_like(p),
-                                      "exp_avg_sq": torch.zeros_like(p)}
+        if isinstance(inner, (torch.optim.Adam, torch.optim.RMSprop)):
+            _prime_optimizer_state(inner)
+
+
+def _prime_optimizer_state(inner: torch.optim.Optimizer) -> None:
+    """What the first step of torch Adam / RMSprop would create, with zero moments and step 0."""
+    for group in inner.param_groups:
+        for p in group["params"]:
+            if not inner.state[p]:
+                # a device step tensor when fused/capturable
+                on_device = group.get("fused") or group.get("capturable")
+                step = torch.zeros((), dtype=torch.float32, device=p.device) if on_device else torch.tensor(0.0)
+                if isinstance(inner, torch.optim.RMSprop):
+                    inner.state[p] = {"step": step, "square_avg": torch.zeros_like(p)}
+                else:
+                    inner.state[p] = {"step": step, "exp_avg": torch.zeros_like(p), "exp_avg_sq": torch.zeros_like(p)}
 
 
 def _restore_adam_steps(optimizer) -> None:

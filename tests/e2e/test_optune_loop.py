@@ -179,6 +179,18 @@ def test_three_iterations_equal_two_plus_resumed_third(tmp_path):
     assert wa.keys() == wb.keys() and all(torch.equal(wa[k], wb[k]) for k in wa)
 
 
+def test_rmsprop_resume_is_exact(tmp_path):
+    """The paper's optimizer: its squared-gradient averages and step go through the checkpoint (a lost
+    state would restart the third iteration's RMSprop from zero and change every weight)."""
+    straight, resumed = tmp_path / "straight", tmp_path / "resumed"
+    _train_cli(straight, "optune.iterations=3", "optim.optimizer=rmsprop")
+    _train_cli(resumed, "optune.iterations=2", "optim.optimizer=rmsprop")
+    _train_cli(resumed, "optune.iterations=3", "optim.optimizer=rmsprop")
+    assert _metrics(straight) == _metrics(resumed)
+    wa, wb = run_ranks(_weights_pair, 1, str(straight), str(resumed))[0]
+    assert wa.keys() == wb.keys() and all(torch.equal(wa[k], wb[k]) for k in wa)
+
+
 def _weights_pair(rank, a, b):
     from pathlib import Path
 

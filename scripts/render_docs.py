@@ -1,0 +1,269 @@
+"""Render every measured figure in README.md and docs/*.md from the recorded data under docs/data/ and
+docs/results/, between markers
+
+    <!-- BEGIN generated:NAME (scripts/render_docs.py) -->
+    ...
+    <!-- END generated:NAME -->
+
+    python scripts/render_docs.py           rewrite the blocks
+    python scripts/render_docs.py --check   exit 1 when a block differs from what the data gives (a test runs it)
+
+Where the data come from (each directory names its machine in its JSON):
+  docs/data/default_run/        `make run` on the embedded default: scripts/record_run.py
+  docs/data/<machine>-<date>/   bench/*.py output (bench/gpu_session.sh on a lent GPU)
+  docs/results/                 `python -m optune_nemo.report` of experiments/small_scale.sh
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import re
+import sys
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[1]
+DATA = REPO / "docs" / "data"
+RESULTS = REPO / "docs" / "results"
+BLOCK = re.compile(r"(<!-- BEGIN generated:(?P<name>[\w-]+) \(scripts/render_docs\.py\) -->\n)(?P<body>.*?)"
+                   r"(<!-- END generated:(?P=name) -->)", re.S)
+
+
+def _jsonl(path: Path) -> list[dict]:
+    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+
+
+def _f(x, digits: int = 3) -> str:
+    if x is None:
+        return "-"
+    if isinstance(x, float):
+        return f"{x:.{digits}f}"
+    return str(x)
+
+
+def machine(info: dict) -> str:
+    """One phrase naming the machine of a recorded figure."""
+    dev = info.get("device", "cpu")
+    if dev == "cpu":
+        return f"{info.get('cpu', 'CPU')}, {info.get('threads')} threads, torch {info.get('torch')}"
+    return f"{dev}, torch {info.get('torch')} (CUDA {info.get('cuda')})"
+
+
+# --------------------------------------------------------------------------- blocks
+
+
+def default_run() -> str:
+    d = DATA / "default_run"
+    meta = json.loads((d / "run.json").read_text())
+    records = _jsonl(d / "metrics.jsonl")
+    ev = json.loads((d / "eval.json").read_text())
+    base = ev["baseline"]
+    last = ev["iterations"][max(ev["iterations"], key=int)]
+    lines = [f"Recorded {meta['date']} with `{meta['command']}` on {machine(meta)}: "
+             f"{meta['wall_s'] / 60:.1f} min wall clock (venv installed, the model already dequantised in its "
+             "cache).", "",
+             "| held-out, greedy | before | after |", "|---|---|---|",
+             f"| exact-answer accuracy | {_f(base.get('accuracy'))} | {_f(last.get('accuracy'))} |",
+             f"| mean gold reward | {_f(base['reward_mean'])} | {_f(last['reward_mean'])} |",
+             f"| win score vs the starting policy (eq. 7) | 50 | {_f(last.get('win_score'), 1)} |",
+             f"| mean answer length (tokens) | {_f(base.get('response_tokens_mean'), 1)} | "
+             f"{_f(last.get('response_tokens_mean'), 1)} |",
+             "", "| iteration | regenerated | generated tokens | generation s | reference s | train s | total s | "
+             "store chosen reward | train pairs |", "|---|---|---|---|---|---|---|---|---|"]
+    for r in records:
+        lines.append(f"| {r['iteration']} | {r['regenerated']} | {r['generated_tokens']} | "
+                     f"{r['time_generation_s']:.1f} | {r['time_reference_s']:.1f} | {r['time_train_s']:.1f} | "
+                     f"{r['time_total_s']:.1f} | {r['reward_chosen_mean']:.3f} | {r['train_pairs']} |")
+    gen = sum(r["time_generation_s"] for r in records)
+    tot = sum(r["time_total_s"] for r in records)
+    lines += ["", f"Generation took {100 * gen / tot:.0f} % of the iteration time; precision "
+              f"`{_config_value(d / 'config.yaml', 'precision')}`."]
+    return "\n".join(lines)
+
+
+def _config_value(path: Path, key: str) -> str:
+    for line in path.read_text().splitlines():
+        if line.startswith(f"{key}:"):
+            return line.split(":", 1)[1].split("#")[0].strip().strip('"')
+    return "?"
+
+
+def gpu_h100() -> str:
+    d = DATA / "h100-2026-11-23"
+    train = _jsonl(d / "training.jsonl")
+    it = json.loads((d / "iteration.json").read_text())
+    lines = [f"Machine: {machine(train[0])}, {train[0]['cpus']} CPU cores, python {train[0]['python']}, "
+             "megatron-core 0.16.1 with the `local` layer spec (no Transformer Engine or Apex in that image). "
+             "Raw output: `docs/data/h100-2026-11-23/`.", "",
+             "**Training** (`bench/training.py`, one preference-pair optimizer step = forward + backward of the "
+             "packed pairs; MFU from megatron's FLOP formula against "
+             f"{train[0]['peak_tflops']:.0f} TFLOP/s dense bf16):", "",
+             "| preset | params | precision | pairs/step | prompt + response tokens | micro-batch | median step s | "
+             "tokens/s | model TFLOP/s | model MFU | executed MFU |", "|---|---|---|---|---|---|---|---|---|---|---|"]
+    for r in train:
+        lines.append(f"| {r['preset']} | {r['params'] / 1e6:.0f} M | {r['precision']} | {r['pairs_per_step']} | "
+                     f"{r['prompt_tokens']} + 2 x {r['response_tokens']} | {r['micro_batch_size']} | "
+                     f"{r['median_step_s']:.3f} | {r['tokens_per_s']:,.0f} | {r['model_tflops_per_s']:.1f} | "
+                     f"{100 * r['mfu']:.1f} % | {100 * r['executed_mfu']:.1f} % |")
+    r1, rr = it["rho_1"], it[f"rho_{it['rho']:g}"]
+    lines += ["", f"**One OPTune iteration** (`bench/iteration.py`, SmolLM2-135M-Instruct, "
+              f"{', '.join('`' + o + '`' for o in it['overrides'][1:3])}, 64 prompts, iterations after a shared "
+              "iteration 0, median over iterations):", "",
+              "| setting | generation s | reward s | reference s | train s | total s | generation share |",
+              "|---|---|---|---|---|---|---|"]
+    for name, r in (("rho = 1 (online DPO)", r1), (f"rho = {it['rho']:g}, lowest reward", rr)):
+        lines.append(f"| {name} | {r['generation_s']:.2f} | {r['reward_s']:.3f} | {r['reference_s']:.2f} | "
+                     f"{r['train_s']:.2f} | {r['total_s']:.2f} | {100 * r['generation_share']:.1f} % |")
+    g = it["generation_share_rho_1"]
+    lines += ["", f"Measured speed-up {it['speedup']:.2f}x against Amdahl's bound {it['amdahl_bound']:.2f}x "
+              f"(1 / (1 - g + g rho) with g = {g:.3f}): {100 * it['speedup_over_bound']:.0f} "
+              "% of the bound. Above 100 % because the OPTune run's re-generated prompts are its hardest ones "
+              "and its training set differs; the bound covers generation only."]
+    return "\n".join(lines)
+
+
+def cpu_generation() -> str:
+    path = DATA / "dev-cpu" / "generation.json"
+    rows = json.loads(path.read_text())
+    r0 = rows[0]
+    lines = [f"Machine: {machine(r0)}, {r0['cpus']} cores, python {r0['python']}. "
+             f"`bench/generation.py --reps {r0['reps']}`: SmolLM2-135M-Instruct, {r0['n']} samples per prompt, "
+             f"{r0['max_new_tokens']} new tokens, temperature {r0['temperature']}, top_p {r0['top_p']}; greedy answers "
+             "(24 tokens) compared first. Tokens/s are medians over the repetitions.", "",
+             "| dtype | prompts | engine tok/s | transformers tok/s | ratio | greedy equal | "
+             "matmul share of engine time |",
+             "|---|---|---|---|---|---|---|"]
+    for r in rows:
+        lines.append(f"| {r['dtype']} | {r['prompts']} | {r['engine_tokens_per_s']:.1f} | {r['hf_tokens_per_s']:.1f} | "
+                     f"{r['ratio']:.2f} | {r['greedy_equal']} | {_f(r.get('matmul_share'), 2)} |")
+    return "\n".join(lines)
+
+
+def _final(curves: dict, label: str, key: str = "eval_reward_mean") -> dict | None:
+    pts = curves.get(label, {}).get(key) or []
+    return pts[-1] if pts else None
+
+
+def _label(rep: dict, rho: float, selection: str, loss: str = "wdpo", trained: bool = True) -> str | None:
+    for s in rep["settings"]:
+        if (abs(s["rho"] - rho) < 1e-9 and s["selection"] == selection and s["loss"] == loss
+                and s["trained"] == trained):
+            return s["label"]
+    return None
+
+
+def _compare(rep: dict, a: str | None, b: str | None, key: str) -> tuple[str, str]:
+    """(cell text, verdict) for setting a against b at the last iteration: means with ranges over seeds."""
+    if a is None or b is None:
+        return "not run", "not measured"
+    fa, fb = _final(rep["curves"], a, key), _final(rep["curves"], b, key)
+    if fa is None or fb is None or fa["mean"] is None or fb["mean"] is None:
+        return "no data", "not measured"
+    diff = fa["mean"] - fb["mean"]
+    overlap = not (fa["min"] > fb["max"] or fb["min"] > fa["max"])
+    text = (f"{fa['mean']:.3f} [{fa['min']:.3f}, {fa['max']:.3f}] vs {fb['mean']:.3f} [{fb['min']:.3f}, "
+            f"{fb['max']:.3f}], difference {diff:+.3f} (n = {fa['n']}, {fb['n']})")
+    if overlap:
+        verdict = "no separation: the seed ranges overlap"
+    else:
+        verdict = "a better than b in every seed" if diff > 0 else "a worse than b in every seed"
+    return text, verdict
+
+
+def results_claims() -> str:
+    rep = json.loads((RESULTS / "report.json").read_text())
+    rows = [
+        ("same quality for less generation: rho 0.5 (a) vs rho 1 (b)", _label(rep, 0.5, "lowest_reward"),
+         _label(rep, 1.0, "all")),
+        ("same quality for less generation: rho 0.3 (a) vs rho 1 (b)", _label(rep, 0.3, "lowest_reward"),
+         _label(rep, 1.0, "all")),
+        ("lowest-reward (a) beats random (b) selection, rho 0.5", _label(rep, 0.5, "lowest_reward"),
+         _label(rep, 0.5, "random")),
+        ("lowest-reward (a) beats random (b) selection, rho 0.7", _label(rep, 0.7, "lowest_reward"),
+         _label(rep, 0.7, "random")),
+        ("wDPO (a) learns faster than DPO (b), rho 0.5", _label(rep, 0.5, "lowest_reward"),
+         _label(rep, 0.5, "lowest_reward", loss="dpo")),
+        ("training (a) beats the no-training control (b), rho 1", _label(rep, 1.0, "all"),
+         _label(rep, 1.0, "all", trained=False)),
+    ]
+    lines = ["Held-out gold reward at the last iteration, mean [min, max] over seeds; the verdict is mechanical "
+             "(rendered by scripts/render_docs.py from docs/results/report.json).", "",
+             "| claim | held-out gold reward, a vs b | verdict |", "|---|---|---|"]
+    for claim, a, b in rows:
+        text, verdict = _compare(rep, a, b, "eval_reward_mean")
+        lines.append(f"| {claim} | {text} | {verdict} |")
+    lines += ["", "| setting | speed-up vs rho = 1 | Amdahl bound (generation share g) | mean s per iteration |",
+              "|---|---|---|---|"]
+    for s in rep["speedup"]:
+        if s["rho"] == 1.0:
+            continue
+        per_seed = s["speedup_per_seed"]
+        lines.append(f"| {s['setting']} | {s['speedup']:.2f}x (per seed {per_seed['min']:.2f}-{per_seed['max']:.2f}) | "
+                     f"{s['amdahl_bound']:.2f}x (g = {s['generation_share']:.2f}) | "
+                     f"{s['time_per_iteration_s']['mean']:.1f} |")
+    return "\n".join(lines)
+
+
+def results_report() -> str:
+    body = (RESULTS / "report.md").read_text().strip()
+    # the report's own figure links are relative to its directory
+    body = re.sub(r"\]\((?!http)([\w.-]+\.png)\)", r"](results/\1)", body)
+    body = re.sub(r"^# ", "### ", body, flags=re.M)
+    return body
+
+
+def readme_headline() -> str:
+    rep = json.loads((RESULTS / "report.json").read_text())
+    seeds = sorted({r["seed"] for r in rep["runs"] if not r["fork_source"]})
+    sp = {s["setting"]: s for s in rep["speedup"]}
+    a, b = _label(rep, 0.5, "lowest_reward"), _label(rep, 1.0, "all")
+    text, verdict = _compare(rep, a, b, "eval_reward_mean")
+    s = sp.get(a)
+    speed = (f"{s['speedup']:.2f}x faster per iteration than rho = 1 (Amdahl bound {s['amdahl_bound']:.2f}x at the "
+             f"measured generation share {s['generation_share']:.2f})") if s else "speed-up not measured"
+    rnd = _compare(rep, a, _label(rep, 0.5, "random"), "eval_reward_mean")
+    dpo = _compare(rep, a, _label(rep, 0.5, "lowest_reward", loss="dpo"), "eval_reward_mean")
+    return "\n".join([
+        f"Small-scale reproduction ([docs/results.md](docs/results.md); SmolLM2-135M-Instruct, built-in arithmetic "
+        f"task, gold rule reward, {len(seeds)} seeds, iteration 0 + 3 OPTune iterations, 2-core CPU):",
+        f"- OPTune at rho = 0.5 ran {speed}; held-out gold reward rho 0.5 vs rho 1: {text}: {verdict}.",
+        f"- lowest-reward vs random selection at rho 0.5: {rnd[0]}: {rnd[1]}.",
+        f"- wDPO vs DPO at rho 0.5: {dpo[0]}: {dpo[1]}."])
+
+
+BLOCKS = {"default-run": default_run, "gpu-h100": gpu_h100, "cpu-generation": cpu_generation,
+          "results-claims": results_claims, "results-report": results_report, "readme-headline": readme_headline}
+
+
+def render_text(text: str) -> str:
+    def sub(m: re.Match) -> str:
+        return m.group(1) + BLOCKS[m.group("name")]().rstrip("\n") + "\n" + m.group(4)
+
+    return BLOCK.sub(sub, text)
+
+
+def documents() -> list[Path]:
+    return [REPO / "README.md", *sorted((REPO / "docs").glob("*.md"))]
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--check", action="store_true", help="exit 1 when a generated block is stale")
+    args = ap.parse_args(argv)
+    stale = []
+    for path in documents():
+        text = path.read_text()
+        new = render_text(text)
+        if new != text:
+            stale.append(path.relative_to(REPO))
+            if not args.check:
+                path.write_text(new)
+    if args.check and stale:
+        print("render_docs: stale generated blocks in " + ", ".join(map(str, stale)) +
+              " (run python scripts/render_docs.py)", file=sys.stderr)
+        return 1
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
