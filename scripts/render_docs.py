@@ -232,8 +232,34 @@ def readme_headline() -> str:
         f"- wDPO vs DPO at rho 0.5: {dpo[0]}: {dpo[1]}."])
 
 
+def gold_proxy() -> str:
+    r = json.loads((DATA / "gold_proxy" / "gold_proxy.json").read_text())
+    a0, a1 = r["agreement_first_store"], r["agreement_last_store"]
+    proxy = r["proxy_store_chosen_per_iteration"]
+    gold = [g for g in r["gold_heldout_per_iteration"] if g is not None]
+    return "\n".join([
+        f"Recorded {r['date']} on {machine(r)}.", "",
+        "| stage | measured |", "|---|---|",
+        f"| (a) pairs from the starting policy, gold-labelled | {r['pairs']} pairs from {r['prompts_sampled']} "
+        f"prompts ({r['ties_dropped']} ties dropped) |",
+        f"| (b) reward model, held-out pairwise accuracy | {_f(r['rm_heldout_accuracy_first'])} before training -> "
+        f"{_f(r['rm_heldout_accuracy_last'])} after {r['rm_epochs']} epochs ({r['rm_heldout_pairs']} held-out pairs) |",
+        f"| (c) OPTune on the proxy: store chosen proxy reward per iteration | "
+        f"{' -> '.join(f'{x:.3f}' for x in proxy)} |",
+        f"| (d) held-out gold reward per iteration (start first) | {_f(r['gold_heldout_before'])} -> "
+        f"{' -> '.join(f'{x:.3f}' for x in gold)} |",
+        f"| (d) held-out exact accuracy before -> after | {_f(r['accuracy_heldout_before'])} -> "
+        f"{_f(r['accuracy_heldout_after'])} |",
+        f"| (d) win score after (gold judge, vs the start) | {_f(r['win_score_after'], 1)} |",
+        f"| proxy-gold agreement on the policy's samples, iteration 0 -> last | {_f(a0['agreement'])} "
+        f"({a0['pairs_ranked']} pairs) -> {_f(a1['agreement'])} ({a1['pairs_ranked']} pairs) |",
+        f"| gold reward of the store's better response, iteration 0 -> last | {_f(a0['gold_best_mean'])} -> "
+        f"{_f(a1['gold_best_mean'])} |"])
+
+
 BLOCKS = {"default-run": default_run, "gpu-h100": gpu_h100, "cpu-generation": cpu_generation,
-          "results-claims": results_claims, "results-report": results_report, "readme-headline": readme_headline}
+          "results-claims": results_claims, "results-report": results_report, "readme-headline": readme_headline,
+          "gold-proxy": gold_proxy}
 
 
 def render_block(name: str) -> str:
