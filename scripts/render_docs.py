@@ -209,7 +209,7 @@ def results_report() -> str:
     body = (RESULTS / "report.md").read_text().strip()
     # the report's own figure links are relative to its directory
     body = re.sub(r"\]\((?!http)([\w.-]+\.png)\)", r"](results/\1)", body)
-    body = re.sub(r"^# ", "### ", body, flags=re.M)
+    body = re.sub(r"^(#+) ", lambda m: "#" * (len(m.group(1)) + 2) + " ", body, flags=re.M)
     return body
 
 
