@@ -45,7 +45,8 @@ def machine(info: dict) -> str:
     """One phrase naming the machine of a recorded figure."""
     dev = info.get("device", "cpu")
     if dev == "cpu":
-        return f"{info.get('cpu', 'CPU')}, {info.get('threads')} threads, torch {info.get('torch')}"
+        return (f"{info.get('cpu', 'CPU')} ({info.get('cpus')} cores, {info.get('threads')} torch threads, no GPU), "
+                f"torch {info.get('torch')}")
     return f"{dev}, torch {info.get('torch')} (CUDA {info.get('cuda')})"
 
 
