@@ -4,12 +4,13 @@
 # one shared iteration 0 per seed (and loss):
 #   rho in {0.3, 0.5, 0.7, 1.0} with lowest_reward, and the no-training control at rho = 1;
 #   random selection at rho 0.5 and 0.7;
-#   DPO against wDPO at rho 0.5 (DPO has its own iteration-0 base: iteration 0 trains with the loss).
+#   DPO against wDPO at rho 0.5: the DPO runs fork from the same wDPO iteration 0, so the two differ only in
+#   the loss of iterations 1-3 (init_from keeps the loaded state and runs on with the fork's own settings).
 # Then the report (table, figures, speed-ups against Amdahl's bound) into $ROOT/report.
 #   bash experiments/small_scale.sh [ROOT] [-- extra overrides for every run]
 # Runs one after another on this machine (about 45 min on a 2-core CPU); rerunning resumes. Forks are pruned
 # of their model shards once complete (the report reads rollouts, metrics and evaluation only).
-set -euo pipefail
+set -uo pipefail    # a failed run does not stop the others; rerunning resumes, and the exit code reports it
 cd "$(dirname "$0")/.."
 ROOT=${1:-runs/small_scale}
 shift || true
@@ -19,8 +20,17 @@ SEEDS=(${SEEDS:-1 2 3})
 COMMON=(--root "$ROOT" --seeds "${SEEDS[@]}" --iterations 4 --prune)
 FIXED=(policy.export_hf_final=false logging.progress=false "$@")
 
+rc=0
 "$PY" -m optune_nemo.sweep "${COMMON[@]}" --rho 0.3 0.5 0.7 1.0 --selection lowest_reward --loss wdpo --control \
-  -- "${FIXED[@]}"
-"$PY" -m optune_nemo.sweep "${COMMON[@]}" --rho 0.5 0.7 --selection random --loss wdpo -- "${FIXED[@]}"
-"$PY" -m optune_nemo.sweep "${COMMON[@]}" --rho 0.5 --selection lowest_reward --loss dpo -- "${FIXED[@]}"
-"$PY" -m optune_nemo.report "$ROOT/runs" --out "$ROOT/report"
+  -- "${FIXED[@]}" || rc=1
+"$PY" -m optune_nemo.sweep "${COMMON[@]}" --rho 0.5 0.7 --selection random --loss wdpo -- "${FIXED[@]}" || rc=1
+ROOT_ABS=$(cd "$ROOT" && pwd)
+for S in "${SEEDS[@]}"; do
+  D=$ROOT_ABS/runs/rho0.5-lowest_reward-dpo-seed$S
+  [[ -f $D/COMPLETED ]] && continue
+  "$PY" -m optune_nemo.train "${FIXED[@]}" seed="$S" optune.rho=0.5 optune.selection=lowest_reward loss.name=dpo \
+    optune.iterations=4 exp_dir="$D" init_from="$ROOT_ABS/base/wdpo-seed$S/checkpoints/iter_000000" || { rc=1; continue; }
+  "$PY" -c "from pathlib import Path; from optune_nemo.sweep import prune_checkpoints; prune_checkpoints(Path('$D'))"
+done
+"$PY" -m optune_nemo.report "$ROOT/runs" --out "$ROOT/report" || rc=1
+exit $rc
