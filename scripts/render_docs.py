@@ -77,7 +77,8 @@ def default_run() -> str:
                      f"{r['time_total_s']:.1f} | {r['reward_chosen_mean']:.3f} | {r['train_pairs']} |")
     gen = sum(r["time_generation_s"] for r in records)
     tot = sum(r["time_total_s"] for r in records)
-    lines += ["", f"Generation took {100 * gen / tot:.0f} % of the iteration time; precision "
+    lines += ["", f"The iterations took {tot:.0f} s of that wall clock (the rest: start-up, the held-out "
+              f"evaluations, the export), generation {100 * gen / tot:.0f} % of them; precision "
               f"`{_config_value(d / 'config.yaml', 'precision')}`."]
     return "\n".join(lines)
 
