@@ -3,6 +3,7 @@
     .venv/bin/python bench/training.py --preset llama-1b --precision bf16 --steps 10      # one GPU
     .venv/bin/python bench/training.py --preset smollm2 --precision bf16 --steps 5
     .venv/bin/python bench/training.py --preset tiny --steps 3                            # CPU smoke run
+    python bench/training.py --vs-trl --store RUN/checkpoints/iter_000000/rollouts.parquet  # bench/vs_trl.py
 
 Synthetic pairs: a prompt of --prompt-tokens and two responses of --response-tokens each, random token
 ids, random weights of the preset's shape. Each optimizer step trains --pairs-per-step pairs (packed,
@@ -131,4 +132,13 @@ def main(argv=None) -> dict:
 
 
 if __name__ == "__main__":
-    main(sys.argv[1:])
+    if "--vs-trl" in sys.argv[1:]:
+        # against TRL's DPOTrainer on a run's real pairs: bench/vs_trl.py (its own venv, see its docstring)
+        from pathlib import Path
+
+        sys.path.insert(0, str(Path(__file__).resolve().parent))
+        import vs_trl
+
+        vs_trl.main([a for a in sys.argv[1:] if a != "--vs-trl"])
+    else:
+        main(sys.argv[1:])
