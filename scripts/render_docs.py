@@ -234,6 +234,37 @@ def readme_headline() -> str:
         f"- wDPO vs DPO at rho 0.5: {dpo[0]}: {dpo[1]}."])
 
 
+def cpu_vs_trl() -> str:
+    rows = _jsonl(DATA / "dev-cpu" / "vs_trl.jsonl")
+    lines = [f"Machine: {machine(rows[0])}. `bench/vs_trl.py` (TRL {rows[0]['trl']}): one epoch of DPO over the "
+             "non-tied pairs of the small-scale experiment's iteration-0 store (seed 1), batch "
+             f"{rows[0]['batch']} in micro-batches of {rows[0]['micro_batch']}, reference log-probs included, "
+             "fresh weights each repetition, medians.", "",
+             "| precision | pairs | this project s | TRL DPOTrainer s | TRL / this project | tokens (ours / TRL's "
+             "tokenisation) |", "|---|---|---|---|---|---|"]
+    for r in rows:
+        lines.append(f"| {r['precision']} | {r['pairs']} | {r['ours_median_s']:.1f} {r['ours_s']} | "
+                     f"{r['trl_median_s']:.1f} {r['trl_s']} | {r['ratio_trl_over_ours']:.2f} | "
+                     f"{r['tokens_ours']} / {r['tokens_trl']} |")
+    return "\n".join(lines)
+
+
+def precision_comparison() -> str:
+    runs = {"bf16": DATA / "default_run", "fp32": DATA / "default_run_fp32"}
+    lines = ["The default recipe (`make run`, seed 1234) in both precisions on this CPU, held-out evaluation "
+             "after the last iteration (rendered from `docs/data/default_run*/`):", "",
+             "| precision | held-out gold reward | exact accuracy | win score | iterations s | wall s |",
+             "|---|---|---|---|---|---|"]
+    for name, d in runs.items():
+        ev = json.loads((d / "eval.json").read_text())
+        last = ev["iterations"][max(ev["iterations"], key=int)]
+        tot = sum(r["time_total_s"] for r in _jsonl(d / "metrics.jsonl"))
+        meta = json.loads((d / "run.json").read_text())
+        lines.append(f"| {name} | {last['reward_mean']:.3f} | {_f(last.get('accuracy'))} | "
+                     f"{_f(last.get('win_score'), 1)} | {tot:.0f} | {meta['wall_s']:.0f} |")
+    return "\n".join(lines)
+
+
 def gold_proxy() -> str:
     r = json.loads((DATA / "gold_proxy" / "gold_proxy.json").read_text())
     a0, a1 = r["agreement_first_store"], r["agreement_last_store"]
@@ -261,7 +292,7 @@ def gold_proxy() -> str:
 
 BLOCKS = {"default-run": default_run, "gpu-h100": gpu_h100, "cpu-generation": cpu_generation,
           "results-claims": results_claims, "results-report": results_report, "readme-headline": readme_headline,
-          "gold-proxy": gold_proxy}
+          "gold-proxy": gold_proxy, "cpu-vs-trl": cpu_vs_trl, "precision-comparison": precision_comparison}
 
 
 def render_block(name: str) -> str:
