@@ -129,7 +129,7 @@ def cpu_generation() -> str:
     path = DATA / "dev-cpu" / "generation.json"
     rows = json.loads(path.read_text())
     r0 = rows[0]
-    lines = [f"Machine: {machine(r0)}, {r0['cpus']} cores, python {r0['python']}. "
+    lines = [f"Machine: {machine(r0)}, python {r0['python']}. "
              f"`bench/generation.py --reps {r0['reps']}`: SmolLM2-135M-Instruct, {r0['n']} samples per prompt, "
              f"{r0['max_new_tokens']} new tokens, temperature {r0['temperature']}, top_p {r0['top_p']}; greedy answers "
              "(24 tokens) compared first. Tokens/s are medians over the repetitions.", "",
