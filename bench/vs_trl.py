@@ -27,25 +27,20 @@ import statistics
 import sys
 import time
 
-import pyarrow.parquet as pq
 import torch
 
 from optune_nemo.hardware import machine_info
 
 
 def load_pairs(path: str, limit: int | None) -> list[dict]:
-    """(prompt text, prompt ids, chosen/rejected text and ids) of the store's non-tied pairs."""
-    t = pq.read_table(path).to_pydict()
-    pairs = []
-    for i in range(len(t["prompt_id"])):
-        ra, rb = t["reward_a"][i], t["reward_b"][i]
-        if ra == rb:
-            continue
-        w, lo = ("a", "b") if ra > rb else ("b", "a")
-        pairs.append({"prompt": t["prompt"][i], "prompt_ids": list(t["prompt_token_ids"][i]),
-                      "chosen": t[f"response_{w}"][i], "chosen_ids": list(t[f"response_{w}_token_ids"][i]),
-                      "rejected": t[f"response_{lo}"][i], "rejected_ids": list(t[f"response_{lo}_token_ids"][i])})
-    return pairs[:limit] if limit else pairs
+    """(prompt, chosen and rejected token ids) of the store's non-tied pairs, oriented as the loop orients
+    them (RolloutStore.preference_pairs: the higher reward chosen)."""
+    from optune_nemo.algorithm.store import RolloutStore
+
+    pairs, _ = RolloutStore.from_parquet(path).preference_pairs()
+    out = [{"prompt_ids": list(p.prompt_token_ids), "chosen_ids": list(p.chosen_token_ids),
+            "rejected_ids": list(p.rejected_token_ids)} for p in pairs]
+    return out[:limit] if limit else out
 
 
 def run_ours(pairs: list[dict], args) -> float:
@@ -82,9 +77,9 @@ def run_trl(pairs: list[dict], args) -> tuple[float, int]:
     tok = AutoTokenizer.from_pretrained(hf_dir)
     dtype = torch.bfloat16 if args.precision == "bf16" else torch.float32
     model = AutoModelForCausalLM.from_pretrained(hf_dir, dtype=dtype)
-    # the prompt as the policy saw it (chat template applied), the responses as sampled
-    data = Dataset.from_dict({"prompt": [tok.decode(p["prompt_ids"]) for p in pairs],
-                              "chosen": [p["chosen"] for p in pairs], "rejected": [p["rejected"] for p in pairs]})
+    # the very tokens the policy saw (chat template applied, stop token kept), as text for TRL to tokenise
+    data = Dataset.from_dict({key: [tok.decode(p[f"{key}_ids"]) for p in pairs]
+                              for key in ("prompt", "chosen", "rejected")})
     config = DPOConfig(output_dir=args.trl_output, per_device_train_batch_size=args.micro_batch,
                        gradient_accumulation_steps=args.batch // args.micro_batch, num_train_epochs=1,
                        learning_rate=args.lr, lr_scheduler_type="constant", warmup_steps=0, beta=0.1,
