@@ -148,7 +148,7 @@ class MegatronTrainable:
         install_results_queue()
         # before the first optimizer step Adam has no state, and the distributed optimizer's sharded state
         # dict then refuses to describe it (an iteration whose pairs are all ties, a control run)
-        _prime_adam_state(self.optimizer)
+        _prime_optimizer_states(self.optimizer)
         os.makedirs(directory, exist_ok=True)
         tdist.barrier()
         dist_checkpointing.save(self._sharded_state_dict(is_loading=False), directory)
@@ -162,7 +162,7 @@ class MegatronTrainable:
 
         check_dist_checkpoint(directory)
         if load_optimizer:
-            _prime_adam_state(self.optimizer)
+            _prime_optimizer_states(self.optimizer)
         with torch.no_grad():
             state = dist_checkpointing.load(
                 self._sharded_state_dict(is_loading=True, optimizer=load_optimizer), directory)
@@ -175,7 +175,7 @@ class MegatronTrainable:
             self.optimizer.reload_model_params()
 
 
-def _prime_adam_state(optimizer) -> None:
+def _prime_optimizer_states(optimizer) -> None:
     """A fresh torch Adam (or RMSprop) has no per-parameter state, and megatron's state dicts (used to build
     the state dict to load into) assert one common `step` over it. Give every parameter zero moments and
     step 0 before a load overwrites them."""
