@@ -7,6 +7,8 @@ VENV ?= .venv
 PY := $(VENV)/bin/python
 ARGS ?=
 PYTEST_ARGS ?=
+# make test runs the suite on this many pytest-xdist workers (0: in one process)
+PYTEST_WORKERS ?= 2
 
 $(VENV)/.installed: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -25,7 +27,7 @@ run: $(VENV)/.installed
 
 test: $(VENV)/.installed
 	$(PY) -m ruff check optune_nemo tests bench scripts
-	$(PY) -m pytest $(PYTEST_ARGS) tests
+	$(PY) -m pytest -n $(PYTEST_WORKERS) --dist loadgroup $(PYTEST_ARGS) tests
 
 lint: $(VENV)/.installed
 	$(PY) -m ruff check optune_nemo tests bench scripts
