@@ -32,6 +32,7 @@ from pathlib import Path
 
 import pyarrow.parquet as pq
 
+from optune_nemo.algorithm.store import RolloutStore
 from optune_nemo.hardware import machine_info
 from optune_nemo.reward.rules import arithmetic_reward
 
@@ -43,29 +44,30 @@ def _run(args: list[str]) -> None:
         raise SystemExit(f"gold_proxy: `{' '.join(args[:2])}` failed with exit code {proc.returncode}")
 
 
+def _rollouts(run: Path, t: int) -> Path:
+    return run / "checkpoints" / f"iter_{t:06d}" / "rollouts.parquet"
+
+
 def _store(run: Path, t: int) -> dict:
-    return pq.read_table(run / "checkpoints" / f"iter_{t:06d}" / "rollouts.parquet").to_pydict()
+    return pq.read_table(_rollouts(run, t)).to_pydict()
 
 
 def _records(path: Path) -> list[dict]:
     return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
 
 
-def write_preferences(store: dict, path: Path) -> dict:
-    """Gold-labelled pairs of a rollout store as preference rows; returns counts."""
-    rows, ties = [], 0
-    for i in range(len(store["prompt_id"])):
-        ra, rb = store["reward_a"][i], store["reward_b"][i]
-        if ra == rb:
-            ties += 1
-            continue
-        a, b = store["response_a"][i], store["response_b"][i]
-        if a == b:
-            ties += 1
-            continue
-        chosen, rejected = (a, b) if ra > rb else (b, a)
-        rows.append({"id": store["prompt_id"][i], "prompt": store["prompt"][i], "chosen": chosen,
-                     "rejected": rejected})
+def write_preferences(rollouts: Path, path: Path) -> dict:
+    """Gold-labelled pairs of a rollout store as preference rows, oriented and tie-filtered exactly as
+    the loss sees them (RolloutStore.preference_pairs); returns counts."""
+    store = RolloutStore.from_parquet(rollouts)
+    pairs, ties = store.preference_pairs()
+    rows = []
+    for p in pairs:
+        rec = store.pair(p.prompt_id)
+        a_won = tuple(rec.response_a.token_ids) == tuple(p.chosen_token_ids)
+        chosen, rejected = (rec.response_a, rec.response_b) if a_won else (rec.response_b, rec.response_a)
+        rows.append({"id": p.prompt_id, "prompt": rec.prompt.text, "chosen": chosen.text,
+                     "rejected": rejected.text})
     path.write_text("".join(json.dumps(r) + "\n" for r in rows))
     return {"pairs": len(rows), "ties_dropped": ties}
 
@@ -104,7 +106,7 @@ def main(argv: list[str] | None = None) -> int:
         _run(["optune_nemo.train", f"exp_dir={sample}", "optune.iterations=1", "train.epochs_per_iteration=0",
               f"data.num_prompts={args.prompts}", "eval.num_prompts=0", "policy.export_hf_final=false", *common])
     prefs = root / "prefs.jsonl"
-    counts = write_preferences(_store(sample, 0), prefs)
+    counts = write_preferences(_rollouts(sample, 0), prefs)
 
     rm = root / "rm"
     if not (rm / "COMPLETED").is_file():

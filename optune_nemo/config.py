@@ -149,7 +149,7 @@ class OptimConfig:
     optimizer: str = "adam"
     """`adam`, `sgd`, or `rmsprop` (the paper's optimizer; torch RMSprop inside megatron's fp32 optimizer:
     precision=fp32 and the non-distributed optimizer only, since megatron-core 0.16's distributed optimizer
-    checkpoints Adam state alone)."""
+    checkpoints Adam state alone; train_rm takes adam or sgd)."""
     lr: float = 3e-5
     """Peak learning rate."""
     min_lr: float = 0.0

@@ -170,7 +170,7 @@ class MegatronTrainable:
             if load_optimizer:
                 self.optimizer.load_state_dict(state["optimizer"])
         if load_optimizer:
-            _restore_adam_steps(self.optimizer)
+            _restore_per_param_steps(self.optimizer)
         else:   # the optimizer's own fp32 main parameters (bf16) must follow the new weights
             self.optimizer.reload_model_params()
 
@@ -199,10 +199,10 @@ def _prime_optimizer_state(inner: torch.optim.Optimizer) -> None:
                     inner.state[p] = {"step": step, "exp_avg": torch.zeros_like(p), "exp_avg_sq": torch.zeros_like(p)}
 
 
-def _restore_adam_steps(optimizer) -> None:
-    """Without Apex/TE megatron falls back to torch Adam, whose per-parameter `step` tensors come
-    back from a dist-checkpoint load as one shared, unrestored tensor; the param group keeps the
-    restored step. Give every parameter its own copy of the group's step (exact resume)."""
+def _restore_per_param_steps(optimizer) -> None:
+    """Without Apex/TE megatron falls back to torch Adam (and RMSProp is torch's), whose per-parameter
+    `step` tensors come back from a dist-checkpoint load as one shared, unrestored tensor; the param
+    group keeps the restored step. Give every parameter its own copy of the group's step (exact resume)."""
     for opt in getattr(optimizer, "chained_optimizers", [optimizer]):
         inner = getattr(opt, "optimizer", None)
         if inner is None:
