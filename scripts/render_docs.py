@@ -268,7 +268,8 @@ def readme_headline() -> str:
 def cpu_vs_trl() -> str:
     rows = _jsonl(DATA / "dev-cpu" / "vs_trl.jsonl")
     lines = [f"Machine: {machine(rows[0])}. `bench/vs_trl.py` (TRL {rows[0]['trl']}): one epoch of DPO over the "
-             "non-tied pairs of the small-scale experiment's iteration-0 store (seed 1), batch "
+             "non-tied pairs of the small-scale experiment's iteration-0 store (seed 1, kept as "
+             "`docs/data/dev-cpu/vs_trl_rollouts.parquet`), batch "
              f"{rows[0]['batch']} in micro-batches of {rows[0]['micro_batch']}, reference log-probs included, "
              "fresh weights each repetition, medians.", "",
              "| precision | pairs | this project s | TRL DPOTrainer s | TRL / this project | tokens (ours / TRL's "
