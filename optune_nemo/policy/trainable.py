@@ -49,7 +49,21 @@ def wrap_for_training(module, *, optim: OptimConfig, use_distributed_optimizer: 
     optimizer = get_megatron_optimizer(opt_cfg, chunks)
     if o.optimizer == "rmsprop":
         _use_rmsprop(optimizer, o)
+    _use_fused_torch_adam(optimizer)
     return chunks, optimizer
+
+
+def _use_fused_torch_adam(optimizer) -> None:
+    """Without Transformer Engine or Apex (a CPU machine, a bare GPU image) megatron falls back to torch
+    Adam/AdamW with torch's default multi-tensor implementation, one pass over the weights per arithmetic
+    op; switch its groups to torch's fused kernel (one pass; same update). TE's / Apex's FusedAdam, built in
+    NGC containers, is not a torch Adam and is left as it is."""
+    for opt in getattr(optimizer, "chained_optimizers", [optimizer]):
+        inner = getattr(opt, "optimizer", None)
+        if type(inner) in (torch.optim.Adam, torch.optim.AdamW) and not inner.state:
+            for group in inner.param_groups:
+                if not group.get("differentiable"):
+                    group["foreach"], group["fused"] = None, True
 
 
 _SGD_ONLY = ("momentum", "dampening", "nesterov", "maximize", "foreach", "differentiable", "fused")
@@ -210,7 +224,9 @@ def _restore_per_param_steps(optimizer) -> None:
         for group in inner.param_groups:
             if "step" not in group:
                 continue
+            on_device = group.get("fused") or group.get("capturable")
             for p in group["params"]:
                 st = inner.state.get(p)
                 if st and "step" in st:
-                    st["step"] = torch.tensor(float(group["step"]), dtype=torch.float32)
+                    st["step"] = torch.tensor(float(group["step"]), dtype=torch.float32,
+                                              device=p.device if on_device else None)

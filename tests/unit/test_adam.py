@@ -1,0 +1,59 @@
+"""optim.optimizer=adam without Transformer Engine / Apex: megatron's torch AdamW fallback runs torch's
+fused kernel (trainable._use_fused_torch_adam). Two optimizer steps follow the AdamW update computed here
+in float64 from the gradients the policy applied (bias correction, eps outside the root); a wrong beta,
+a missing bias correction or a skipped step fails it."""
+
+import torch
+from dist_utils import run_ranks
+from tiny import WDPO, build, preference_batch, tiny_config
+
+from optune_nemo.build import resolve
+
+LR, B1, B2, EPS = 1e-3, 0.8, 0.9, 1e-6
+
+
+def _inner(policy):
+    opt = policy.optimizer
+    return opt.chained_optimizers[0].optimizer if hasattr(opt, "chained_optimizers") else opt.optimizer
+
+
+def _two_steps(rank):
+    cfg = resolve(tiny_config(f"optim.lr={LR}", f"optim.adam_beta1={B1}", f"optim.adam_beta2={B2}",
+                              f"optim.adam_eps={EPS}", "optim.weight_decay=0", "optim.clip_grad=0",
+                              "train.global_batch_size=8", "train.micro_batch_size=4", "precision=fp32"))
+    policy = build(cfg)
+    params = list(policy.unwrapped_model().parameters())
+    weights, grads = [[p.detach().double().clone() for p in params]], []
+    for step in range(2):
+        policy.train(preference_batch(policy, 8, seed=step), WDPO, epochs=1, seed=step)
+        weights.append([p.detach().double().clone() for p in params])
+        grads.append([p.main_grad.detach().double().clone() for p in params])
+    group = _inner(policy).param_groups[0]
+    return weights, grads, type(_inner(policy)).__name__, group["fused"]
+
+
+def test_two_fused_adam_steps_match_the_float64_update():
+    weights, grads, name, fused = run_ranks(_two_steps, 1)[0]
+    assert name in ("Adam", "AdamW") and fused is True
+    moved = 0
+    for i in range(len(weights[0])):
+        p, m, v = weights[0][i], torch.zeros_like(weights[0][i]), torch.zeros_like(weights[0][i])
+        for t in (1, 2):
+            g = grads[t - 1][i]
+            m = B1 * m + (1 - B1) * g
+            v = B2 * v + (1 - B2) * g * g
+            p = p - LR * (m / (1 - B1 ** t)) / ((v / (1 - B2 ** t)).sqrt() + EPS)
+            torch.testing.assert_close(weights[t][i], p, rtol=0, atol=1e-6)
+        moved += int(not torch.equal(weights[2][i], weights[0][i]))
+    assert moved > 0
+
+
+def _bf16_flags(rank):
+    policy = build(resolve(tiny_config("precision=bf16", "parallel.use_distributed_optimizer=true")))
+    inner = _inner(policy)
+    return type(inner).__name__, [g["fused"] for g in inner.param_groups]
+
+
+def test_the_distributed_optimizer_runs_fused_torch_adam_as_well():
+    name, flags = run_ranks(_bf16_flags, 1)[0]
+    assert name in ("Adam", "AdamW") and flags and all(f is True for f in flags)
