@@ -90,6 +90,30 @@ def _config_value(path: Path, key: str) -> str:
     return "?"
 
 
+def iteration_table(it: dict) -> list[str]:
+    """bench/iteration.py's phases per setting, its speed-up and Amdahl's bound."""
+    r1, rr = it["rho_1"], it[f"rho_{it['rho']:g}"]
+    lines = ["| setting | generation s | reward s | reference s | train s | total s | generation share |",
+             "|---|---|---|---|---|---|---|"]
+    for name, r in (("rho = 1 (online DPO)", r1), (f"rho = {it['rho']:g}, lowest reward", rr)):
+        lines.append(f"| {name} | {r['generation_s']:.2f} | {r['reward_s']:.3f} | {r['reference_s']:.2f} | "
+                     f"{r['train_s']:.2f} | {r['total_s']:.2f} | {100 * r['generation_share']:.1f} % |")
+    g = it["generation_share_rho_1"]
+    lines += ["", f"Measured speed-up {it['speedup']:.2f}x against Amdahl's bound {it['amdahl_bound']:.2f}x "
+              f"(1 / (1 - g + g rho) with g = {g:.3f}): {100 * it['speedup_over_bound']:.0f} % of the bound. "
+              f"Generation at rho = {it['rho']:g} took {100 * rr['generation_s'] / r1['generation_s']:.0f} % of the "
+              f"rho = 1 time for {100 * rr['generated_tokens'] / r1['generated_tokens']:.0f} % of its tokens "
+              "(the bound assumes generation time scales with rho exactly)."]
+    return lines
+
+
+def cpu_iteration() -> str:
+    it = json.loads((DATA / "dev-cpu" / "iteration.json").read_text())
+    return "\n".join([f"Machine: {machine(it)}. `bench/iteration.py --iterations {it['rho_1']['iterations']}` on the default "
+                      "recipe (SmolLM2-135M-Instruct, 64 prompts, 24-token answers, precision auto), iterations "
+                      "after a shared iteration 0, median over iterations:", "", *iteration_table(it)])
+
+
 def gpu_h100() -> str:
     d = DATA / "h100-2026-11-23"
     train = _jsonl(d / "training.jsonl")
@@ -107,21 +131,9 @@ def gpu_h100() -> str:
                      f"{r['prompt_tokens']} + 2 x {r['response_tokens']} | {r['micro_batch_size']} | "
                      f"{r['median_step_s']:.3f} | {r['tokens_per_s']:,.0f} | {r['model_tflops_per_s']:.1f} | "
                      f"{100 * r['mfu']:.1f} % | {100 * r['executed_mfu']:.1f} % |")
-    r1, rr = it["rho_1"], it[f"rho_{it['rho']:g}"]
     lines += ["", f"**One OPTune iteration** (`bench/iteration.py`, SmolLM2-135M-Instruct, "
               f"{', '.join('`' + o + '`' for o in it['overrides'][1:3])}, 64 prompts, iterations after a shared "
-              "iteration 0, median over iterations):", "",
-              "| setting | generation s | reward s | reference s | train s | total s | generation share |",
-              "|---|---|---|---|---|---|---|"]
-    for name, r in (("rho = 1 (online DPO)", r1), (f"rho = {it['rho']:g}, lowest reward", rr)):
-        lines.append(f"| {name} | {r['generation_s']:.2f} | {r['reward_s']:.3f} | {r['reference_s']:.2f} | "
-                     f"{r['train_s']:.2f} | {r['total_s']:.2f} | {100 * r['generation_share']:.1f} % |")
-    g = it["generation_share_rho_1"]
-    lines += ["", f"Measured speed-up {it['speedup']:.2f}x against Amdahl's bound {it['amdahl_bound']:.2f}x "
-              f"(1 / (1 - g + g rho) with g = {g:.3f}): {100 * it['speedup_over_bound']:.0f} % of the bound. "
-              f"Generation at rho = {it['rho']:g} took {100 * rr['generation_s'] / r1['generation_s']:.0f} % of the "
-              f"rho = 1 time for {100 * rr['generated_tokens'] / r1['generated_tokens']:.0f} % of its tokens "
-              "(the bound assumes generation time scales with rho exactly)."]
+              "iteration 0, median over iterations):", "", *iteration_table(it)]
     return "\n".join(lines)
 
 
@@ -324,7 +336,7 @@ def gold_proxy() -> str:
 
 BLOCKS = {"default-run": default_run, "gpu-h100": gpu_h100, "cpu-generation": cpu_generation,
           "results-claims": results_claims, "results-report": results_report, "readme-headline": readme_headline,
-          "gold-proxy": gold_proxy, "cpu-vs-trl": cpu_vs_trl, "precision-comparison": precision_comparison}
+          "gold-proxy": gold_proxy, "cpu-vs-trl": cpu_vs_trl, "cpu-iteration": cpu_iteration, "precision-comparison": precision_comparison}
 
 
 def render_block(name: str) -> str:
