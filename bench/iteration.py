@@ -10,7 +10,9 @@ off: it is not part of an iteration). From their metrics (iterations t >= 1) it 
 median seconds of every phase (generation, reward, reference, train) and of the rest of the iteration
 (selection, store update, bookkeeping), their shares, the measured speed-up (median iteration time at
 rho = 1 over that at rho), and Amdahl's bound 1 / (1 - g + g * rho) with g the generation share measured at
-rho = 1 (generation is what selection cuts; the reward scoring shrinks with rho too and is reported).
+rho = 1 (generation is what selection cuts; the reward scoring shrinks with rho too and is reported),
+and the work after generation: pairs trained and prompt + response tokens per non-tied stored pair
+(the bound assumes that work is the same at both rho; kept pairs carry older responses).
 Prints one JSON object and writes it to OUT/iteration.json.
 """
 
@@ -46,7 +48,23 @@ def _summary(exp_dir: Path) -> dict:
     out.update({f"{p}_share": out[f"{p}_s"] / out["total_s"] for p in (*PHASES, "other")})
     out.update(iterations=len(records), regenerated=med("regenerated"), generated_tokens=med("generated_tokens"),
                train_pairs=med("train_pairs"))
+    sizes = [_pair_tokens(exp_dir / "checkpoints" / f"iter_{r['iteration']:06d}" / "rollouts.parquet")
+             for r in records]
+    sizes = [x for x in sizes if x is not None]
+    # what the phases after generation work on: the store's pairs (kept ones carry older responses)
+    out["tokens_per_pair"] = statistics.median(sizes) if sizes else None
     return out
+
+
+def _pair_tokens(path: Path) -> float | None:
+    """Mean prompt + both responses tokens per pair of a stored rollout store (None when pruned)."""
+    if not path.is_file():
+        return None
+    from optune_nemo.algorithm.store import RolloutStore
+
+    pairs, _ = RolloutStore.from_parquet(path).preference_pairs()
+    sizes = [len(p.prompt_token_ids) + len(p.chosen_token_ids) + len(p.rejected_token_ids) for p in pairs]
+    return statistics.mean(sizes) if sizes else None
 
 
 def main(argv=None) -> dict:
@@ -69,7 +87,8 @@ def main(argv=None) -> dict:
     g = a["generation_share"]
     bound = 1.0 / (1.0 - g + g * args.rho)
     speedup = a["total_s"] / b["total_s"]
-    result = {"benchmark": "iteration", "rho": args.rho, "overrides": args.overrides, "rho_1": a,
+    result = {"benchmark": "iteration", "rho": args.rho, "iterations": args.iterations,
+              "overrides": args.overrides, "rho_1": a,
               f"rho_{args.rho}": b, "generation_share_rho_1": round(g, 4),
               "reward_share_rho_1": round(a["reward_share"], 4), "amdahl_bound": round(bound, 4),
               "speedup": round(speedup, 4), "speedup_over_bound": round(speedup / bound, 4), **machine_info()}

@@ -51,6 +51,15 @@ class CheckpointError(ConfigError):
     """A checkpoint file is unreadable or not what this system writes (named in the message)."""
 
 
+class StorageError(RuntimeError):
+    """The checkpoint directory's file system has no room for the next checkpoint (exit 1: free space,
+    rerun, and the run resumes from the last checkpoint)."""
+
+
+def dir_bytes(path: Path) -> int:
+    return sum(f.stat().st_size for f in path.rglob("*") if f.is_file())
+
+
 # --------------------------------------------------------------------------- manifest
 
 
@@ -198,11 +207,28 @@ class CheckpointManager:
         choice = broadcast_object(choice)
         return Path(choice) if choice else None
 
+    def room_problem(self) -> str | None:
+        """Why the next checkpoint would not fit, judged by the size of the newest one (the next is as
+        large) against the free space, with 5 % to spare; None when it fits or nothing is written yet."""
+        done = self.complete_checkpoints()
+        if not done:
+            return None
+        need, free = dir_bytes(done[-1]), shutil.disk_usage(self.root).free
+        if free >= 1.05 * need:
+            return None
+        gib = 2.0 ** 30
+        return (f"{self.root}: {free / gib:.2f} GiB free, the last checkpoint took {need / gib:.2f} GiB; free "
+                "space (checkpoint.keep_last bounds how many are kept) and rerun the same command to resume")
+
     def save(self, iteration: int) -> Path:
-        """Collective: every part into `iter_NNNNNN.tmp`, the manifest, then the rename and `latest`."""
+        """Collective: every part into `iter_NNNNNN.tmp`, the manifest, then the rename and `latest`.
+        Refused (StorageError on every rank, nothing written) when the file system has no room for it."""
         final = self.root / self.name(iteration)
         self.root.mkdir(parents=True, exist_ok=True)
         rank0 = global_rank() == 0
+        problem = broadcast_object(self.room_problem() if rank0 else None)
+        if problem:
+            raise StorageError(problem)
         tmp = final.with_name(final.name + ".tmp")
         if rank0:
             shutil.rmtree(tmp, ignore_errors=True)

@@ -82,6 +82,7 @@ def _close_process_group() -> None:
 
 
 def _run(task, say, schema, prog: str) -> int:
+    from optune_nemo.checkpoint import StorageError
     from optune_nemo.config import OptuneNemoConfig
     from optune_nemo.reward.base import RewardError
 
@@ -96,6 +97,9 @@ def _run(task, say, schema, prog: str) -> int:
         return 2
     except RewardError as e:      # a reward service down, or a reward model failing (RewardUnavailable too)
         say(f"{prog}: error: {e} (everything generated so far is kept: rerun the same command to resume)")
+        return 1
+    except StorageError as e:     # no room for the next checkpoint: the earlier ones are intact
+        say(f"{prog}: error: {e}")
         return 1
     except Exception as e:
         line = config_error_line(e, schema or OptuneNemoConfig)

@@ -10,7 +10,8 @@ Exit codes:
      (everything that can be checked is checked before the first write; a later failure removes what
      the invocation wrote);
   1  anything else: an infrastructure failure that a rerun can resume from (a reward server that stays
-     unreachable: one line), or a bug (a traceback).
+     unreachable, or a file system without room for the next checkpoint: one line, checked before the
+     checkpoint is written), or a bug (a traceback).
 """
 
 from __future__ import annotations

@@ -93,11 +93,12 @@ def _config_value(path: Path, key: str) -> str:
 def iteration_table(it: dict) -> list[str]:
     """bench/iteration.py's phases per setting, its speed-up and Amdahl's bound."""
     r1, rr = it["rho_1"], it[f"rho_{it['rho']:g}"]
-    lines = ["| setting | generation s | reward s | reference s | train s | total s | generation share |",
-             "|---|---|---|---|---|---|---|"]
+    lines = ["| setting | generation s | reward s | reference s | train s | total s | generation share | "
+             "pairs trained | tokens per stored pair |", "|---|---|---|---|---|---|---|---|---|"]
     for name, r in (("rho = 1 (online DPO)", r1), (f"rho = {it['rho']:g}, lowest reward", rr)):
         lines.append(f"| {name} | {r['generation_s']:.2f} | {r['reward_s']:.3f} | {r['reference_s']:.2f} | "
-                     f"{r['train_s']:.2f} | {r['total_s']:.2f} | {100 * r['generation_share']:.1f} % |")
+                     f"{r['train_s']:.2f} | {r['total_s']:.2f} | {100 * r['generation_share']:.1f} % | "
+                     f"{r['train_pairs']:g} | {_f(r.get('tokens_per_pair'), 1)} |")
     g = it["generation_share_rho_1"]
     lines += ["", f"Measured speed-up {it['speedup']:.2f}x against Amdahl's bound {it['amdahl_bound']:.2f}x "
               f"(1 / (1 - g + g rho) with g = {g:.3f}): {100 * it['speedup_over_bound']:.0f} % of the bound. "
@@ -109,7 +110,8 @@ def iteration_table(it: dict) -> list[str]:
 
 def cpu_iteration() -> str:
     it = json.loads((DATA / "dev-cpu" / "iteration.json").read_text())
-    return "\n".join([f"Machine: {machine(it)}. `bench/iteration.py --iterations {it['rho_1']['iterations']}` on the default "
+    runs = it["rho_1"]["iterations"]
+    return "\n".join([f"Machine: {machine(it)}. `bench/iteration.py --iterations {runs}` on the default "
                       "recipe (SmolLM2-135M-Instruct, 64 prompts, 24-token answers, precision auto), iterations "
                       "after a shared iteration 0, median over iterations:", "", *iteration_table(it)])
 
@@ -338,7 +340,8 @@ def gold_proxy() -> str:
 
 BLOCKS = {"default-run": default_run, "gpu-h100": gpu_h100, "cpu-generation": cpu_generation,
           "results-claims": results_claims, "results-report": results_report, "readme-headline": readme_headline,
-          "gold-proxy": gold_proxy, "cpu-vs-trl": cpu_vs_trl, "cpu-iteration": cpu_iteration, "precision-comparison": precision_comparison}
+          "gold-proxy": gold_proxy, "cpu-vs-trl": cpu_vs_trl, "cpu-iteration": cpu_iteration,
+          "precision-comparison": precision_comparison}
 
 
 def render_block(name: str) -> str:

@@ -15,6 +15,7 @@ from optune_nemo.checkpoint import (
     CheckpointManager,
     GenerationChunks,
     RngStates,
+    StorageError,
     verify_manifest,
     write_manifest,
 )
@@ -160,6 +161,30 @@ def test_keep_last(tmp_path):
     for it in range(4):
         mgr.save(it)
     assert [p.name for p in mgr.complete_checkpoints()] == ["iter_000002", "iter_000003"]
+
+
+def test_no_room_for_the_next_checkpoint_is_refused_before_writing(tmp_path, monkeypatch):
+    from collections import namedtuple
+
+    from optune_nemo import checkpoint as ckpt
+    from optune_nemo.cli import _run
+
+    mgr = _manager(tmp_path, payload=b"w" * 100_000)
+    first = mgr.save(0)
+    size = sum(f.stat().st_size for f in first.rglob("*") if f.is_file())   # independent of dir_bytes
+    usage = namedtuple("usage", "total used free")
+    free = {"bytes": size}                                            # < 1.05 x the last checkpoint
+    monkeypatch.setattr(ckpt.shutil, "disk_usage", lambda p: usage(10 * size, 9 * size, free["bytes"]))
+    with pytest.raises(StorageError, match=r"GiB free, the last checkpoint took"):
+        mgr.save(1)
+    assert [p.name for p in mgr.complete_checkpoints()] == ["iter_000000"]
+    assert not list((tmp_path / "checkpoints").glob("*.tmp"))       # nothing of iteration 1 written
+    assert mgr.latest_valid() == first
+    lines = []
+    assert _run(lambda: mgr.save(1), lines.append, None, "optune_nemo") == 1   # one line, exit 1
+    assert len(lines) == 1 and "rerun the same command to resume" in lines[0]
+    free["bytes"] = 2 * size                                          # room again: the save goes through
+    assert mgr.save(1).name == "iter_000001"
 
 
 def test_no_checkpoint(tmp_path):
