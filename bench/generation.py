@@ -10,6 +10,10 @@ the median of `--reps` repetitions, engine and transformers alternating; the rat
 torch-profiler pass over one engine call gives the share of the engine's time spent in matrix products
 (aten mm/addmm/bmm/baddbmm on CPU; GEMM kernels on a GPU). Tokens are generated tokens up to and including
 the stop token, per sample. Prints one JSON object per (dtype, prompts) and writes them all to --out.
+
+`--compile` is an experiment on the engine, not something it uses: the non-matmul pieces of a decode step
+(rotary embedding; attention scores, softmax and cast) go through `torch.compile(dynamic=True)` (inductor's
+fused C++ kernels on a CPU); the first calls' compilation time is reported separately from the timings.
 """
 
 from __future__ import annotations
@@ -97,6 +101,11 @@ def run_one(dtype: str, n_prompts: int, args) -> dict:
     stops = tuple(tokenizer.stop_token_ids)
     engine = TorchEngine(parts.policy.inference_model(), decode=tokenizer.decode, dist=parts.dist,
                          batch_size=n_prompts)
+    if args.compile:
+        from optune_nemo.policy import inference
+
+        inference._apply_rope = torch.compile(inference._apply_rope, dynamic=True)
+        inference._gqa_attention = torch.compile(inference._gqa_attention, dynamic=True)
     hf_tok = AutoTokenizer.from_pretrained(hf_dir)
     device = "cuda" if torch.cuda.is_available() else "cpu"
     hf = AutoModelForCausalLM.from_pretrained(hf_dir, dtype=getattr(torch, dtype)).to(device).eval()
@@ -108,7 +117,11 @@ def run_one(dtype: str, n_prompts: int, args) -> dict:
 
     params = SamplingParams(n=args.n, temperature=1.0, top_p=0.9, max_new_tokens=args.max_new_tokens,
                             stop_token_ids=stops, seed=args.seed)
+    tic = time.perf_counter()
     engine.generate(ids[:2], params, keys=[0, 1])                         # warm-up, both sides
+    if args.compile:                                                      # every step shape compiled
+        engine.generate(ids, params, keys=list(range(len(ids))))
+    warmup_s = time.perf_counter() - tic
     _hf_generate(hf, hf_tok, texts[:2], n=args.n, max_new_tokens=4, stop_ids=stops, greedy=False, seed=0)
     eng_t, hf_t, eng_tok, hf_tok_n = [], [], [], []
     for rep in range(args.reps):
@@ -137,7 +150,8 @@ def run_one(dtype: str, n_prompts: int, args) -> dict:
             "reps": args.reps, "engine_s": [round(t, 3) for t in eng_t], "engine_tokens": eng_tok,
             "engine_tokens_per_s": round(eng_tps, 1), "hf_s": [round(t, 3) for t in hf_t], "hf_tokens": hf_tok_n,
             "hf_tokens_per_s": round(hf_tps, 1), "ratio": round(eng_tps / hf_tps, 2),
-            "greedy_equal": f"{greedy_equal}/{len(ids)}", **share, **machine_info()}
+            "greedy_equal": f"{greedy_equal}/{len(ids)}", "compiled": args.compile,
+            "engine_warmup_s": round(warmup_s, 1), **share, **machine_info()}
 
 
 def main(argv=None) -> list[dict]:
@@ -152,6 +166,7 @@ def main(argv=None) -> list[dict]:
     ap.add_argument("--hf-path", default="smollm2", help="policy.hf_path of the model (default: SmolLM2)")
     ap.add_argument("--out", default=None, help="write the results as a JSON list")
     ap.add_argument("--no-profile", action="store_true", help="skip the profiled pass (the matmul share)")
+    ap.add_argument("--compile", action="store_true", help="torch.compile the decode step's non-matmul pieces")
     args = ap.parse_args(argv)
     results = []
     for dtype in args.dtype:
