@@ -102,8 +102,13 @@ def run_one(dtype: str, n_prompts: int, args) -> dict:
     engine = TorchEngine(parts.policy.inference_model(), decode=tokenizer.decode, dist=parts.dist,
                          batch_size=n_prompts)
     if args.compile:
+        import torch._dynamo.config
+
         from optune_nemo.policy import inference
 
+        # strides change with the batch's compaction: room for every variant instead of dynamo's default
+        # of 8 recompilations (after which it would silently run the function eagerly)
+        torch._dynamo.config.recompile_limit = 256
         inference._apply_rope = torch.compile(inference._apply_rope, dynamic=True)
         inference._gqa_attention = torch.compile(inference._gqa_attention, dynamic=True)
     hf_tok = AutoTokenizer.from_pretrained(hf_dir)

@@ -158,6 +158,21 @@ def cpu_generation() -> str:
     return "\n".join(lines)
 
 
+def cpu_generation_compile() -> str:
+    rows = json.loads((DATA / "dev-cpu" / "generation_compile.json").read_text())
+    eager = {(r["dtype"], r["prompts"]): r for r in json.loads((DATA / "dev-cpu" / "generation.json").read_text())}
+    lines = [f"`bench/generation.py --compile --reps {rows[0]['reps']}` (same machine, a separate run; each ratio is "
+             "against `transformers` measured in its own run):", "",
+             "| dtype | prompts | engine tok/s, compiled | ratio, compiled | ratio, eager (table above) | "
+             "greedy equal, compiled | warm-up s, compiled (eager) |", "|---|---|---|---|---|---|---|"]
+    for r in rows:
+        e = eager.get((r["dtype"], r["prompts"]), {})
+        lines.append(f"| {r['dtype']} | {r['prompts']} | {r['engine_tokens_per_s']:.1f} | {r['ratio']:.2f} | "
+                     f"{_f(e.get('ratio'), 2)} | {r['greedy_equal']} | {r['engine_warmup_s']:.1f} "
+                     f"({_f(e.get('engine_warmup_s'), 1)}) |")
+    return "\n".join(lines)
+
+
 def _final(curves: dict, label: str, key: str = "eval_reward_mean") -> dict | None:
     pts = curves.get(label, {}).get(key) or []
     return pts[-1] if pts else None
@@ -341,6 +356,7 @@ def gold_proxy() -> str:
 BLOCKS = {"default-run": default_run, "gpu-h100": gpu_h100, "cpu-generation": cpu_generation,
           "results-claims": results_claims, "results-report": results_report, "readme-headline": readme_headline,
           "gold-proxy": gold_proxy, "cpu-vs-trl": cpu_vs_trl, "cpu-iteration": cpu_iteration,
+          "cpu-generation-compile": cpu_generation_compile,
           "precision-comparison": precision_comparison}
 
 
