@@ -56,10 +56,6 @@ class StorageError(RuntimeError):
     rerun, and the run resumes from the last checkpoint)."""
 
 
-def dir_bytes(path: Path) -> int:
-    return sum(f.stat().st_size for f in path.rglob("*") if f.is_file())
-
-
 # --------------------------------------------------------------------------- manifest
 
 
@@ -76,6 +72,14 @@ def write_manifest(directory: Path) -> None:
     entries = {str(p.relative_to(directory)): {"size": p.stat().st_size, "sha256": _sha256(p)}
                for p in files}
     write_json_atomic(directory / MANIFEST, {"files": entries})
+
+
+def manifest_bytes(directory: Path) -> int:
+    """The size of a checkpoint's files as its manifest lists them (0 without a readable manifest)."""
+    try:
+        return sum(meta["size"] for meta in json.loads((directory / MANIFEST).read_text())["files"].values())
+    except (OSError, ValueError, KeyError):
+        return 0
 
 
 def verify_manifest(directory: Path) -> str | None:
@@ -213,7 +217,7 @@ class CheckpointManager:
         done = self.complete_checkpoints()
         if not done:
             return None
-        need, free = dir_bytes(done[-1]), shutil.disk_usage(self.root).free
+        need, free = manifest_bytes(done[-1]), shutil.disk_usage(self.root).free
         if free >= 1.05 * need:
             return None
         gib = 2.0 ** 30

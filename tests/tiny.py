@@ -49,3 +49,9 @@ def build(cfg):
 
     d = init_distributed(cfg.parallel.tensor_model_parallel_size, cfg.parallel.pipeline_model_parallel_size)
     return build_policy(cfg, vocab_size=VOCAB, pad_token_id=0, dist=d)
+
+
+def inner_optimizer(policy) -> torch.optim.Optimizer:
+    """The torch optimizer inside megatron's wrapper (the first chunk's, behind a ChainedOptimizer)."""
+    opt = policy.optimizer
+    return opt.chained_optimizers[0].optimizer if hasattr(opt, "chained_optimizers") else opt.optimizer

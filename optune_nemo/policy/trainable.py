@@ -53,13 +53,28 @@ def wrap_for_training(module, *, optim: OptimConfig, use_distributed_optimizer: 
     return chunks, optimizer
 
 
+def _wrappers(optimizer) -> list:
+    """megatron's per-model-chunk optimizer wrappers (a ChainedOptimizer's, or the one given)."""
+    return getattr(optimizer, "chained_optimizers", [optimizer])
+
+
+def _torch_optimizers(optimizer) -> list[torch.optim.Optimizer]:
+    """The torch optimizers inside megatron's wrappers."""
+    return [opt.optimizer for opt in _wrappers(optimizer) if getattr(opt, "optimizer", None) is not None]
+
+
+def _step_tensor(value: float, group: dict, p: torch.Tensor) -> torch.Tensor:
+    """A per-parameter `step` as torch keeps it: on the parameter's device for fused/capturable kernels."""
+    on_device = group.get("fused") or group.get("capturable")
+    return torch.tensor(float(value), dtype=torch.float32, device=p.device if on_device else None)
+
+
 def _use_fused_torch_adam(optimizer) -> None:
     """Without Transformer Engine or Apex (a CPU machine, a bare GPU image) megatron falls back to torch
     Adam/AdamW with torch's default multi-tensor implementation, one pass over the weights per arithmetic
     op; switch its groups to torch's fused kernel (one pass; same update). TE's / Apex's FusedAdam, built in
     NGC containers, is not a torch Adam and is left as it is."""
-    for opt in getattr(optimizer, "chained_optimizers", [optimizer]):
-        inner = getattr(opt, "optimizer", None)
+    for inner in _torch_optimizers(optimizer):
         if type(inner) in (torch.optim.Adam, torch.optim.AdamW) and not inner.state:
             for group in inner.param_groups:
                 if not group.get("differentiable"):
@@ -74,7 +89,7 @@ def _use_rmsprop(optimizer, o: OptimConfig) -> None:
     over the same parameter groups (megatron's per-group keys, weight decay and lr multipliers kept; SGD's
     own keys dropped, so its momentum does not leak into RMSprop). Checkpoints go through megatron's generic
     per-parameter state path (`square_avg` beside the parameters, one common `step`)."""
-    for opt in getattr(optimizer, "chained_optimizers", [optimizer]):
+    for opt in _wrappers(optimizer):
         if "SGD" not in type(opt.optimizer).__name__:    # torch's, or TE's / Apex's FusedSGD on a GPU
             raise RuntimeError(f"rmsprop: expected megatron to build an SGD, got {type(opt.optimizer)}")
         groups = [{k: v for k, v in g.items() if k not in _SGD_ONLY} for g in opt.optimizer.param_groups]
@@ -193,8 +208,7 @@ def _prime_optimizer_states(optimizer) -> None:
     """A fresh torch Adam (or RMSprop) has no per-parameter state, and megatron's state dicts (used to build
     the state dict to load into) assert one common `step` over it. Give every parameter zero moments and
     step 0 before a load overwrites them."""
-    for opt in getattr(optimizer, "chained_optimizers", [optimizer]):
-        inner = getattr(opt, "optimizer", None)
+    for inner in _torch_optimizers(optimizer):
         if isinstance(inner, (torch.optim.Adam, torch.optim.RMSprop)):
             _prime_optimizer_state(inner)
 
@@ -204,9 +218,7 @@ def _prime_optimizer_state(inner: torch.optim.Optimizer) -> None:
     for group in inner.param_groups:
         for p in group["params"]:
             if not inner.state[p]:
-                # a device step tensor when fused/capturable
-                on_device = group.get("fused") or group.get("capturable")
-                step = torch.zeros((), dtype=torch.float32, device=p.device) if on_device else torch.tensor(0.0)
+                step = _step_tensor(0.0, group, p)
                 if isinstance(inner, torch.optim.RMSprop):
                     inner.state[p] = {"step": step, "square_avg": torch.zeros_like(p)}
                 else:
@@ -217,16 +229,11 @@ def _restore_per_param_steps(optimizer) -> None:
     """Without Apex/TE megatron falls back to torch Adam (and RMSProp is torch's), whose per-parameter
     `step` tensors come back from a dist-checkpoint load as one shared, unrestored tensor; the param
     group keeps the restored step. Give every parameter its own copy of the group's step (exact resume)."""
-    for opt in getattr(optimizer, "chained_optimizers", [optimizer]):
-        inner = getattr(opt, "optimizer", None)
-        if inner is None:
-            continue
+    for inner in _torch_optimizers(optimizer):
         for group in inner.param_groups:
             if "step" not in group:
                 continue
-            on_device = group.get("fused") or group.get("capturable")
             for p in group["params"]:
                 st = inner.state.get(p)
                 if st and "step" in st:
-                    st["step"] = torch.tensor(float(group["step"]), dtype=torch.float32,
-                                              device=p.device if on_device else None)
+                    st["step"] = _step_tensor(group["step"], group, p)

@@ -5,16 +5,11 @@ a missing bias correction or a skipped step fails it."""
 
 import torch
 from dist_utils import run_ranks
-from tiny import WDPO, build, preference_batch, tiny_config
+from tiny import WDPO, build, inner_optimizer, preference_batch, tiny_config
 
 from optune_nemo.build import resolve
 
 LR, B1, B2, EPS = 1e-3, 0.8, 0.9, 1e-6
-
-
-def _inner(policy):
-    opt = policy.optimizer
-    return opt.chained_optimizers[0].optimizer if hasattr(opt, "chained_optimizers") else opt.optimizer
 
 
 def _two_steps(rank):
@@ -28,8 +23,8 @@ def _two_steps(rank):
         policy.train(preference_batch(policy, 8, seed=step), WDPO, epochs=1, seed=step)
         weights.append([p.detach().double().clone() for p in params])
         grads.append([p.main_grad.detach().double().clone() for p in params])
-    group = _inner(policy).param_groups[0]
-    return weights, grads, type(_inner(policy)).__name__, group["fused"]
+    group = inner_optimizer(policy).param_groups[0]
+    return weights, grads, type(inner_optimizer(policy)).__name__, group["fused"]
 
 
 def test_two_fused_adam_steps_match_the_float64_update():
@@ -50,7 +45,7 @@ def test_two_fused_adam_steps_match_the_float64_update():
 
 def _bf16_flags(rank):
     policy = build(resolve(tiny_config("precision=bf16", "parallel.use_distributed_optimizer=true")))
-    inner = _inner(policy)
+    inner = inner_optimizer(policy)
     return type(inner).__name__, [g["fused"] for g in inner.param_groups]
 
 

@@ -171,7 +171,7 @@ def test_no_room_for_the_next_checkpoint_is_refused_before_writing(tmp_path, mon
 
     mgr = _manager(tmp_path, payload=b"w" * 100_000)
     first = mgr.save(0)
-    size = sum(f.stat().st_size for f in first.rglob("*") if f.is_file())   # independent of dir_bytes
+    size = sum(f.stat().st_size for f in first.rglob("*") if f.is_file())   # independent of the manifest
     usage = namedtuple("usage", "total used free")
     free = {"bytes": size}                                            # < 1.05 x the last checkpoint
     monkeypatch.setattr(ckpt.shutil, "disk_usage", lambda p: usage(10 * size, 9 * size, free["bytes"]))

@@ -6,7 +6,7 @@ are refused before any work."""
 import pytest
 import torch
 from dist_utils import run_ranks
-from tiny import WDPO, build, preference_batch, tiny_config
+from tiny import WDPO, build, inner_optimizer, preference_batch, tiny_config
 
 from optune_nemo.build import resolve
 from optune_nemo.config import ConfigError, load_config, validate
@@ -25,8 +25,7 @@ def _two_steps(rank):
         policy.train(preference_batch(policy, 8, seed=step), WDPO, epochs=1, seed=step)
         weights.append([p.detach().double().clone() for p in params])
         grads.append([p.main_grad.detach().double().clone() for p in params])
-    inner = policy.optimizer.chained_optimizers[0].optimizer if hasattr(policy.optimizer, "chained_optimizers") \
-        else policy.optimizer.optimizer
+    inner = inner_optimizer(policy)
     return weights, grads, type(inner).__name__, inner.param_groups[0]["momentum"]
 
 
