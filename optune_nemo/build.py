@@ -60,7 +60,8 @@ def build_policy_parts(cfg: OptuneNemoConfig, *, hf_dir: Path | None = None, tok
     from optune_nemo.policy.parallel import init_distributed
 
     p = cfg.parallel
-    dist = init_distributed(p.tensor_model_parallel_size, p.pipeline_model_parallel_size)
+    dist = init_distributed(p.tensor_model_parallel_size, p.pipeline_model_parallel_size,
+                            timeout_minutes=p.distributed_timeout_minutes)
     if hf_dir is None:
         hf_dir = prepare_source(cfg)
     if tokenizer is None:

@@ -36,8 +36,8 @@ import numpy as np
 import torch
 import torch.distributed as dist
 
-from optune_nemo.config import ConfigError
 from optune_nemo.distributed import all_gather_object, barrier, broadcast_object, global_rank
+from optune_nemo.errors import CheckpointError, StorageError, first_line  # noqa: F401  (re-exported)
 from optune_nemo.fileio import write_json_atomic, write_text_atomic
 
 log = logging.getLogger(__name__)
@@ -45,15 +45,6 @@ log = logging.getLogger(__name__)
 MANIFEST = "manifest.json"
 POINTER = "latest"
 _PREFIX = "iter_"
-
-
-class CheckpointError(ConfigError):
-    """A checkpoint file is unreadable or not what this system writes (named in the message)."""
-
-
-class StorageError(RuntimeError):
-    """The checkpoint directory's file system has no room for the next checkpoint (exit 1: free space,
-    rerun, and the run resumes from the last checkpoint)."""
 
 
 # --------------------------------------------------------------------------- manifest
@@ -83,20 +74,43 @@ def manifest_bytes(directory: Path) -> int:
 
 
 def verify_manifest(directory: Path) -> str | None:
-    """None when every file listed matches its size and checksum, else what is wrong."""
+    """None when every file listed matches its size and checksum, else what is wrong (naming the file)."""
     manifest = directory / MANIFEST
     if not manifest.is_file():
-        return "no manifest (torn write)"
+        return f"{manifest}: missing (the checkpoint was not completely written)"
     try:
         entries = json.loads(manifest.read_text())["files"]
-    except (ValueError, KeyError) as e:
-        return f"unreadable manifest: {e}"
+    except (ValueError, KeyError, TypeError) as e:
+        return f"{manifest}: unreadable ({first_line(e)})"
     for rel, meta in entries.items():
         path = directory / rel
         if not path.is_file():
-            return f"missing {rel}"
+            return f"{path}: missing (listed in the manifest)"
         if path.stat().st_size != meta["size"] or _sha256(path) != meta["sha256"]:
-            return f"checksum mismatch in {rel}"
+            return f"{path}: damaged (size or checksum differs from the manifest)"
+    return None
+
+
+def checkpoint_problem(directory: Path) -> str | None:
+    """None when `directory` is a complete checkpoint that is safe to load, else what is wrong with which
+    file: the manifest verifies, every `*.pt` loads with the weights-only loader (megatron's `common.pt`,
+    sharded objects, the RNG states), and every dist-checkpoint `.metadata` unpickles with checkpoint
+    metadata's globals only. Reads every small file once; the tensor shards are covered by the checksums."""
+    from optune_nemo.policy.safe_unpickle import check_dist_checkpoint
+
+    directory = Path(directory)
+    if not directory.is_dir():
+        return f"{directory}: not a checkpoint directory"
+    problem = verify_manifest(directory)
+    if problem is not None:
+        return problem
+    try:
+        for pt in sorted(directory.rglob("*.pt")):
+            load_tensors(pt)
+        for meta in sorted(directory.rglob(".metadata")):
+            check_dist_checkpoint(meta.parent)
+    except CheckpointError as e:
+        return str(e)
     return None
 
 
@@ -196,20 +210,38 @@ class CheckpointManager:
         return sorted(dirs, key=lambda p: int(p.name[len(_PREFIX):]))
 
     def latest_valid(self) -> Path | None:
-        """The newest checkpoint whose manifest verifies; corrupt newer ones are skipped with a
-        warning. (`latest` may lag one checkpoint behind after a kill between the rename and the
-        pointer update: the directories, not the pointer, decide.) Rank 0 decides and broadcasts,
-        so every rank resumes from the same place."""
+        """The newest checkpoint that is complete and safe to load (`checkpoint_problem`); a damaged newer one
+        is skipped with a warning naming the file. None when there is no checkpoint at all; CheckpointError
+        when there are checkpoints but none is usable (starting over would silently drop the run's
+        progress). (`latest` may lag one checkpoint behind after a kill between the rename and the pointer
+        update: the directories, not the pointer, decide.) Rank 0 decides and broadcasts, so every rank
+        resumes from the same place."""
         choice = None
         if global_rank() == 0:
-            for cand in self.complete_checkpoints()[::-1]:
-                problem = verify_manifest(cand)
+            found = self.complete_checkpoints()[::-1]
+            first_problem = None
+            for cand in found:
+                problem = checkpoint_problem(cand)
                 if problem is None:
                     choice = str(cand)
                     break
-                log.warning("checkpoint %s is not usable (%s); trying the previous one", cand, problem)
+                first_problem = first_problem or problem
+                log.warning("checkpoint %s is not usable (%s); falling back to the previous one", cand.name, problem)
+            if choice is None and found:
+                choice = ("error", f"no usable checkpoint in {self.root}; the newest: {first_problem} (move the "
+                          "damaged checkpoints away to resume from an older one, or start in a new exp_dir)")
         choice = broadcast_object(choice)
+        if isinstance(choice, (tuple, list)):
+            raise CheckpointError(choice[1])
         return Path(choice) if choice else None
+
+    def checked(self, directory: str | Path) -> Path:
+        """`directory` when it is a checkpoint that is complete and safe to load, else CheckpointError
+        naming the file (for `resume=<path>` and `init_from`, where no fallback is wanted). Collective."""
+        problem = broadcast_object(checkpoint_problem(Path(directory)) if global_rank() == 0 else None)
+        if problem is not None:
+            raise CheckpointError(problem)
+        return Path(directory)
 
     def room_problem(self) -> str | None:
         """Why the next checkpoint would not fit, judged by the size of the newest one (the next is as

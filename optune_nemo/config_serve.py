@@ -9,7 +9,14 @@ from __future__ import annotations
 import re
 from dataclasses import dataclass, field
 
-from optune_nemo.config import ConfigError, OptuneNemoConfig, RewardConfig, render_schema_yaml, validate
+from optune_nemo.config import (
+    ConfigError,
+    OptuneNemoConfig,
+    ParallelConfig,
+    RewardConfig,
+    render_schema_yaml,
+    validate,
+)
 
 
 @dataclass
@@ -23,6 +30,9 @@ class ServeParallelConfig:
     """Tensor-parallel size of a Megatron reward model (reward.type=megatron)."""
     pipeline_model_parallel_size: int = 1
     """Pipeline-parallel size of a Megatron reward model (reward.type=megatron)."""
+    distributed_timeout_minutes: float = ParallelConfig.distributed_timeout_minutes
+    """Minutes a collective waits for the other processes before it fails and the server ends (a hung
+    process); must exceed server.keepalive_s, which keeps an idle server's processes in touch."""
 
 
 @dataclass
@@ -94,6 +104,12 @@ def validate_serve(cfg: ServeRMConfig, *, world_size: int) -> None:
         raise ConfigError(f"server.max_batch_size: must be >= 1 (got {s.max_batch_size})")
     if not s.keepalive_s > 0:
         raise ConfigError(f"server.keepalive_s: must be > 0 (got {s.keepalive_s})")
+    if not p.distributed_timeout_minutes > 0:
+        raise ConfigError(f"parallel.distributed_timeout_minutes: must be > 0 (got {p.distributed_timeout_minutes})")
+    if world_size > 1 and s.keepalive_s >= 60 * p.distributed_timeout_minutes:
+        raise ConfigError(f"server.keepalive_s: must be below parallel.distributed_timeout_minutes * 60 = "
+                          f"{60 * p.distributed_timeout_minutes:g} s, or an idle server times out "
+                          f"(got {s.keepalive_s})")
     tp, pp = p.tensor_model_parallel_size, p.pipeline_model_parallel_size
     if tp < 1 or pp < 1 or world_size % (tp * pp):
         raise ConfigError(f"parallel: tensor_model_parallel_size * pipeline_model_parallel_size = {tp * pp} must "

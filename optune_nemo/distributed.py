@@ -22,6 +22,8 @@ from typing import Any
 import torch
 import torch.distributed as dist
 
+from optune_nemo.config import ConfigError, ParallelConfig
+
 
 @dataclass(frozen=True)
 class DistEnv:
@@ -73,21 +75,43 @@ def _launcher_env() -> tuple[int, int, int, str]:
     return 0, 1, 0, f"tcp://127.0.0.1:{_free_port()}"
 
 
-def init_process_group(device: torch.device) -> tuple[int, int, int]:
+def init_process_group(device: torch.device, *,
+                       timeout_minutes: float = ParallelConfig.distributed_timeout_minutes) -> tuple[int, int, int]:
     """torch.distributed from the launcher's environment (gloo on CPU, nccl on GPU); returns
-    (rank, world_size, local_rank). Idempotent."""
+    (rank, world_size, local_rank). Idempotent. `timeout_minutes` (parallel.distributed_timeout_minutes)
+    bounds every collective of the world group and the rendezvous: a rank that waits longer for a hung
+    or dead peer raises, its process exits non-zero and the launcher (torchrun, `srun
+    --kill-on-bad-exit=1`) ends the others (docs/slurm.md, "When a rank dies or hangs")."""
     rank, world, local_rank, init_method = _launcher_env()
     if not dist.is_initialized():
         dist.init_process_group(backend="nccl" if device.type == "cuda" else "gloo", init_method=init_method,
-                                rank=rank, world_size=world, timeout=datetime.timedelta(minutes=30))
+                                rank=rank, world_size=world, timeout=process_group_timeout(timeout_minutes))
     return rank, world, local_rank
 
 
+def process_group_timeout(minutes: float) -> datetime.timedelta:
+    """`parallel.distributed_timeout_minutes` as the timedelta torch.distributed takes (megatron's
+    sub-groups get the same through `initialize_model_parallel(distributed_timeout_minutes=...)`)."""
+    if not minutes > 0:
+        raise ConfigError(f"parallel.distributed_timeout_minutes: must be > 0 (got {minutes!r})")
+    return datetime.timedelta(minutes=minutes)
+
+
 def local_device() -> torch.device:
-    """This process's device: its GPU (LOCAL_RANK / SLURM_LOCALID) when CUDA is available, else the CPU."""
+    """This process's device: the CPU without CUDA; cuda:0 when the process sees a single GPU (srun
+    --gpus-per-task=1, or CUDA_VISIBLE_DEVICES naming one: the launcher already chose it); otherwise the
+    GPU of its local rank (LOCAL_RANK, else SLURM_LOCALID), which must be one of the visible ones."""
     if not torch.cuda.is_available():
         return torch.device("cpu")
+    visible = torch.cuda.device_count()
+    if visible == 1:
+        return torch.device("cuda", 0)
     local = int(os.environ.get("LOCAL_RANK", os.environ.get("SLURM_LOCALID", 0)))
+    if local >= visible:
+        raise ConfigError(
+            f"local rank {local} has no GPU: this process sees {visible} (CUDA_VISIBLE_DEVICES="
+            f"{os.environ.get('CUDA_VISIBLE_DEVICES', '<unset>')}); launch one task per GPU with every GPU of the "
+            "node visible to each task, or exactly one (srun --gpus-per-task=1)")
     return torch.device("cuda", local)
 
 

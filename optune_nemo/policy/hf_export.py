@@ -213,12 +213,16 @@ def _generation_config(tokenizer, base: dict | None) -> dict:
 
 
 def prepare_out_dir(out_dir: str | Path, *, overwrite: bool = False) -> Path:
-    """A fresh temporary sibling of `out_dir` to write into; refuses a non-empty `out_dir`."""
+    """A fresh temporary sibling of `out_dir` to write into; refuses a non-empty `out_dir`. Staging
+    directories that an interrupted export left beside `out_dir` are removed (one writer per out_dir: the
+    run directory's lock, or the user's own --out)."""
     out = Path(out_dir)
     if out.exists() and (not out.is_dir() or any(out.iterdir())) and not overwrite:
         raise ValueError(f"--out: {out} exists and is not empty; choose a new directory")
+    if out.parent.is_dir():
+        for stale in out.parent.glob(f".{out.name}.tmp-*"):
+            shutil.rmtree(stale, ignore_errors=True)
     tmp = out.parent / f".{out.name}.tmp-{os.getpid()}"
-    shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir(parents=True)
     return tmp
 

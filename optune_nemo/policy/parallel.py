@@ -4,11 +4,12 @@ from __future__ import annotations
 
 import torch
 
-from optune_nemo.config import ConfigError
+from optune_nemo.config import ConfigError, ParallelConfig
 from optune_nemo.distributed import DistEnv, init_process_group, local_device
 
 
-def init_distributed(tensor_model_parallel_size: int, pipeline_model_parallel_size: int) -> DistEnv:
+def init_distributed(tensor_model_parallel_size: int, pipeline_model_parallel_size: int, *,
+                     timeout_minutes: float = ParallelConfig.distributed_timeout_minutes) -> DistEnv:
     """torch.distributed from the launcher's environment (gloo on CPU, nccl on GPU), then megatron's
     tensor / pipeline / data-parallel groups. Idempotent. The world size must be a multiple of tp * pp
     (`config.validate` checks it before anything runs; this is the last guard)."""
@@ -21,13 +22,14 @@ def init_distributed(tensor_model_parallel_size: int, pipeline_model_parallel_si
         torch.cuda.set_device(device)
     else:
         enable_cpu_compat()
-    rank, world, local_rank = init_process_group(device)
+    rank, world, local_rank = init_process_group(device, timeout_minutes=timeout_minutes)
     tp, pp = tensor_model_parallel_size, pipeline_model_parallel_size
     if world % (tp * pp):
         raise ConfigError(f"parallel: tensor_model_parallel_size * pipeline_model_parallel_size = {tp * pp} "
                           f"must divide the world size {world}")
     if not ps.model_parallel_is_initialized():
-        ps.initialize_model_parallel(tensor_model_parallel_size=tp, pipeline_model_parallel_size=pp)
+        ps.initialize_model_parallel(tensor_model_parallel_size=tp, pipeline_model_parallel_size=pp,
+                                     distributed_timeout_minutes=timeout_minutes)
     return DistEnv(
         rank=rank, world_size=world, local_rank=local_rank, tp_size=tp, pp_size=pp,
         dp_size=world // (tp * pp), tp_rank=ps.get_tensor_model_parallel_rank(),

@@ -291,11 +291,11 @@ def load_model_weights(model, directory: str | Path) -> None:
     model, at any TP / PP (dist checkpointing reshards). Collective."""
     from megatron.core import dist_checkpointing
 
-    from optune_nemo.policy.safe_unpickle import check_dist_checkpoint
+    from optune_nemo.policy.safe_unpickle import check_dist_checkpoint, load_dist_checkpoint
 
     check_dist_checkpoint(str(directory))
     with torch.no_grad():
-        state = dist_checkpointing.load({"model": model.sharded_state_dict()}, str(directory))
+        state = load_dist_checkpoint(dist_checkpointing, {"model": model.sharded_state_dict()}, str(directory))
         model.load_state_dict(state["model"])
 
 

@@ -15,6 +15,8 @@ from pathlib import Path
 
 import torch
 
+from optune_nemo.errors import CheckpointError, first_line
+
 _MODULE_PREFIXES = ("torch.distributed.checkpoint.",)
 _GLOBALS = {("torch", "Size"), ("torch.serialization", "_get_layout"), ("collections", "OrderedDict"),
             ("builtins", "set"), ("builtins", "frozenset"), ("builtins", "slice")}
@@ -35,8 +37,6 @@ class _Screen(pickle.Unpickler):
 
 def check_dist_checkpoint(directory: str | Path) -> None:
     """Raise CheckpointError when `directory/.metadata` needs anything but checkpoint metadata to unpickle."""
-    from optune_nemo.checkpoint import CheckpointError
-
     meta = Path(directory) / ".metadata"
     if not meta.is_file():
         return    # megatron reports a missing checkpoint itself
@@ -46,3 +46,18 @@ def check_dist_checkpoint(directory: str | Path) -> None:
     except Exception as e:
         raise CheckpointError(f"{meta}: refusing to load this checkpoint ({type(e).__name__}: "
                               f"{str(e).splitlines()[0] if str(e) else ''})") from None
+
+
+def load_dist_checkpoint(dist_checkpointing, sharded_state_dict: dict, directory: str | Path) -> dict:
+    """`dist_checkpointing.load`, with any failure to read the files (a missing shard, an object the
+    weights-only loader refuses in `common.pt`, a truncated file) as one CheckpointError naming the
+    directory. Collective, like the load itself."""
+    try:
+        return dist_checkpointing.load(sharded_state_dict, str(directory))
+    except (KeyboardInterrupt, SystemExit):
+        raise
+    except BaseException as e:   # torch.distributed.checkpoint's CheckpointException is a BaseException
+        failures = getattr(e, "failures", None)    # rank -> the exception behind it
+        cause = next(iter(failures.values())) if isinstance(failures, dict) and failures else e
+        cause = cause[0] if isinstance(cause, tuple) and cause else cause      # (exception, its frames)
+        raise CheckpointError(f"{directory}: the model checkpoint cannot be loaded ({first_line(cause)})") from None

@@ -16,6 +16,7 @@ from optune_nemo.checkpoint import (
     GenerationChunks,
     RngStates,
     StorageError,
+    checkpoint_problem,
     verify_manifest,
     write_manifest,
 )
@@ -109,12 +110,23 @@ def test_planted_pickle_payload_is_refused(tmp_path, monkeypatch):
     (path / "rng_states.pt").write_bytes(pickle.dumps([{"torch": _Payload()}]))
     write_manifest(path)                              # a consistent, but hostile, checkpoint
     monkeypatch.chdir(tmp_path)
-    assert mgr.latest_valid() == path
-    with pytest.raises(CheckpointError) as e:
-        mgr.restore(path)
-    assert "rng_states.pt" in str(e.value) and "not a tensors-only file" in str(e.value)
-    assert "\n" not in str(e.value)
+    for refuse in (mgr.restore, mgr.checked, lambda p: mgr.latest_valid()):   # loaded, named, or found
+        with pytest.raises(CheckpointError) as e:
+            refuse(path)
+        assert "rng_states.pt" in str(e.value) and "not a tensors-only file" in str(e.value)
+        assert "\n" not in str(e.value)
+    assert "no usable checkpoint" in str(e.value)     # resume=auto does not start over silently
     assert not (tmp_path / "PWNED").exists()
+
+
+def test_hostile_newest_falls_back_to_the_previous(tmp_path, caplog):
+    first = _manager(tmp_path).save(0)
+    second = _manager(tmp_path).save(1)
+    (second / "rng_states.pt").write_bytes(pickle.dumps([{"torch": _Payload()}]))
+    write_manifest(second)
+    assert checkpoint_problem(first) is None and "rng_states.pt" in checkpoint_problem(second)
+    assert _manager(tmp_path).latest_valid() == first
+    assert "iter_000001 is not usable" in caplog.text and "rng_states.pt" in caplog.text
 
 
 @pytest.mark.parametrize("damage", ["truncate", "flip", "delete_manifest", "delete_file"])
