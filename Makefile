@@ -26,8 +26,8 @@ run: $(VENV)/.installed
 	$(PY) -m optune_nemo.train $(ARGS)
 
 test: $(VENV)/.installed
-	$(PY) -m ruff check optune_nemo tests bench scripts
+	$(PY) -m ruff check optune_nemo tests bench scripts experiments
 	$(PY) -m pytest -n $(PYTEST_WORKERS) --dist loadgroup $(PYTEST_ARGS) tests
 
 lint: $(VENV)/.installed
-	$(PY) -m ruff check optune_nemo tests bench scripts
+	$(PY) -m ruff check optune_nemo tests bench scripts experiments

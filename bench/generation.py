@@ -14,6 +14,12 @@ the stop token, per sample. Prints one JSON object per (dtype, prompts) and writ
 `--compile` is an experiment on the engine, not something it uses: the non-matmul pieces of a decode step
 (rotary embedding; attention scores, softmax and cast) go through `torch.compile(dynamic=True)` (inductor's
 fused C++ kernels on a CPU); the first calls' compilation time is reported separately from the timings.
+`--compile-backend eager` traces the same pieces without generating kernels (a quick check of the wiring).
+
+A smoke run on a tiny model (a Hugging Face directory with its tokenizer; tests/e2e/test_user_scripts.py):
+
+    .venv/bin/python bench/generation.py --hf-path TINY_HF_DIR --prompts 2 --max-new-tokens 4 --reps 1 \
+        --dtype float32 --seq-length 64 --out /tmp/gen.json
 """
 
 from __future__ import annotations
@@ -102,15 +108,19 @@ def run_one(dtype: str, n_prompts: int, args) -> dict:
     engine = TorchEngine(parts.policy.inference_model(), decode=tokenizer.decode, dist=parts.dist,
                          batch_size=n_prompts)
     if args.compile:
-        import torch._dynamo.config
+        # `from torch import ...`, never `import torch._dynamo...`: that would make `torch` a local name of
+        # this whole function, unbound on the path without --compile
+        from torch import _dynamo
 
+        from optune_nemo.generation import torch_engine
         from optune_nemo.policy import inference
 
         # strides change with the batch's compaction: room for every variant instead of dynamo's default
         # of 8 recompilations (after which it would silently run the function eagerly)
-        torch._dynamo.config.recompile_limit = 256
-        inference._apply_rope = torch.compile(inference._apply_rope, dynamic=True)
-        inference._gqa_attention = torch.compile(inference._gqa_attention, dynamic=True)
+        _dynamo.config.recompile_limit = 256
+        compile_ = lambda fn: torch.compile(fn, dynamic=True, backend=args.compile_backend)
+        inference._apply_rope = compile_(inference._apply_rope)
+        torch_engine.gqa_attention = compile_(torch_engine.gqa_attention)
     hf_tok = AutoTokenizer.from_pretrained(hf_dir)
     device = "cuda" if torch.cuda.is_available() else "cpu"
     hf = AutoModelForCausalLM.from_pretrained(hf_dir, dtype=getattr(torch, dtype)).to(device).eval()
@@ -159,7 +169,8 @@ def run_one(dtype: str, n_prompts: int, args) -> dict:
             "engine_warmup_s": round(warmup_s, 1), **share, **machine_info()}
 
 
-def main(argv=None) -> list[dict]:
+def parser() -> argparse.ArgumentParser:
+    """The command line (the smoke test parses bench/gpu_session.sh's commands with it)."""
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--prompts", type=int, nargs="+", default=[16, 64])
     ap.add_argument("--n", type=int, default=2)
@@ -172,7 +183,13 @@ def main(argv=None) -> list[dict]:
     ap.add_argument("--out", default=None, help="write the results as a JSON list")
     ap.add_argument("--no-profile", action="store_true", help="skip the profiled pass (the matmul share)")
     ap.add_argument("--compile", action="store_true", help="torch.compile the decode step's non-matmul pieces")
-    args = ap.parse_args(argv)
+    ap.add_argument("--compile-backend", default="inductor",
+                    help="torch.compile backend of --compile (`eager`: dynamo's tracing only, for a smoke run)")
+    return ap
+
+
+def main(argv=None) -> list[dict]:
+    args = parser().parse_args(argv)
     results = []
     for dtype in args.dtype:
         for k in args.prompts:

@@ -67,13 +67,18 @@ def _pair_tokens(path: Path) -> float | None:
     return statistics.mean(sizes) if sizes else None
 
 
-def main(argv=None) -> dict:
+def parser() -> argparse.ArgumentParser:
+    """The command line (the smoke test parses bench/gpu_session.sh's commands with it)."""
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--out", required=True)
     ap.add_argument("--iterations", type=int, default=3, help="OPTune iterations after iteration 0")
     ap.add_argument("--rho", type=float, default=0.5)
     ap.add_argument("overrides", nargs="*", help="Hydra overrides for every run (after --)")
-    args = ap.parse_args(argv)
+    return ap
+
+
+def main(argv=None) -> dict:
+    args = parser().parse_args(argv)
     out = Path(args.out)
     common = [*args.overrides, "eval.num_prompts=0", "policy.export_hf_final=false"]
     base = out / "base"

@@ -19,6 +19,10 @@ prefix-shared micro-batches of --micro-batch-size pairs: optune_nemo/policy/pack
     (prompt + both responses per pair, attention over prompt + own response, LM head on response tokens);
   against --peak-tflops (default: the H100 SXM dense bf16 figure, 989; give the right one for the
   machine).
+--attention and --transformer-impl set model.attention_backend and model.transformer_impl (docs/models.md);
+--precision fp8 needs a CUDA GPU with Transformer Engine (and --transformer-impl transformer_engine).
+--profile runs one more step under torch.profiler and prints its top kernels (self time) to stderr, and
+adds them to the JSON as `profile_top`.
 """
 
 from __future__ import annotations
@@ -28,10 +32,6 @@ import json
 import statistics
 import sys
 import time
-
-import torch
-
-from optune_nemo.hardware import machine_info
 
 PRESETS = {
     # Llama-3.2-1B's shape: 16 layers, hidden 2048, SwiGLU 8192, 32 heads / 8 KV heads, vocab 128256, tied
@@ -59,10 +59,31 @@ def megatron_flops(m, *, tokens: int, attended: int, head_tokens: int, vocab: in
     return tokens * (mlp + attn) + head_tokens * 6 * m.hidden_size * vocab
 
 
-def main(argv=None) -> dict:
+def profile_step(run, sync, top: int = 12) -> list[dict]:
+    """One call of `run` under torch.profiler: its `top` kernels / ops by self time (device time on a GPU),
+    as a table on stderr and as a list of {name, calls, self_ms}."""
+    import torch
+    from torch.profiler import ProfilerActivity, profile
+
+    cuda = torch.cuda.is_available()
+    activities = [ProfilerActivity.CPU, *([ProfilerActivity.CUDA] if cuda else [])]
+    with profile(activities=activities) as prof:
+        run()
+        sync()
+    key = "self_device_time_total" if cuda else "self_cpu_time_total"
+    events = sorted(prof.key_averages(), key=lambda e: getattr(e, key), reverse=True)[:top]
+    print(prof.key_averages().table(sort_by=key, row_limit=top), file=sys.stderr)
+    return [{"name": e.key, "calls": e.count, "self_ms": round(getattr(e, key) / 1e3, 3)} for e in events]
+
+
+def parser() -> argparse.ArgumentParser:
+    """The command line (the smoke test parses bench/gpu_session.sh's commands with it)."""
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--preset", choices=sorted(PRESETS), default="tiny")
-    ap.add_argument("--precision", choices=["fp32", "bf16"], default="fp32")
+    ap.add_argument("--precision", choices=["fp32", "bf16", "fp8"], default="fp32")
+    ap.add_argument("--attention", choices=["auto", "flex", "sdpa", "local"], default="auto")
+    ap.add_argument("--transformer-impl", choices=["local", "transformer_engine"], default="local")
+    ap.add_argument("--profile", action="store_true", help="profile one extra step: top kernels to stderr")
     ap.add_argument("--steps", type=int, default=5)
     ap.add_argument("--warmup", type=int, default=1)
     ap.add_argument("--pairs-per-step", type=int, default=16)
@@ -70,15 +91,27 @@ def main(argv=None) -> dict:
     ap.add_argument("--prompt-tokens", type=int, default=None, help="default: a quarter of model.seq_length")
     ap.add_argument("--response-tokens", type=int, default=None, help="default: a quarter of model.seq_length")
     ap.add_argument("--peak-tflops", type=float, default=989.0)
-    args = ap.parse_args(argv)
+    return ap
+
+
+def main(argv=None) -> dict:
+    args = parser().parse_args(argv)
+
+    import torch
 
     from optune_nemo.build import build_policy_parts, resolve
     from optune_nemo.config import load_config
+    from optune_nemo.hardware import machine_info
     from optune_nemo.interfaces import PreferenceBatch
     from optune_nemo.losses.wdpo import WDPO
+    from optune_nemo.policy.model import HAVE_TE
 
+    if args.precision == "fp8" and not (torch.cuda.is_available() and HAVE_TE):
+        print("bench/training.py: --precision fp8 needs a CUDA GPU with Transformer Engine", file=sys.stderr)
+        raise SystemExit(2)
     shape, vocab = PRESETS[args.preset]
     over = [*shape, "policy.hf_path=null", "eval.num_prompts=0", f"precision={args.precision}",
+            f"model.attention_backend={args.attention}", f"model.transformer_impl={args.transformer_impl}",
             f"train.global_batch_size={args.pairs_per_step}", f"train.micro_batch_size={args.micro_batch_size}",
             "optim.warmup_ratio=0.0", "train.shuffle=false"]
     cfg = resolve(load_config(over))
@@ -86,8 +119,9 @@ def main(argv=None) -> dict:
     P = args.prompt_tokens or m.seq_length // 4
     R = args.response_tokens or m.seq_length // 4
     if P < 1 or R < 1 or P + R > m.seq_length:
-        raise SystemExit(f"--prompt-tokens {P} + --response-tokens {R} must be positive and fit model.seq_length "
-                         f"{m.seq_length}")
+        print(f"bench/training.py: --prompt-tokens {P} + --response-tokens {R} must be positive and fit "
+              f"model.seq_length {m.seq_length}", file=sys.stderr)
+        raise SystemExit(2)
 
     class _Tok:                     # the policy needs only the vocabulary size and a pad id
         vocab_size, pad_token_id = vocab, 0
@@ -96,20 +130,23 @@ def main(argv=None) -> dict:
     policy = parts.policy
     n_params = sum(p.numel() for p in policy.unwrapped_model().parameters())
     g = torch.Generator().manual_seed(0)
-    n = args.pairs_per_step * (args.steps + args.warmup)
+    n = args.pairs_per_step * (args.steps + args.warmup + args.profile)
     seq = lambda k: torch.randint(1, vocab, (k,), generator=g).tolist()
     prompts, chosen, rejected = [seq(P) for _ in range(n)], [seq(R) for _ in range(n)], [seq(R) for _ in range(n)]
     zeros = torch.zeros(n)
     loss = WDPO(beta1=0.1, beta2=1.0)
     sync = torch.cuda.synchronize if torch.cuda.is_available() else (lambda: None)
     times = []
-    for step in range(args.steps + args.warmup):
+
+    def part(step):
         sl = slice(step * args.pairs_per_step, (step + 1) * args.pairs_per_step)
-        part = PreferenceBatch(prompts[sl], chosen[sl], rejected[sl], zeros[sl] - 30, zeros[sl] - 30,
+        return PreferenceBatch(prompts[sl], chosen[sl], rejected[sl], zeros[sl] - 30, zeros[sl] - 30,
                                torch.ones(args.pairs_per_step), zeros[sl])
+
+    for step in range(args.steps + args.warmup):
         sync()
         tic = time.perf_counter()
-        policy.train(part, loss, epochs=1, seed=step)
+        policy.train(part(step), loss, epochs=1, seed=step)
         sync()
         if step >= args.warmup:
             times.append(time.perf_counter() - tic)
@@ -126,7 +163,11 @@ def main(argv=None) -> dict:
               "mfu": round(model_flops / step_s / (args.peak_tflops * 1e12), 4),
               "executed_tflops_per_s": round(executed / step_s / 1e12, 3),
               "executed_mfu": round(executed / step_s / (args.peak_tflops * 1e12), 4),
+              "attention_backend": m.attention_backend, "transformer_impl": m.transformer_impl,
               "peak_tflops": args.peak_tflops, **machine_info()}
+    if args.profile:
+        result["profile_top"] = profile_step(lambda: policy.train(part(args.steps + args.warmup), loss, epochs=1,
+                                                                  seed=0), sync)
     print(json.dumps(result), flush=True)
     return result
 

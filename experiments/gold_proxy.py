@@ -3,7 +3,16 @@ rule reward is the "gold"; a reward model trained on gold-labelled pairs is the 
 the gold reward judges the result.
 
     .venv/bin/python experiments/gold_proxy.py --root runs/gold_proxy [--prompts 256] [--rm-epochs 2] \
-        [-- overrides for every run]
+        [--train-overrides K=V ...] [--rm-overrides K=V ...] [-- overrides for every run]
+
+Overrides after `--` go to every run (keys both entry points have: policy.*, model.*, precision, ...);
+`--train-overrides` to the two `optune_nemo.train` runs only (sample, OPTune: generation.*, data.*, eval.*,
+optune.*, ...), `--rm-overrides` to `optune_nemo.train_rm` only (rm.*, ...). A smoke run on the tiny random
+model (tests/e2e/test_user_scripts.py):
+
+    .venv/bin/python experiments/gold_proxy.py --root /tmp/gp --prompts 16 --rm-epochs 1 \
+        --train-overrides data.num_prompts=4 eval.num_prompts=2 generation.max_new_tokens=4 optune.iterations=2 ... \
+        --rm-overrides rm.global_batch_size=4 rm.micro_batch_size=2 -- policy.hf_path=null precision=fp32
 
   (a) sample: one fully online iteration without training on --prompts training prompts of the built-in
       task (`optune.iterations=1 train.epochs_per_iteration=0`): two responses per prompt from the starting
@@ -95,28 +104,34 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--prompts", type=int, default=256, help="training prompts sampled for the RM's pairs")
     ap.add_argument("--rm-epochs", type=int, default=2)
     ap.add_argument("--seed", type=int, default=1234)
+    ap.add_argument("--train-overrides", nargs="+", default=[], metavar="K=V",
+                    help="Hydra overrides for the optune_nemo.train runs only (sample, OPTune)")
+    ap.add_argument("--rm-overrides", nargs="+", default=[], metavar="K=V",
+                    help="Hydra overrides for the optune_nemo.train_rm run only")
     ap.add_argument("overrides", nargs="*", help="Hydra overrides for every run (after --)")
     args = ap.parse_args(argv)
     root = args.root.resolve()
     root.mkdir(parents=True, exist_ok=True)
     common = [f"seed={args.seed}", "logging.progress=false", *args.overrides]
+    train = [*common, *args.train_overrides]
 
     sample = root / "sample"
     if not (sample / "COMPLETED").is_file():
-        _run(["optune_nemo.train", f"exp_dir={sample}", "optune.iterations=1", "train.epochs_per_iteration=0",
-              f"data.num_prompts={args.prompts}", "eval.num_prompts=0", "policy.export_hf_final=false", *common])
+        # the stage's own keys last: they define it (of a key given twice, Hydra keeps the last value)
+        _run(["optune_nemo.train", *train, f"exp_dir={sample}", "optune.iterations=1", "train.epochs_per_iteration=0",
+              f"data.num_prompts={args.prompts}", "eval.num_prompts=0", "policy.export_hf_final=false"])
     prefs = root / "prefs.jsonl"
     counts = write_preferences(_rollouts(sample, 0), prefs)
 
     rm = root / "rm"
     if not (rm / "COMPLETED").is_file():
         _run(["optune_nemo.train_rm", f"exp_dir={rm}", f"data.path={prefs}", f"rm.epochs={args.rm_epochs}",
-              "rm.eval_fraction=0.15", "rm.eval_every=10", *common])
+              "rm.eval_fraction=0.15", "rm.eval_every=10", *common, *args.rm_overrides])
     rm_records = [r for r in _records(rm / "metrics.jsonl") if "eval_accuracy" in r]
 
     run = root / "optune"
     if not (run / "COMPLETED").is_file():
-        _run(["optune_nemo.train", f"exp_dir={run}", "reward.type=megatron", f"reward.path={rm}", *common])
+        _run(["optune_nemo.train", f"exp_dir={run}", "reward.type=megatron", f"reward.path={rm}", *train])
     records = _records(run / "metrics.jsonl")
     evals = json.loads((run / "eval.json").read_text())
     last = max(int(t) for t in evals["iterations"])

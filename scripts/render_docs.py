@@ -7,6 +7,7 @@ docs/results/, between markers
 
     python scripts/render_docs.py           rewrite the blocks
     python scripts/render_docs.py --check   exit 1 when a block differs from what the data gives (a test runs it)
+    python scripts/render_docs.py --root DIR   the same on a copy: DIR/README.md, DIR/docs/*.md and their data
 
 Where the data come from (each directory names its machine in its JSON):
   docs/data/default_run/        `make run` on the embedded default: scripts/record_run.py
@@ -186,27 +187,47 @@ def _label(rep: dict, rho: float, selection: str, loss: str = "wdpo", trained: b
     return None
 
 
-def _compare(rep: dict, a: str | None, b: str | None, key: str, kind: str = "better") -> tuple[str, str]:
-    """(cell text, verdict) for setting a against b at the last iteration: means with ranges over seeds."""
+PRIMARY = ("success", "gold_reward")
+"""Endpoints of the paired comparisons in order of preference: exact accuracy, else the gold reward."""
+FLIP = {"better": "worse", "worse": "better", "equivalent": "equivalent", "undecided": "undecided"}
+
+
+def _paired_verdict(rep: dict, a: str, b: str) -> str | None:
+    """The report's paired outcome of a against b on the primary endpoint, view by view (the report stores
+    each setting against its baseline: flipped when a is the baseline); None when it has none."""
+    for endpoint in PRIMARY:
+        for p in rep.get("paired", []):
+            if p["endpoint"] != endpoint or {p["setting"], p["baseline"]} != {a, b}:
+                continue
+            flip = p["setting"] != a
+            parts = []
+            for view, c in p["views"].items():
+                lo, hi = c["ci95"]
+                mean, lo, hi = (-c["mean"], -hi, -lo) if flip else (c["mean"], lo, hi)
+                parts.append(f"{view}: {FLIP[c['outcome']] if flip else c['outcome']} ({mean:+.3f} [{lo:+.3f}, "
+                             f"{hi:+.3f}])")
+            return f"{p['endpoint_name']}, paired over {next(iter(p['views'].values()))['seeds']} seeds: " + \
+                "; ".join(parts)
+    return None
+
+
+NO_PAIRED = ("undecided: this recording has no per-prompt records, so no paired test is possible (the seed "
+             "ranges are a description, not a test)")
+
+
+def _compare(rep: dict, a: str | None, b: str | None, key: str) -> tuple[str, str]:
+    """(cell text, verdict) for setting a against b: the means with seed ranges at the last iteration (a
+    description), and the verdict of the report's paired statistics (equivalent / better / worse /
+    undecided per view), or NO_PAIRED when the recorded experiment has none."""
     if a is None or b is None:
         return "not run", "not measured"
     fa, fb = _final(rep["curves"], a, key), _final(rep["curves"], b, key)
     if fa is None or fb is None or fa["mean"] is None or fb["mean"] is None:
         return "no data", "not measured"
     diff = fa["mean"] - fb["mean"]
-    overlap = not (fa["min"] > fb["max"] or fb["min"] > fa["max"])
     text = (f"{fa['mean']:.3f} [{fa['min']:.3f}, {fa['max']:.3f}] vs {fb['mean']:.3f} [{fb['min']:.3f}, "
             f"{fb['max']:.3f}], difference {diff:+.3f} (n = {fa['n']}, {fb['n']})")
-    if overlap:
-        verdict = "no separation: the seed ranges overlap"
-    else:
-        verdict = "a better than b in every seed" if diff > 0 else "a worse than b in every seed"
-    if kind == "equal":
-        verdict = {"no separation: the seed ranges overlap":
-                   "the seed ranges overlap: neither equal quality nor a loss is established",
-                   "a worse than b in every seed": "a worse than b in every seed: contradicts the claim",
-                   "a better than b in every seed": "a better than b in every seed"}[verdict]
-    return text, verdict
+    return text, _paired_verdict(rep, a, b) or NO_PAIRED
 
 
 def _claim_rows(rep: dict) -> list[tuple[str, str | None, str | None]]:
@@ -226,37 +247,35 @@ def _claim_rows(rep: dict) -> list[tuple[str, str | None, str | None]]:
     ]
 
 
-def _kind(claim: str) -> str:
-    return "equal" if claim.startswith("same quality") else "better"
-
-
 def _summary(rep: dict) -> str:
-    """One mechanical sentence: what every seed supports, and the best setting."""
+    """One mechanical sentence: how many of the paper's claims the paired statistics decide, and the best
+    setting by mean."""
     paper = _claim_rows(rep)[:5]
-    verdicts = [(_kind(c), _compare(rep, a, b, "eval_reward_mean", _kind(c))[1]) for c, a, b in paper]
-    better = [v for k, v in verdicts if k == "better" and v != "not measured"]
-    equal = [v for k, v in verdicts if k == "equal" and v != "not measured"]
-    held = sum(v == "a better than b in every seed" for v in better)
-    contradicted = sum(v.endswith("contradicts the claim") for v in equal)
+    verdicts = [_compare(rep, a, b, "eval_reward_mean")[1] for _, a, b in paper]
+    measured = [v for v in verdicts if v != "not measured"]
+    decided = [v for v in measured if v != NO_PAIRED]
     finals = {s["label"]: _final(rep["curves"], s["label"]) for s in rep["settings"]}
     best = max((k for k in finals if finals[k] and finals[k]["mean"] is not None), key=lambda k: finals[k]["mean"])
-    return (f"{held} of the paper's {len(better)} 'a beats b' comparisons hold in every seed; of its "
-            f"{len(equal)} 'same quality for less generation' comparisons, {contradicted} are contradicted by every "
-            f"seed and the rest are undecided (overlapping seed ranges); the highest mean held-out gold reward after "
-            f"the last iteration is {best}'s ({finals[best]['mean']:.3f}).")
+    head = (f"{len(decided)} of the paper's {len(measured)} measured claims have a paired test in this recording"
+            + (": the verdicts below are the report's" if decided else
+               ": it predates per-prompt records, so none is decided (its three unpaired seeds could not have "
+               "decided them; docs/evaluation.md, 'Paired comparisons', says what can)"))
+    return (f"{head}; the highest mean held-out gold reward after the last iteration is {best}'s "
+            f"({finals[best]['mean']:.3f}).")
 
 
 def results_claims() -> str:
     rep = json.loads((RESULTS / "report.json").read_text())
     rows = _claim_rows(rep)
     lines = [_summary(rep), "",
-             "Held-out gold reward at the last iteration, mean [min, max] over seeds; the verdict is mechanical "
-             "(rendered by scripts/render_docs.py from docs/results/report.json).", "",
+             "Held-out gold reward at the last iteration, mean [min, max] over seeds (a description); the verdict is "
+             "the report's paired test where it has one (rendered by scripts/render_docs.py from "
+             "docs/results/report.json).", "",
              "| claim | held-out gold reward, a vs b | verdict |", "|---|---|---|"]
     for claim, a, b in rows:
-        text, verdict = _compare(rep, a, b, "eval_reward_mean", _kind(claim))
+        text, verdict = _compare(rep, a, b, "eval_reward_mean")
         lines.append(f"| {claim} | {text} | {verdict} |")
-    lines += ["", "| setting | speed-up vs rho = 1 | Amdahl bound (generation share g) | mean s per iteration |",
+    lines += ["", "| setting | speed-up vs rho = 1 | Amdahl prediction (generation share g) | mean s per iteration |",
               "|---|---|---|---|"]
     for s in rep["speedup"]:
         if s["rho"] == 1.0:
@@ -281,9 +300,9 @@ def readme_headline() -> str:
     seeds = sorted({r["seed"] for r in rep["runs"] if not r["fork_source"]})
     sp = {s["setting"]: s for s in rep["speedup"]}
     a, b = _label(rep, 0.5, "lowest_reward"), _label(rep, 1.0, "all")
-    text, verdict = _compare(rep, a, b, "eval_reward_mean", "equal")
+    text, verdict = _compare(rep, a, b, "eval_reward_mean")
     s = sp.get(a)
-    speed = (f"{s['speedup']:.2f}x faster per iteration than rho = 1 (Amdahl bound {s['amdahl_bound']:.2f}x at the "
+    speed = (f"{s['speedup']:.2f}x faster per iteration than rho = 1 (Amdahl prediction {s['amdahl_bound']:.2f}x at the "
              f"measured generation share {s['generation_share']:.2f})") if s else "speed-up not measured"
     rnd = _compare(rep, a, _label(rep, 0.5, "random"), "eval_reward_mean")
     dpo = _compare(rep, a, _label(rep, 0.5, "lowest_reward", loss="dpo"), "eval_reward_mean")
@@ -382,7 +401,13 @@ def documents() -> list[Path]:
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--check", action="store_true", help="exit 1 when a generated block is stale")
+    ap.add_argument("--root", type=Path, default=None,
+                    help="render README.md, docs/*.md and docs/data, docs/results under this directory instead")
     args = ap.parse_args(argv)
+    if args.root is not None:
+        global REPO, DATA, RESULTS
+        REPO = args.root.resolve()
+        DATA, RESULTS = REPO / "docs" / "data", REPO / "docs" / "results"
     stale = []
     for path in documents():
         text = path.read_text()
