@@ -20,10 +20,12 @@ def vocab_parallel_token_logprobs(logits_BTV: torch.Tensor, labels_BT: torch.Ten
     from megatron.core import tensor_parallel
 
     shard = logits_BTV.shape[-1]
-    vocab_ids = torch.arange(tp_rank * shard, (tp_rank + 1) * shard, device=logits_BTV.device)
     logits = logits_BTV.float()
-    if (vocab_ids >= real_vocab_size).any():
-        logits = logits.masked_fill(vocab_ids >= real_vocab_size, float("-inf"))
+    # whether this shard holds padded entries is known from the shapes: no device-to-host sync per micro-batch
+    first_padded = real_vocab_size - tp_rank * shard
+    if first_padded < shard:
+        padded = torch.arange(shard, device=logits.device) >= first_padded
+        logits = logits.masked_fill(padded, float("-inf"))
     # vocab_parallel_cross_entropy expects [S, B, V]; it returns -log p(target)
     nll = tensor_parallel.vocab_parallel_cross_entropy(logits.transpose(0, 1).contiguous(),
                                                        labels_BT.transpose(0, 1).contiguous())

@@ -4,7 +4,9 @@ Training batches: the pairs of D_t are cut into global batches of `train.global_
 global batch is dealt round-robin over data-parallel ranks, and each rank's share is split into
 micro-batches of `train.micro_batch_size` pairs. A micro-batch is ONE packed row (policy/packing.py):
 each pair as [prompt | chosen | rejected], the prompt run once for both responses, no padding, and the
-LM head and log-softmax only at the positions that predict a response token. An empty share becomes a
+LM head and log-softmax only at the positions that predict a response token. Rows are packed when the
+schedule asks for them (`LazyMicrobatches`), and carry per-token segment ids, not an S x S mask (the core
+attention, policy/attention.py, builds its mask from them on the device). An empty share becomes a
 masked dummy pair so every rank runs the same number of micro-batches. The loss is the MEAN over the
 real pairs of the global batch: each micro-batch returns the SUM of its per-pair losses and its count
 of real pairs, and with `calculate_per_token_loss` megatron's finalize_model_grads divides the summed
@@ -128,7 +130,10 @@ class MegatronPolicy(MegatronTrainable):
         that predict a response token. Other stages return their hidden states for the next stage."""
         m = model.module
         emb = m.embedding(input_ids=mb.tokens_BS, position_ids=mb.positions_BS) if m.pre_process else None
-        hidden = m.decoder(hidden_states=emb, attention_mask=mb.mask_B1SS, rotary_pos_emb=self._rotary(mb.positions_BS))
+        # the segment ids are the mask (policy/attention.py builds it on the device); megatron's own
+        # DotProductAttention (attention_backend=local) takes the dense form
+        mask = mb.mask_B1SS if self.cfg.model.attention_backend == "local" else mb.segments
+        hidden = m.decoder(hidden_states=emb, attention_mask=mask, rotary_pos_emb=self._rotary(mb.positions_BS))
         if not m.post_process:
             return hidden
         h = hidden.transpose(0, 1).reshape(-1, hidden.shape[-1]).index_select(0, mb.label_index_N)   # [N, H]
@@ -154,7 +159,7 @@ class MegatronPolicy(MegatronTrainable):
         """Per-response summed log-probs of each micro-batch of groups, on the last stage (every stage gets
         the list from it)."""
         length = self._row_length(micro_batches)
-        data = [self._pack(mb, length) for mb in micro_batches]
+        data = LazyMicrobatches(micro_batches, lambda mb: self._pack(mb, length))
 
         def loss_func(mb, output):
             return torch.zeros((), device=output.device), torch.tensor(1), {"logps": sum_per_output(output, mb)}
@@ -244,7 +249,7 @@ class MegatronPolicy(MegatronTrainable):
               scheduler) -> dict:
         length = self._row_length([[(batch.prompts[i], [batch.chosen[i], batch.rejected[i]]) for i in mb or [0]]
                                    for mb in micro])
-        data = [self._pair_microbatch(batch, mb, length) for mb in micro]
+        data = LazyMicrobatches(micro, lambda mb: self._pair_microbatch(batch, mb, length))
 
         def loss_func(mb, output):
             logps = sum_per_output(output, mb["packed"])              # [2P]: chosen, rejected of each pair
@@ -269,6 +274,21 @@ class MegatronPolicy(MegatronTrainable):
         return {**values, "num_pairs": int(count), "lr": lr,
                 "grad_norm": float(grad_norm) if grad_norm is not None else float("nan"),
                 "skipped": 0.0 if ok else 1.0}
+
+
+class LazyMicrobatches:
+    """The micro-batches of one schedule call, made as the schedule asks for them: `make(item)` packs a row
+    (and copies it to the device) only when its forward step runs, so no micro-batch is held before its
+    turn. The schedule needs their number up front (`len`) and iterates once."""
+
+    def __init__(self, items: list, make):
+        self.items, self.make = items, make
+
+    def __len__(self) -> int:
+        return len(self.items)
+
+    def __iter__(self):
+        return map(self.make, self.items)
 
 
 def metric_names(loss: PairLoss) -> list[str]:

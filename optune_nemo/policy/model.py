@@ -2,11 +2,14 @@
 
 RMSNorm, SwiGLU MLP, RoPE (configurable base), grouped-query attention, no linear biases (optional
 QKV bias for Qwen2), tied or untied embeddings. Layer spec: the local (pure torch) spec, or the
-Transformer Engine spec when `model.transformer_impl=transformer_engine` and TE is installed.
+Transformer Engine spec when `model.transformer_impl=transformer_engine` and TE is installed; either
+with the project's core attention (policy/attention.py, `model.attention_backend`).
 """
 
 from __future__ import annotations
 
+import dataclasses
+import functools
 import math
 
 import torch
@@ -75,9 +78,12 @@ def build_transformer_config(model_cfg: ModelConfig, *, tp_size: int, pp_size: i
         pipeline_dtype=prec["params_dtype"],
         **prec,
         use_cpu_initialization=not on_gpu,
-        # fused kernels need Apex/TE/CUDA; the local spec runs the plain torch paths
-        bias_activation_fusion=False,
-        bias_dropout_fusion=False,
+        # SwiGLU and the residual add go through megatron's jit_fuser (torch.compile: Triton kernels) on a GPU;
+        # on CPU each new row length would cost an inductor C++ compile, so the plain torch paths run there.
+        # The masked-softmax, persistent-norm, RoPE and wgrad fusions need Apex / TE kernels; the core attention
+        # is policy/attention.py's (fused SDPA / FlexAttention kernels) and never uses megatron's softmax.
+        bias_activation_fusion=on_gpu,
+        bias_dropout_fusion=on_gpu,
         masked_softmax_fusion=False,
         persist_layer_norm=False,
         apply_rope_fusion=False,
@@ -87,22 +93,46 @@ def build_transformer_config(model_cfg: ModelConfig, *, tp_size: int, pp_size: i
 
 
 def layer_spec(model_cfg: ModelConfig, *, init_seed: int | None = None):
-    """The layer spec; with `init_seed`, every layer draws its initial weights from a generator state
-    seeded by (init_seed, global layer number), so a pipeline stage builds the same layers as a
-    single rank does (otherwise stage k would continue the RNG stream where stage k-1's rank began)."""
+    """The layer spec: megatron's local or Transformer Engine spec with the project's core attention
+    (`attention.PackedCoreAttention`, `model.attention_backend`) in place of the spec's own; the TE spec keeps
+    TE's norms and linear layers (FP8 GEMMs). `attention_backend=local` keeps megatron's DotProductAttention
+    (local spec only: TE's DotProductAttention is built causal and ignores the packed rows' mask).
+
+    With `init_seed`, every layer draws its initial weights from a generator state seeded by (init_seed,
+    global layer number), so a pipeline stage builds the same layers as a single rank does (otherwise stage
+    k would continue the RNG stream where stage k-1's rank began)."""
     from megatron.core.models.gpt import gpt_layer_specs
 
+    backend = model_cfg.attention_backend
     if model_cfg.transformer_impl == "transformer_engine":
         if not HAVE_TE:
             raise ConfigError(
                 "model.transformer_impl: transformer_engine is not installed; install "
                 "`optune-nemo[gpu]` or use the NGC container (see docs/container.md), or set local")
+        if backend == "local":
+            raise ConfigError("model.attention_backend: local is the local spec's; with transformer_engine use "
+                              "auto, flex or sdpa (TE's own core attention ignores the packed pairs' mask)")
         spec = gpt_layer_specs.get_gpt_layer_with_transformer_engine_spec()
     else:
         spec = gpt_layer_specs.get_gpt_layer_local_spec(normalization="RMSNorm")
+    if backend != "local":
+        spec = with_core_attention(spec, backend)
     if init_seed is not None:
         spec.module = _seeded_layer_class(spec.module, init_seed)
     return spec
+
+
+def with_core_attention(spec, backend: str):
+    """`spec` (a TransformerLayer ModuleSpec) with its self-attention's core_attention replaced by
+    `attention.PackedCoreAttention` running `backend`; every other submodule is kept (a copy: megatron's spec
+    functions may hand out shared objects)."""
+    from optune_nemo.policy.attention import PackedCoreAttention
+
+    attention = spec.submodules.self_attention
+    submodules = dataclasses.replace(attention.submodules,
+                                     core_attention=functools.partial(PackedCoreAttention, backend=backend))
+    layer = dataclasses.replace(spec.submodules, self_attention=dataclasses.replace(attention, submodules=submodules))
+    return dataclasses.replace(spec, submodules=layer)
 
 
 def _seeded_layer_class(base, init_seed: int):

@@ -23,25 +23,78 @@ Worked example, groups ([5, 6], [[7, 8], [9]]) and ([4], [[3]]), padded to 8:
     response 2 = [3]:    log p(3 | 4) at index 5
     label_index = [1, 2, 1, 5], labels = [7, 8, 9, 3], output = [0, 0, 1, 2]
 
-`attend[i, j]` (token i may see token j) = same group, j <= i, and (j in the prompt or same branch).
-Megatron's attention mask is the complement (True = masked).
+`attend[i, j]` (token i may see token j) = same group, j <= i, and (j in the prompt or same branch);
+padding sees itself only. The batch carries the per-token ids (`SegmentIds`: group, branch), not an S x S
+mask: the core attention (policy/attention.py) builds its mask from them on the device, once per
+micro-batch. `PackedBatch.mask_B1SS` is megatron's dense form (True = masked), built on demand.
 """
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 
 Group = tuple[Sequence[int], Sequence[Sequence[int]]]
 
 
+def attend(group_q, branch_q, idx_q, group_k, branch_k, idx_k):
+    """May query token q see key token k (elementwise; broadcasts, and serves as flex's mask_mod body).
+    The packed layout's rule: same group, not in the future, the key in the prompt or in the query's own
+    branch; a padding query (group -1) sees only itself, so no softmax row is empty."""
+    return ((group_q == group_k) & (idx_k <= idx_q) & ((branch_k == 0) | (branch_k == branch_q))
+            & ((group_q >= 0) | (idx_q == idx_k)))
+
+
+@dataclass(eq=False)
+class SegmentIds:
+    """Per-token segment ids of packed rows (the layout above): `group_BS` the pair / group a token belongs
+    to (-1: padding), `branch_BS` 0 for the prompt, k for response k (-1: padding). Passed to the decoder as
+    its `attention_mask`; the masks derived from it are built on the ids' device, once, and cached here."""
+
+    group_BS: torch.Tensor
+    branch_BS: torch.Tensor
+    _cache: dict = field(default_factory=dict, repr=False)
+
+    def to(self, device) -> SegmentIds:
+        return SegmentIds(self.group_BS.to(device, non_blocking=True), self.branch_BS.to(device, non_blocking=True))
+
+    def allowed_B1SS(self) -> torch.Tensor:
+        """[B, 1, S, S] bool, True = may attend (SDPA's convention)."""
+        if "dense" not in self._cache:
+            g, b = self.group_BS, self.branch_BS
+            idx = torch.arange(g.shape[1], device=g.device)
+            self._cache["dense"] = attend(g[:, :, None], b[:, :, None], idx[:, None],
+                                          g[:, None, :], b[:, None, :], idx[None, :])[:, None]
+        return self._cache["dense"]
+
+    def masked_B1SS(self) -> torch.Tensor:
+        """[B, 1, S, S] bool, True = may NOT attend (megatron's convention, for its DotProductAttention)."""
+        return ~self.allowed_B1SS()
+
+    def block_mask(self):
+        """FlexAttention's BlockMask of the rows (built on the ids' device; blocks no token pair of which
+        may attend are skipped by the kernel)."""
+        if "block" not in self._cache:
+            from torch.nn.attention.flex_attention import create_block_mask
+
+            g, b = self.group_BS, self.branch_BS
+
+            def mask_mod(batch, head, q, k):
+                return attend(g[batch, q], b[batch, q], q, g[batch, k], b[batch, k], k)
+
+            S = g.shape[1]
+            self._cache["block"] = create_block_mask(mask_mod, g.shape[0], None, S, S, device=g.device)
+        return self._cache["block"]
+
+
 @dataclass
 class PackedBatch:
     tokens_BS: torch.Tensor          # [1, S] int64
     positions_BS: torch.Tensor       # [1, S] int64, restarting after the prompt for every response
-    mask_B1SS: torch.Tensor          # [1, 1, S, S] bool, True = may not attend (megatron's convention)
+    segments: SegmentIds             # group / branch id of every token [1, S] (the attention's mask, as ids)
     label_index_N: torch.Tensor      # [N] int64: the position whose logits predict label n
     labels_N: torch.Tensor           # [N] int64: the response token predicted there
     output_N: torch.Tensor           # [N] int64: which response (in input order) label n belongs to
@@ -51,10 +104,16 @@ class PackedBatch:
     def length(self) -> int:
         return self.tokens_BS.shape[1]
 
+    @property
+    def mask_B1SS(self) -> torch.Tensor:
+        """[1, 1, S, S] bool, True = may not attend (megatron's convention), built from the ids on their device."""
+        return self.segments.masked_B1SS()
+
     def to(self, device) -> PackedBatch:
-        return PackedBatch(self.tokens_BS.to(device), self.positions_BS.to(device), self.mask_B1SS.to(device),
-                           self.label_index_N.to(device), self.labels_N.to(device), self.output_N.to(device),
-                           self.num_outputs)
+        # non_blocking: host-to-device copies queue behind the running kernels instead of waiting for them
+        to = functools.partial(torch.Tensor.to, device=device, non_blocking=True)
+        return PackedBatch(to(self.tokens_BS), to(self.positions_BS), self.segments.to(device),
+                           to(self.label_index_N), to(self.labels_N), to(self.output_N), self.num_outputs)
 
 
 def group_length(group: Group) -> int:
@@ -95,12 +154,8 @@ def pack_groups(groups: Sequence[Group], *, pad_id: int, length: int | None = No
     positions += [0] * pad
     group_of += [-1] * pad
     branch_of += [-1] * pad
-    grp, br = torch.tensor(group_of), torch.tensor(branch_of)
-    idx = torch.arange(S)
-    attend = ((grp[:, None] == grp[None, :]) & (grp[:, None] >= 0) & (idx[None, :] <= idx[:, None])
-              & ((br[None, :] == 0) | (br[None, :] == br[:, None])))
-    attend |= torch.eye(S, dtype=torch.bool)          # padding sees itself: no empty softmax row
-    return PackedBatch(torch.tensor([tokens]), torch.tensor([positions]), (~attend)[None, None],
+    segments = SegmentIds(torch.tensor([group_of], dtype=torch.int32), torch.tensor([branch_of], dtype=torch.int32))
+    return PackedBatch(torch.tensor([tokens]), torch.tensor([positions]), segments,
                        torch.tensor(label_index, dtype=torch.long), torch.tensor(labels, dtype=torch.long),
                        torch.tensor(output, dtype=torch.long), out)
 
