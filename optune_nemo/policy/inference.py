@@ -29,6 +29,7 @@ class MegatronDecoder:
         self.vocab_size, self.max_sequence_length = vocab_size, max_sequence_length
         self.num_layers = len(model.decoder.layers)
         self.is_last_stage = model.post_process
+        self.drives_cache = True   # forward follows the cache contract: static caches and CUDA graphs work
         self._rotary_table = None
 
     @property
@@ -61,13 +62,12 @@ class MegatronDecoder:
         freqs = self._rotary_table[positions_RS.clamp(min=0)].transpose(0, 1).unsqueeze(2)
         return torch.cos(freqs).to(self.dtype), torch.sin(freqs).to(self.dtype)
 
-    def _attention(self, layer, hidden_SRH, rope, cache, li: int, bias_R1ST):
+    def _attention(self, layer, hidden_SRH, rope, cache, li: int):
         attn = layer.self_attention
         q, k, v = attn.get_query_key_value_tensors(hidden_SRH, None)[:3]   # [S, R, heads, dim]
         q, k = _apply_rope(q, *rope), _apply_rope(k, *rope)
-        keys_t, values = cache.write(li, k.permute(1, 2, 0, 3), v.permute(1, 2, 0, 3))
-        q = q.permute(1, 2, 0, 3)                                           # [R, heads, S, dim]
-        ctx = _gqa_attention(q, keys_t, values, bias_R1ST)                  # [R, heads, S, dim]
+        ctx = cache.attend(li, q.permute(1, 2, 0, 3), k.permute(1, 2, 0, 3),
+                           v.permute(1, 2, 0, 3))                           # [R, heads, S, dim]
         S, R = hidden_SRH.shape[:2]
         out, bias = attn.linear_proj(ctx.permute(2, 0, 1, 3).reshape(S, R, -1))
         return out if bias is None else out + bias
@@ -87,13 +87,13 @@ class MegatronDecoder:
             hidden = torch.empty(S, R, m.config.hidden_size, dtype=self.dtype, device=self.device)
             torch.distributed.recv(hidden, src=self._pp_neighbour(-1), group=d.pp_group)
         rope = self._rotary(positions_RS)
-        bias = attention_bias(cache.start_R, cache.length, S, dtype=torch.float32)   # once for every layer
+        cache.begin_step(S)                                                 # the mask, once for every layer
         for li, layer in enumerate(m.decoder.layers):
             residual = hidden
-            hidden = residual + self._attention(layer, layer.input_layernorm(hidden), rope, cache, li, bias)
+            hidden = residual + self._attention(layer, layer.input_layernorm(hidden), rope, cache, li)
             out, b = layer.mlp(layer.pre_mlp_layernorm(hidden))
             hidden = hidden + (out if b is None else out + b)
-        cache.length += S
+        cache.end_step(S)
         if not m.post_process:
             torch.distributed.send(hidden.contiguous(), dst=self._pp_neighbour(+1), group=d.pp_group)
             return None
@@ -117,36 +117,8 @@ class MegatronDecoder:
         return broadcast_object(obj, src=pipeline_last_rank(), group=self.dist.pp_group)
 
 
-def attention_bias(start_R: torch.Tensor, past: int, S: int, *, dtype: torch.dtype) -> torch.Tensor:
-    """Additive attention bias [R, 1, S, past + S]: 0 where query s (slot past + s) may see key slot j, i.e.
-    j is not the row's left padding (j >= start_R[r]) and not in the future (j <= past + s); -inf elsewhere.
-    A query that is itself padding sees only its own slot (no empty softmax row, whose NaN would reach
-    the values of real tokens through 0 * NaN)."""
-    T = past + S
-    slots = torch.arange(T, device=start_R.device)
-    query = slots[past:]
-    ok = (slots[None, None, :] >= start_R[:, None, None]) & (slots[None, None, :] <= query[None, :, None])
-    ok |= slots[None, None, :] == query[None, :, None]
-    return torch.zeros(ok.shape, dtype=dtype, device=start_R.device).masked_fill(~ok, float("-inf"))[:, None]
-
-
 def _apply_rope(t_SRHD: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
     """Rotary embedding (non-interleaved halves), the arithmetic of megatron's _apply_rotary_pos_emb_bshd
     with the cos/sin it would compute."""
     x1, x2 = torch.chunk(t_SRHD, 2, dim=-1)
     return t_SRHD * cos + torch.cat((-x2, x1), dim=-1) * sin
-
-
-def _gqa_attention(q_RHSD: torch.Tensor, kt_RGDT: torch.Tensor, v_RGTD: torch.Tensor,
-                   bias_R1ST: torch.Tensor) -> torch.Tensor:
-    """softmax(q k^T / sqrt(d) + bias) v with grouped-query attention (head h reads group h // (H / G)),
-    without copying keys and values per head: the heads of a group are folded into the query rows of one
-    batched matrix product (keys come transposed from the cache). Scores and softmax in float32 (megatron's
-    attention_softmax_in_fp32)."""
-    R, H, S, D = q_RHSD.shape
-    G, T = kt_RGDT.shape[1], kt_RGDT.shape[3]
-    rep = H // G
-    q = q_RHSD.reshape(R, G, rep * S, D)
-    scores = torch.matmul(q, kt_RGDT).view(R, G, rep, S, T).float()
-    probs = torch.softmax(scores * D ** -0.5 + bias_R1ST[:, :, None], dim=-1).to(v_RGTD.dtype)
-    return torch.matmul(probs.view(R, G, rep * S, T), v_RGTD).view(R, H, S, D)

@@ -8,10 +8,13 @@ that starts from the same file, never inside exp_dir) only after the configurati
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
+import io
 import logging
 import os
 import shutil
+import sys
 from dataclasses import dataclass, replace
 from pathlib import Path
 
@@ -91,7 +94,10 @@ def materialise(source: ModelSource, cache_dir: str | Path) -> Path:
     shutil.rmtree(tmp, ignore_errors=True)
     log.info("dequantising %s into %s", source.gguf, out)
     try:
-        gguf_to_hf_dir(source.gguf, tmp)
+        # transformers draws its own tqdm bar for the conversion; without a terminal it is noise in a log
+        quiet = contextlib.nullcontext() if sys.stderr.isatty() else contextlib.redirect_stderr(io.StringIO())
+        with quiet:
+            gguf_to_hf_dir(source.gguf, tmp)
         os.replace(tmp, out)
     except OSError:
         if not (out / "config.json").is_file():   # not another writer's finished copy: a real failure

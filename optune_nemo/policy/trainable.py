@@ -182,21 +182,29 @@ class MegatronTrainable:
         tdist.barrier()
         dist_checkpointing.save(self._sharded_state_dict(is_loading=False), directory)
 
+    def materialise_optimizer_state(self) -> None:
+        """Allocate the optimizer's per-parameter state now (zero moments, step 0: what its first step would
+        create, so training is unchanged), so that memory measured from here on (a TensorRT-LLM engine
+        sizing its KV cache as a fraction of free GPU memory) already counts it: otherwise about 8 bytes
+        per parameter appear at the first step and the engine's KV cache may not fit when it wakes."""
+        _prime_optimizer_states(self.optimizer)
+
     def load_checkpoint(self, directory: str, *, load_optimizer: bool = True) -> None:
         """Restore model and optimizer; `load_optimizer=False` takes the weights only (starting from another
         run's or an imported model). Collective."""
         from megatron.core import dist_checkpointing
 
-        from optune_nemo.policy.safe_unpickle import check_dist_checkpoint
+        from optune_nemo.policy.safe_unpickle import check_dist_checkpoint, load_dist_checkpoint
 
         check_dist_checkpoint(directory)
         if load_optimizer:
             _prime_optimizer_states(self.optimizer)
         with torch.no_grad():
-            state = dist_checkpointing.load(
-                self._sharded_state_dict(is_loading=True, optimizer=load_optimizer), directory)
+            state = load_dist_checkpoint(
+                dist_checkpointing, self._sharded_state_dict(is_loading=True, optimizer=load_optimizer), directory)
             self.unwrapped_model().load_state_dict(state["model"])
             if load_optimizer:
+                _fill_missing_steps(state["optimizer"])
                 self.optimizer.load_state_dict(state["optimizer"])
         if load_optimizer:
             _restore_per_param_steps(self.optimizer)
@@ -225,15 +233,26 @@ def _prime_optimizer_state(inner: torch.optim.Optimizer) -> None:
                     inner.state[p] = {"step": step, "exp_avg": torch.zeros_like(p), "exp_avg_sq": torch.zeros_like(p)}
 
 
+def _fill_missing_steps(optimizer_state) -> None:
+    """A checkpoint of an optimizer that never stepped (a no-training control, an iteration of ties) keeps
+    no `step`, neither per parameter nor per group, and torch Adam's `__setstate__` then fails on the
+    missing key: give such states step 0 (what they are); `_restore_per_param_steps` sets the real ones."""
+    for sd in optimizer_state if isinstance(optimizer_state, list) else [optimizer_state]:
+        if not isinstance(sd, dict) or not isinstance(sd.get("state"), dict):
+            continue
+        step = next((g["step"] for g in sd.get("param_groups", []) if "step" in g), 0)
+        for st in sd["state"].values():
+            if st and "step" not in st:
+                st["step"] = torch.tensor(float(step))
+
+
 def _restore_per_param_steps(optimizer) -> None:
     """Without Apex/TE megatron falls back to torch Adam (and RMSProp is torch's), whose per-parameter
     `step` tensors come back from a dist-checkpoint load as one shared, unrestored tensor; the param
     group keeps the restored step. Give every parameter its own copy of the group's step (exact resume)."""
     for inner in _torch_optimizers(optimizer):
         for group in inner.param_groups:
-            if "step" not in group:
-                continue
             for p in group["params"]:
                 st = inner.state.get(p)
-                if st and "step" in st:
-                    st["step"] = _step_tensor(group["step"], group, p)
+                if st and "step" in st:   # a group without `step` never stepped: its states keep their own
+                    st["step"] = _step_tensor(group["step"] if "step" in group else float(st["step"]), group, p)

@@ -131,3 +131,36 @@ def test_a_one_sided_change_is_caught(edit):
     else:
         dockerfile = dockerfile.replace('"ray==${RAY_VERSION}"', '"ray"')
     assert check(dockerfile, pyproject, requirements, te_range) != []
+
+
+def _te_in_range():
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("te_in_range", ROOT / "docker" / "te_in_range.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+@pytest.mark.parametrize(("version", "keep"), [("2.9.0", True), ("2.11.0+40c69e75", True), ("2.12.0", False),
+                                               ("2.8.0+cu13", False), ("2.12.0rc1", False), (None, False),
+                                               ("not-a-version", False)])
+def test_the_images_transformer_engine_is_kept_inside_megatrons_range(version, keep):
+    te = _te_in_range()
+    spec = te.declared_range(["torch", 'transformer-engine[pytorch]<2.12,>=2.9; extra == "dev"'])
+    assert te.in_range(version, spec) is keep
+
+
+def test_the_te_range_is_read_from_the_installed_megatron_core():
+    assert _te_in_range().declared_range(importlib.metadata.requires("megatron-core")) == _megatron_te_range()
+
+
+def test_transformer_engine_is_built_only_as_a_fallback_for_chosen_architectures():
+    dockerfile = (ROOT / "Dockerfile").read_text()
+    args = dict(re.findall(r"^ARG (\w+)=(\S+)", dockerfile, flags=re.M))
+    assert set(args.get("NVTE_CUDA_ARCHS", "").split(";")) >= {"90", "100"}     # Hopper, Blackwell
+    assert args.get("MAX_JOBS", "").isdigit()
+    build = re.search(r"if python docker/te_in_range.py; then .*?; fi", re.sub(r"\\\n", " ", dockerfile), re.S)
+    assert build and 'NVTE_CUDA_ARCHS="${NVTE_CUDA_ARCHS}" MAX_JOBS="${MAX_JOBS}"' in build.group(0)
+    assert '"transformer-engine[core_cu13,pytorch]==${TE_VERSION}"' in build.group(0).split("else", 1)[1]
+    assert "docker/te_in_range.py" in re.search(r"^COPY docker/.*$", dockerfile, re.M).group(0)

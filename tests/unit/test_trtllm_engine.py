@@ -64,6 +64,14 @@ MEMORY_TAGS = {"sampler", "drafter", "guided_decoder", "spec_resource_manager", 
                "draft_model"}   # ExecutorMemoryType, _torch/virtual_memory.py L70-L82
 
 
+class CudaGraphConfig:
+    def __init__(self, **kw):
+        unknown = set(kw) - {"batch_sizes", "max_batch_size", "enable_padding"}
+        if unknown:
+            raise ValueError(f"CudaGraphConfig: extra fields not permitted: {sorted(unknown)}")
+        self.__dict__.update(kw)
+
+
 class KvCacheConfig:
     def __init__(self, **kw):
         unknown = set(kw) - KV_CACHE_ARGS
@@ -140,6 +148,7 @@ class StandInLLM:
     instances: list = []
     engine_uuids = ["GPU-a"]          # one per engine rank, what report_device_id returns
     producer_gpus = {"GPU-a": 0}      # the training process's CUDA index of each engine GPU
+    partial_loading = True            # WorkerExtension.supports_partial_loading of every engine rank
 
     def __init__(self, **kwargs):
         for key in kwargs:
@@ -179,6 +188,8 @@ class StandInLLM:
         self.rpcs.append((method, args))
         if method == "report_device_id":
             return list(self.engine_uuids)
+        if method == "supports_partial_loading":
+            return [self.partial_loading] * len(self.engine_uuids)
         if method in ("sleep", "wakeup"):
             if not self.kwargs.get("enable_sleep"):
                 raise ValueError("Sleep feature is not enabled")
@@ -200,6 +211,18 @@ class StandInLLM:
             for uuid in self.engine_uuids:
                 if uuid not in handles:
                     raise ValueError(f"Device UUID {uuid} not found in ipc_handles")
+                if not self.partial_loading:     # a fused module is rebuilt from one call's tensors only
+                    names = [name for name, _ in handles[uuid]]
+                    for fused, parts in (("qkv", ("q_proj", "k_proj", "v_proj")),
+                                         ("gate_up", ("gate_proj", "up_proj"))):
+                        for name in names:
+                            if any(f".{p}." in name for p in parts):
+                                layer = name.split(".self_attn.")[0].split(".mlp.")[0]
+                                members = [n for n in names if n.startswith(layer + ".") and
+                                           any(f".{p}.weight" in n for p in parts)]
+                                if len(members) != len(parts):
+                                    raise RuntimeError(f"{layer} {fused}: {len(members)} of {len(parts)} "
+                                                       "tensors in one load without partial loading")
                 for name, (tag, index, tensor) in handles[uuid]:
                     assert tag == "ipc" and index == self.producer_gpus[uuid], "copy not on the engine's GPU"
                     self.weights[uuid][name] = tensor.clone()
@@ -212,7 +235,7 @@ def trt(monkeypatch):
     mod = types.ModuleType("tensorrt_llm")
     mod.LLM, mod.SamplingParams = StandInLLM, StandInSamplingParams
     llmapi = types.ModuleType("tensorrt_llm.llmapi")
-    llmapi.KvCacheConfig, llmapi.LLM = KvCacheConfig, StandInLLM
+    llmapi.KvCacheConfig, llmapi.CudaGraphConfig, llmapi.LLM = KvCacheConfig, CudaGraphConfig, StandInLLM
     mod.llmapi = llmapi
     monkeypatch.setitem(sys.modules, "tensorrt_llm", mod)
     monkeypatch.setitem(sys.modules, "tensorrt_llm.llmapi", llmapi)
@@ -331,7 +354,27 @@ def test_engine_arguments_exist_in_trtllm_1_2(trt):
     assert kw["sampler_type"] == "TRTLLMSampler"
     assert (kw["tensor_parallel_size"], kw["max_seq_len"], kw["max_batch_size"]) == (1, 64, 8)
     assert kw["kv_cache_config"].free_gpu_memory_fraction == 0.3 and kw["kv_cache_config"].enable_block_reuse
-    assert "enable_sleep" not in _build(FakePolicy(), offload_during_training=False).llm.kwargs
+    assert kw["skip_tokenizer_init"] is True                    # token ids in and out
+    assert kw["cuda_graph_config"].enable_padding is True       # sleeping keeps CUDA graphs (as verl)
+    assert kw["allreduce_strategy"] == "NCCL"                   # not the custom all-reduce's unmanaged buffers
+    plain = _build(FakePolicy(), offload_during_training=False).llm.kwargs
+    assert "enable_sleep" not in plain and "allreduce_strategy" not in plain and "cuda_graph_config" not in plain
+
+
+def test_slurm_tasks_get_mpi_off_and_a_private_ray_before_import(monkeypatch):
+    """The module sets them at import under Slurm, before tensorrt_llm is imported, never overriding a user's."""
+    import importlib
+
+    monkeypatch.setenv("SLURM_JOB_ID", "7")
+    monkeypatch.delenv("TLLM_DISABLE_MPI", raising=False)
+    monkeypatch.setenv("RAY_ADDRESS", "ray://head:10001")
+    importlib.reload(trtllm_engine)
+    import os
+
+    assert os.environ["TLLM_DISABLE_MPI"] == "1" and os.environ["RAY_ADDRESS"] == "ray://head:10001"
+    monkeypatch.delenv("RAY_ADDRESS")
+    importlib.reload(trtllm_engine)
+    assert os.environ["RAY_ADDRESS"] == "local"
 
 
 def test_rebuild_mode_needs_neither_ray_nor_sleep(trt):
@@ -431,6 +474,15 @@ def test_generation_after_training_uses_the_trained_weights_even_without_begin_g
     assert not _same(eng.llm.snapshots[0]["GPU-a"], _expected_weights(policy))
 
 
+WEIGHTS = ["model", "draft_model"]
+RUNTIME = ["kv_cache", "sampler", "drafter", "guided_decoder", "spec_resource_manager", "model_extra", "executor_extra"]
+
+
+def test_sleep_releases_every_releasable_tag_of_1_2():
+    """verl's set: every ExecutorMemoryType but the never-captured init scopes."""
+    assert set(WEIGHTS) | set(RUNTIME) == {t for t in MEMORY_TAGS if not t.startswith("_no_capture")}
+
+
 def test_iteration_order_sleep_wake_refit(trt):
     policy = FakePolicy()
     eng = _build(policy)
@@ -442,10 +494,10 @@ def test_iteration_order_sleep_wake_refit(trt):
     eng.begin_generation()
     eng.generate([[1]], PARAMS, keys=[0])
     assert _rpc_names(eng.llm.rpcs) == [
-        ("report_device_id",),
+        ("report_device_id",), ("supports_partial_loading",),
         ("update_weights", "load"), ("update_weights", "finalize"),
-        ("sleep", ["model", "kv_cache"]),
-        ("wakeup", ["model"]), ("update_weights", "load"), ("update_weights", "finalize"), ("wakeup", ["kv_cache"])]
+        ("sleep", WEIGHTS + RUNTIME),
+        ("wakeup", WEIGHTS), ("update_weights", "load"), ("update_weights", "finalize"), ("wakeup", RUNTIME)]
     assert _same(eng.llm.snapshots[-1]["GPU-a"], _expected_weights(policy))
 
 
@@ -454,7 +506,7 @@ def test_no_sleep_without_offload_or_without_a_policy(trt):
     eng.generate([[1]], PARAMS, keys=[0])
     eng.end_generation()
     eng.generate([[1]], PARAMS, keys=[0])
-    assert [m for m, _ in eng.llm.rpcs] == ["report_device_id"] + ["update_weights"] * 4
+    assert [m for m, _ in eng.llm.rpcs] == ["report_device_id", "supports_partial_loading"] + ["update_weights"] * 4
     fixed = _build(None)
     fixed.end_generation()
     fixed.generate([[1]], PARAMS, keys=[0])
@@ -522,3 +574,49 @@ def test_rebuild_mode_restarts_on_a_fresh_export_and_reuses_its_directory(trt):
     export_root = policy.exports[0].parent
     eng.shutdown()
     assert not export_root.exists() and not StandInLLM.instances[-1].alive
+
+
+class FusedPolicy(FakePolicy):
+    """Two decoder layers with separate q/k/v and gate/up tensors (HF names), as policy.hf_weights yields."""
+
+    def __init__(self):
+        super().__init__()
+        g = torch.Generator().manual_seed(1)
+        self.state = {"model.embed_tokens.weight": torch.randn(16, 8, generator=g)}
+        for i in range(2):
+            p = f"model.layers.{i}."
+            for name, shape in (("self_attn.q_proj", (8, 8)), ("self_attn.k_proj", (4, 8)),
+                                ("self_attn.v_proj", (4, 8)), ("self_attn.o_proj", (8, 8)),
+                                ("mlp.gate_proj", (12, 8)), ("mlp.up_proj", (12, 8)), ("mlp.down_proj", (8, 12))):
+                self.state[p + name + ".weight"] = torch.randn(*shape, generator=g)
+        self.state["model.norm.weight"] = torch.randn(8, generator=g)
+
+
+@pytest.mark.parametrize("partial", [False, True])
+def test_tiny_buckets_split_fused_modules_only_with_partial_loading(trt, monkeypatch, partial):
+    """A bucket of one k_proj (64 bytes in bf16) would split q/k/v: an engine without partial loading gets
+    whole qkv and gate_up groups per call, one with it gets the tiny buckets; both end with every weight."""
+    monkeypatch.setattr(StandInLLM, "partial_loading", partial)
+    monkeypatch.setattr(trtllm_engine, "REFIT_BUCKET_BYTES", 4 * 8 * 2)
+    policy = FusedPolicy()
+    eng = _build(policy)
+    eng.generate([[1]], PARAMS, keys=[0])
+    loads = [[name for name, _ in a[0]["GPU-a"]] for m, a in eng.llm.rpcs if m == "update_weights" and a[0]]
+    qkv = [load for load in loads if any("q_proj" in n for n in load)]
+    if partial:
+        assert ["model.layers.0.self_attn.q_proj.weight"] in loads     # split: q alone, k alone ...
+        assert ["model.layers.0.self_attn.k_proj.weight"] in loads
+    else:
+        assert qkv == [[f"model.layers.{i}.self_attn.{x}_proj.weight" for x in "qkv"] for i in range(2)]
+        assert [f"model.layers.0.mlp.{x}_proj.weight" for x in ("gate", "up")] in loads
+    assert sorted(n for load in loads for n in load) == sorted(policy.state)        # each tensor exactly once
+    assert _same(eng.llm.snapshots[-1]["GPU-a"], _expected_weights(policy))
+
+
+def test_fusion_groups():
+    group = trtllm_engine.fusion_group
+    assert group("model.layers.3.self_attn.q_proj.weight") == group("model.layers.3.self_attn.v_proj.bias") \
+        == "model.layers.3.qkv"
+    assert group("model.layers.3.mlp.up_proj.weight") == "model.layers.3.gate_up"
+    assert group("model.layers.3.self_attn.o_proj.weight") == "model.layers.3.self_attn.o_proj.weight"
+    assert group("model.layers.4.self_attn.q_proj.weight") != group("model.layers.3.self_attn.q_proj.weight")
