@@ -39,6 +39,8 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from optune_nemo.config import ConfigError, OptuneNemoConfig
+from optune_nemo.errors import RunDirBusy
+from optune_nemo.rundir import hold_run_dir
 
 log = logging.getLogger(__name__)
 
@@ -315,7 +317,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
-    logging.basicConfig(level=logging.INFO, format="%(message)s", stream=sys.stderr)
+    from optune_nemo.console import setup_logging
+
+    setup_logging(0, "INFO", run_log=False)   # every run keeps its libraries' output in its exp_dir/logs
     try:
         plan = plan_sweep(args.root, rhos=args.rho, selections=args.selection, losses=args.loss, seeds=args.seeds,
                           iterations=args.iterations, control=args.control, fixed=args.overrides)
@@ -324,6 +328,7 @@ def main(argv: list[str] | None = None) -> int:
                 raise ConfigError("init_from: this optune_nemo has no init_from option, which the sweep's forks "
                                   "need to start from their base run")
             check_overrides(plan)
+            hold_run_dir(Path(args.root))   # one sweep per root (each run also locks its own exp_dir)
         if args.slurm:
             submit_slurm(plan, Path(args.root), sbatch_args=shlex.split(args.sbatch_args),
                          max_running=args.max_running, dry_run=args.dry_run)
@@ -331,6 +336,9 @@ def main(argv: list[str] | None = None) -> int:
         return run_local(plan, launcher=shlex.split(args.launcher), dry_run=args.dry_run, prune=args.prune)
     except ConfigError as e:
         print(f"optune_nemo.sweep: configuration error: {e}", file=sys.stderr)
+        return 2
+    except RunDirBusy as e:
+        print(f"optune_nemo.sweep: error: {e}", file=sys.stderr)
         return 2
 
 

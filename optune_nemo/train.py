@@ -8,7 +8,13 @@ Exit codes:
   2  the user's configuration, files or functions are wrong: one line on stderr naming the key or
      file and what is allowed, no traceback, and nothing this invocation created is left in exp_dir
      (everything that can be checked is checked before the first write; a later failure removes what
-     the invocation wrote);
+     the invocation wrote).
+     Also when another run holds exp_dir (its lock, `exp_dir/.lock`): one line naming exp_dir and the
+     holder (host, pid, Slurm job id), and nothing is written;
+  3  a checkpoint is damaged, incomplete or unsafe (manifest mismatch, missing shard, an object the
+     weights-only loader refuses, a pickle global outside checkpoint metadata): one line naming the file,
+     nothing loaded from it. With resume=auto a damaged newest checkpoint is skipped with a warning and
+     the previous complete one is used; exit 3 only when none is usable, or for a named one;
   1  anything else: an infrastructure failure that a rerun can resume from (a reward server that stays
      unreachable, or a file system without room for the next checkpoint: one line, checked before the
      checkpoint is written), or a bug (a traceback).
@@ -33,7 +39,7 @@ from optune_nemo.config import (
     register_schema,
     validate,
 )
-from optune_nemo.rundir import RunDir, rank_from_env, world_size_from_env
+from optune_nemo.rundir import RunDir, hold_run_dir, rank_from_env, world_size_from_env
 
 log = logging.getLogger("optune_nemo.train")
 
@@ -74,7 +80,7 @@ def build_loop(cfg: OptuneNemoConfig):
     from optune_nemo.algorithm.store import RolloutStore
     from optune_nemo.build import build_engine, build_policy_parts, load_tokenizer, prepare_source
     from optune_nemo.checkpoint import CheckpointManager, RngStates
-    from optune_nemo.console import setup_logging
+    from optune_nemo.console import log_to, setup_logging
     from optune_nemo.data import load_prompts
     from optune_nemo.metrics import MetricsWriter
     from optune_nemo.preemption import PreemptionGuard
@@ -89,12 +95,14 @@ def build_loop(cfg: OptuneNemoConfig):
     exp_dir = Path(cfg.exp_dir)
     parts = build_policy_parts(cfg, hf_dir=hf_dir, tokenizer=tokenizer, load_weights=False)
     reward = build_reward(cfg.reward, dist=parts.dist)
+    hold_run_dir(exp_dir, rank=parts.dist.rank)   # one writer per exp_dir, before the first write
     if parts.dist.rank == 0:                 # the first write of the run
         exp_dir.mkdir(parents=True, exist_ok=True)
         (exp_dir / "config.yaml").write_text(config_to_yaml(cfg))
+    log_to(exp_dir / "logs")                 # exp_dir/logs/rank<R>.log: libraries' output, from process start
     engine = build_engine(cfg, parts)
     store = RolloutStore(prompts)
-    metrics = MetricsWriter(exp_dir, tensorboard=cfg.logging.tensorboard, enabled=parts.dist.rank == 0)
+    metrics = MetricsWriter.from_config(cfg, enabled=parts.dist.rank == 0)
     checkpoints = CheckpointManager(exp_dir, keep_last=cfg.checkpoint.keep_last)
     loop = OPTune(cfg, prompts=prompts, policy=parts.policy, engine=engine, reward=reward, store=store,
                   checkpoints=checkpoints, metrics=metrics, guard=guard, stop_token_ids=tokenizer.stop_token_ids)
@@ -142,26 +150,24 @@ class ModelState:
 
 def resume(cfg: OptuneNemoConfig, checkpoints) -> Path | None:
     """Restore the newest complete checkpoint (per `resume`), else the `init_from` checkpoint of another run
-    (recorded in exp_dir/fork.json); returns the checkpoint restored, or None to start fresh."""
+    (recorded in exp_dir/fork.json); returns the checkpoint restored, or None to start fresh. Every
+    checkpoint is screened before anything is loaded from it (`checkpoint.checkpoint_problem`): with
+    resume=auto a damaged newest one is skipped with a warning, a named one (resume=<path>, init_from)
+    stops the run with a CheckpointError naming the file."""
     if cfg.resume == "never":
         if checkpoints.complete_checkpoints():
             raise ConfigError(f"resume: never, but {checkpoints.root} already holds checkpoints; "
                               "use resume=auto or another exp_dir")
         directory = None
     else:
-        directory = Path(cfg.resume) if cfg.resume != "auto" else checkpoints.latest_valid()
+        directory = checkpoints.checked(cfg.resume) if cfg.resume != "auto" else checkpoints.latest_valid()
     if directory is not None:
         log.info("resuming from %s", directory)
         checkpoints.restore(directory)
         return directory
     if cfg.init_from is None:
         return None
-    source = Path(cfg.init_from).expanduser().resolve()
-    from optune_nemo.checkpoint import verify_manifest
-
-    problem = verify_manifest(source)
-    if problem is not None:
-        raise ConfigError(f"init_from: {source} is not a usable checkpoint ({problem})")
+    source = checkpoints.checked(Path(cfg.init_from).expanduser().resolve())
     log.info("starting from %s (init_from)", source)
     checkpoints.restore(source)
     if rank_from_env() == 0:
@@ -205,27 +211,41 @@ def run_training(cfg: OptuneNemoConfig) -> str:
 
 
 def summarize(exp_dir: Path) -> None:
-    """The end-of-run summary, and the reward plot."""
+    """The end-of-run summary on the console (a table: one iteration a row, its held-out result beside it;
+    then the totals and where everything is), and the reward plot."""
     from optune_nemo.evaluation import plot_rewards, read_eval
     from optune_nemo.metrics import read_metrics
 
     records = read_metrics(exp_dir)
     if not records:
         return
+    evals = read_eval(exp_dir)
+    heldout = evals.get("iterations", {}) if evals.get("baseline") else {}
+    rows = [["iteration", "regenerated", "tokens", "generation s", "reference s", "train s", "total s",
+             "chosen reward", "pairs", *(["held-out reward", "win score"] if heldout else [])]]
+    if heldout:
+        rows.append(["start", *[""] * 8, f"{evals['baseline']['reward_mean']:.3f}", ""])
+    for r in records:
+        ev = heldout.get(str(r["iteration"]))
+        rows.append([str(r["iteration"]), str(r["regenerated"]), str(r["generated_tokens"]),
+                     *(f"{r[k]:.1f}" for k in ("time_generation_s", "time_reference_s", "time_train_s",
+                                                "time_total_s")),
+                     f"{r['reward_chosen_mean']:.3f}", str(r["train_pairs"]),
+                     *([f"{ev['reward_mean']:.3f}", f"{ev['win_score']:.1f}"] if ev else ["", ""] if heldout else [])])
+    widths = [max(len(row[i]) for row in rows) for i in range(len(rows[0]))]
+    lines = ["  ".join(cell.rjust(w) for cell, w in zip(row, widths)) for row in rows]
     gen = sum(r["time_generation_s"] for r in records)
     total = sum(r["time_total_s"] for r in records)
-    log.info("done: %d iterations, %d prompts regenerated, chosen reward %.4f -> %.4f, "
-             "generation %.1f s of %.1f s (%.0f %%)", len(records),
-             sum(r["regenerated"] for r in records), records[0]["reward_chosen_mean"],
-             records[-1]["reward_chosen_mean"], gen, total, 100 * gen / max(total, 1e-9))
-    evals = read_eval(exp_dir)
-    if evals.get("baseline") and evals.get("iterations"):
-        b = evals["baseline"]
-        a = evals["iterations"][max(evals["iterations"], key=int)]
-        log.info("held-out (%d prompts): mean reward %.4f -> %.4f%s, win score %.1f", a["num_prompts"],
-                 b["reward_mean"], a["reward_mean"],
-                 f", accuracy {b['accuracy']:.3f} -> {a['accuracy']:.3f}" if "accuracy" in a else "", a["win_score"])
-    log.info("plot: %s", plot_rewards(exp_dir, records, evals))
+    lines.append(f"done: {len(records)} iterations, {sum(r['regenerated'] for r in records)} prompts regenerated, "
+                 f"chosen reward {records[0]['reward_chosen_mean']:.4f} -> {records[-1]['reward_chosen_mean']:.4f}, "
+                 f"generation {gen:.1f} s of {total:.1f} s ({100 * gen / max(total, 1e-9):.0f} %)")
+    if heldout:
+        b, a = evals["baseline"], heldout[max(heldout, key=int)]
+        accuracy = f", accuracy {b['accuracy']:.3f} -> {a['accuracy']:.3f}" if "accuracy" in a else ""
+        lines.append(f"held-out ({a['num_prompts']} prompts): mean reward {b['reward_mean']:.4f} -> "
+                     f"{a['reward_mean']:.4f}{accuracy}, win score {a['win_score']:.1f}")
+    lines.append(f"plot: {plot_rewards(exp_dir, records, evals)}; libraries' output: {exp_dir / 'logs'}")
+    log.info("run summary (%s)\n%s", exp_dir, "\n".join(lines))
 
 
 # --------------------------------------------------------------------------- command line

@@ -8,12 +8,25 @@ and loss, training means since the last record) goes to exp_dir/metrics.jsonl an
 `rm.save_every` steps a checkpoint; at the end exp_dir/hf/final (a `*ForSequenceClassification`) and
 exp_dir/COMPLETED.
 
+The run says whether it learned anything (`verdict`): the final record, and `hf/final/optune_rm_verdict.json`
+beside the export, hold `heldout_beats_chance` (a one-sided exact binomial test of the held-out pairs ranked
+right against p = 1/2, alpha 0.05) and `overfit` (held-out loss rose while the loss on a fixed sample of
+training pairs fell, first evaluation to last); either failing is logged as a WARNING. With
+`rm.early_stopping_patience` the run ends early once the held-out loss has not improved for that many
+evaluations; what is exported (and judged) is the last trained model, not the best one.
+
 config -> the source's shape -> validate -> pairs -> (first write) -> distributed -> model -> resume -> fit.
 
 Exit codes (as `optune_nemo.train`):
   0  finished, or stopped cleanly for pre-emption (then `exp_dir/COMPLETED` is absent);
   2  the user's configuration or files are wrong: one line on stderr naming the key or file, and nothing
-     this invocation created is left in exp_dir (everything checkable is checked before the first write);
+     this invocation created is left in exp_dir (everything checkable is checked before the first write).
+     Also when another run holds exp_dir (its lock, `exp_dir/.lock`): one line naming exp_dir and the
+     holder (host, pid, Slurm job id), and nothing is written;
+  3  a checkpoint is damaged, incomplete or unsafe (manifest mismatch, missing shard, an object the
+     weights-only loader refuses, a pickle global outside checkpoint metadata): one line naming the file,
+     nothing loaded from it. With resume=auto a damaged newest checkpoint is skipped with a warning and
+     the previous complete one is used; exit 3 only when none is usable, or for a named one;
   1  anything else (a traceback).
 
 Checkpoints (`exp_dir/checkpoints/iter_NNNNNN`, NNNNNN = optimizer steps done; `checkpoint.py`):
@@ -40,7 +53,7 @@ from omegaconf import DictConfig, OmegaConf
 from optune_nemo.cli import captured, run_hydra_main
 from optune_nemo.config import CONF_DIR, ConfigError
 from optune_nemo.config_rm import TrainRMConfig, check_one_source, config_to_yaml, register_schema, validate
-from optune_nemo.rundir import RunDir, rank_from_env, world_size_from_env
+from optune_nemo.rundir import RunDir, hold_run_dir, rank_from_env, world_size_from_env
 
 log = logging.getLogger("optune_nemo.train_rm")
 
@@ -88,6 +101,8 @@ def check_inputs(cfg: TrainRMConfig, *, world_size: int) -> TrainRMConfig:
     """Everything about the configuration that can be checked before any file is written. Raises ConfigError."""
     cfg = resolve(cfg)
     validate(cfg, world_size=world_size)
+    if cfg.rm.early_stopping_patience and cfg.data.eval_path is None and cfg.rm.eval_fraction == 0:
+        raise ConfigError("rm.early_stopping_patience: needs held-out pairs (data.eval_path, or rm.eval_fraction > 0)")
     return cfg
 
 
@@ -153,11 +168,113 @@ def load_pairs(cfg: TrainRMConfig, tokenizer):
     if cfg.data.eval_path is not None:
         train, heldout = pairs, load_preference_pairs(cfg.data.eval_path, tokenizer, key="data.eval_path", **kw)
     else:
-        train, heldout = split_heldout(pairs, cfg.rm.eval_fraction, seed=cfg.seed)
+        f, k = cfg.rm.eval_fraction, heldout_count(len(pairs), cfg.rm.eval_fraction, cfg.rm.eval_min_pairs)
+        train, heldout = split_heldout(pairs, f if k == round(f * len(pairs)) else k / len(pairs), seed=cfg.seed)
     digest = hashlib.sha256(repr(([(p.chosen, p.rejected, p.margin) for p in train],
                                   [(p.chosen, p.rejected, p.margin) for p in heldout])).encode()).hexdigest()
     log.info("%d training pairs, %d held out", len(train), len(heldout))
     return train, heldout, digest
+
+
+def heldout_count(n: int, fraction: float, min_pairs: int) -> int:
+    """Pairs held out of n (`rm.eval_fraction`, `rm.eval_min_pairs`): round(fraction * n), raised to
+    min(min_pairs, n // 4); 0 when fraction is 0."""
+    if fraction <= 0:
+        return 0
+    return max(round(fraction * n), min(min_pairs, n // 4))
+
+
+# --------------------------------------------------------------------------- the verdict
+
+ALPHA = 0.05
+"""Significance level of the held-out test against chance."""
+VERDICT_FILE = "optune_rm_verdict.json"
+"""The verdict beside the export, in hf/final (`write_verdict`)."""
+
+
+def binomial_tail(k: int, n: int) -> float:
+    """P(X >= k) for X ~ Binomial(n, 1/2): sum_{i=k..n} C(n, i) / 2^n, the one-sided p-value of k of n held-out
+    pairs ranked right under chance (a tie counts as wrong). Exact integers, one rounding at the end."""
+    if not 0 <= k <= n:
+        raise ValueError(f"binomial_tail: need 0 <= k <= n (got k={k}, n={n})")
+    return sum(math.comb(n, i) for i in range(k, n + 1)) / 2**n
+
+
+def overfitting(first: dict, last: dict) -> bool:
+    """Over-fitting between two evaluations: the held-out loss rose while the loss on the fixed sample of
+    training pairs fell (`eval_loss` and `train_eval_loss` of the two records)."""
+    return last["eval_loss"] > first["eval_loss"] and last["train_eval_loss"] < first["train_eval_loss"]
+
+
+def evaluations_since_best(losses: list[float]) -> int:
+    """Evaluations after the first one with the lowest held-out loss (a tie is no improvement)."""
+    best = min(range(len(losses)), key=lambda i: (losses[i], i)) if losses else 0
+    return max(len(losses) - 1 - best, 0)
+
+
+def verdict(records: list[dict]) -> dict:
+    """What a run's records say about its reward model, judged on the last evaluation (the exported model):
+    `heldout_p_value` = binomial_tail(eval_correct, eval_pairs), `heldout_beats_chance` = p <= ALPHA, and
+    `overfit` = overfitting(first evaluation, last) (None with fewer than two evaluations or no training
+    sample). {} when nothing was held out."""
+    evals = [r for r in records if "eval_correct" in r]
+    if not evals:
+        return {}
+    first, last = evals[0], evals[-1]
+    p = binomial_tail(last["eval_correct"], last["eval_pairs"])
+    can_tell = len(evals) >= 2 and "train_eval_loss" in first and "train_eval_loss" in last
+    return {"heldout_p_value": p, "heldout_beats_chance": p <= ALPHA,
+            "overfit": overfitting(first, last) if can_tell else None}
+
+
+def verdict_summary(records: list[dict]) -> dict:
+    """The final record's verdict with the numbers behind it (`optune_rm_verdict.json`)."""
+    evals = [r for r in records if "eval_correct" in r]
+    final = records[-1] if records else {}
+    out = {"steps": final.get("iteration"), "early_stopped": final.get("early_stopped"),
+           "heldout_pairs": evals[-1]["eval_pairs"] if evals else 0}
+    if not evals:
+        return {**out, "heldout_beats_chance": None, "overfit": None}
+    first, last = evals[0], evals[-1]
+    return {**out, "heldout_correct": last["eval_correct"], "heldout_accuracy": last["eval_accuracy"],
+            **verdict(records), "alpha": ALPHA,
+            "test": "one-sided exact binomial test of heldout_correct of heldout_pairs against p = 1/2",
+            "eval_loss_first_last": [first["eval_loss"], last["eval_loss"]],
+            "train_eval_loss_first_last": [first.get("train_eval_loss"), last.get("train_eval_loss")]}
+
+
+def warn_verdict(summary: dict) -> None:
+    """The WARNING lines of a run whose reward model has not shown that it ranks unseen pairs."""
+    if not summary["heldout_pairs"]:
+        log.warning("no held-out pairs (rm.eval_fraction=0 and no data.eval_path): nothing shows that this reward "
+                    "model ranks unseen pairs better than chance")
+        return
+    if not summary["heldout_beats_chance"]:
+        log.warning("held-out accuracy %.3f (%d of %d pairs) does not beat chance (one-sided binomial p = %.3g > "
+                    "%g): this reward model has not learned the preference; a policy tuned on it optimises noise "
+                    "(docs/reward_models.md: more pairs, a larger backbone)", summary["heldout_accuracy"],
+                    summary["heldout_correct"], summary["heldout_pairs"], summary["heldout_p_value"], ALPHA)
+    if summary["overfit"]:
+        (e0, e1), (t0, t1) = summary["eval_loss_first_last"], summary["train_eval_loss_first_last"]
+        log.warning("over-fitting: held-out loss rose %.4f -> %.4f while the loss on training pairs fell %.4f -> "
+                    "%.4f (fewer epochs, rm.early_stopping_patience, or more pairs)", e0, e1, t0, t1)
+
+
+def write_verdict(export_dir: Path, summary: dict) -> None:
+    from optune_nemo.fileio import write_json_atomic
+
+    write_json_atomic(Path(export_dir) / VERDICT_FILE, summary)
+
+
+def training_sample(train: list, k: int, *, seed: int) -> list:
+    """k training pairs (all when fewer), drawn once with a generator seeded by (seed, "rm_train_sample"), in
+    file order: their loss, measured at every evaluation, is the training side of `overfitting`."""
+    from optune_nemo.seeding import generator
+
+    if k >= len(train):
+        return list(train)
+    chosen = set(torch.randperm(len(train), generator=generator(seed, "rm_train_sample"))[:k].tolist())
+    return [p for i, p in enumerate(train) if i in chosen]
 
 
 # --------------------------------------------------------------------------- the trainer
@@ -204,6 +321,7 @@ class RMTrainer:
         self.pending = Pending()
         self._orders: dict[int, list[int]] = {}
         self._tic = time.perf_counter()
+        self.train_sample = training_sample(train, len(heldout), seed=cfg.seed)
 
     # ------------------------------------------------------------------ the loop
 
@@ -220,12 +338,14 @@ class RMTrainer:
         return self._orders[epoch][k * G:(k + 1) * G]
 
     def fit(self) -> str:
-        """Returns `completed` or `preempted`."""
+        """Returns `completed` (after rm.epochs, or early: rm.early_stopping_patience) or `preempted`."""
         from optune_nemo.console import progress
 
         r = self.cfg.rm
         if self.step == 0 and self.heldout:
             self._record()
+        if r.early_stopping_patience and self.metrics.records and self.metrics.records[-1].get("early_stopped"):
+            return "completed"                            # resumed from the final checkpoint of a run stopped early
         steps = progress(range(self.step, self.total_steps), desc="train_rm", total=self.total_steps - self.step,
                          enabled=self.cfg.logging.progress)
         for _ in steps:
@@ -233,10 +353,12 @@ class RMTrainer:
                                          scheduler=self.scheduler)
             self.step += 1
             self.pending.add(out)
-            last = self.step == self.total_steps
-            recorded = self.step % r.eval_every == 0 or last
+            recorded = self.step % r.eval_every == 0 or self.step == self.total_steps
             if recorded:
                 self._record(lr=out["lr"])
+            last = self.step == self.total_steps or (recorded and self._patience_spent())
+            if last:
+                self._conclude()
             stop = not last and self.guard.requested()
             if self.cfg.checkpoint.save and (last or stop or (r.save_every and self.step % r.save_every == 0)):
                 self.checkpoints.save(self.step)          # the records are part of the checkpoint
@@ -244,20 +366,47 @@ class RMTrainer:
                 self.metrics.flush()
             if stop:
                 return "preempted"
+            if last:
+                break
         return "completed"
 
+    def _patience_spent(self) -> bool:
+        losses = [rec["eval_loss"] for rec in self.metrics.records if "eval_loss" in rec]
+        patience = self.cfg.rm.early_stopping_patience
+        return bool(patience) and evaluations_since_best(losses) >= patience
+
+    def _conclude(self) -> None:
+        """The final record also gets `early_stopped` and the run's `verdict`."""
+        final = self.metrics.records[-1]
+        assert final["iteration"] == self.step, "the last step is always recorded"
+        final.update(early_stopped=self.step < self.total_steps, **verdict(self.metrics.records))
+        if final["early_stopped"]:
+            log.info("early stop after step %d/%d: held-out loss not below its best for %d evaluations",
+                     self.step, self.total_steps, self.cfg.rm.early_stopping_patience)
+
     def evaluate(self) -> dict:
-        """Held-out pairwise accuracy (chosen scored above rejected), Bradley-Terry loss and mean margin."""
+        """Held-out pairwise accuracy (chosen scored above rejected: `eval_correct` of `eval_pairs`), Bradley-Terry
+        loss and mean margin; and the loss and accuracy on a fixed sample of as many training pairs
+        (`train_eval_*`, measured on the same model as the held-out numbers: the training side of `overfitting`)."""
+        out = {f"eval_{k}": v for k, v in self._pair_metrics(self.heldout).items()}
+        out["eval_pairs"] = len(self.heldout)
+        if self.train_sample:
+            sample = self._pair_metrics(self.train_sample)
+            out.update(train_eval_loss=sample["loss"], train_eval_accuracy=sample["accuracy"])
+        return out
+
+    def _pair_metrics(self, pairs) -> dict:
         from optune_nemo.losses.bradley_terry import bradley_terry_per_pair
 
-        n = len(self.heldout)
-        scores = self.model.score([p.chosen for p in self.heldout] + [p.rejected for p in self.heldout],
+        n = len(pairs)
+        scores = self.model.score([p.chosen for p in pairs] + [p.rejected for p in pairs],
                                   rows=2 * self.cfg.rm.micro_batch_size).double()
         chosen, rejected = scores[:n], scores[n:]
-        margin = torch.tensor([p.margin for p in self.heldout], dtype=torch.float64)
-        return {"eval_loss": float(bradley_terry_per_pair(chosen, rejected, margin).mean()),
-                "eval_accuracy": float((chosen > rejected).double().mean()),
-                "eval_margin": float((chosen - rejected).mean()), "eval_pairs": n}
+        margin = torch.tensor([p.margin for p in pairs], dtype=torch.float64)
+        right = chosen > rejected
+        return {"loss": float(bradley_terry_per_pair(chosen, rejected, margin).mean()),
+                "accuracy": float(right.double().mean()), "margin": float((chosen - rejected).mean()),
+                "correct": int(right.sum())}
 
     def _record(self, lr: float | None = None) -> None:
         record = {"iteration": self.step, "epoch": self.step / self.steps_per_epoch, **self.pending.means()}
@@ -292,8 +441,8 @@ class RMTrainer:
         state = read_trainer_state(directory)
         if state["data"] != self.data_digest:
             raise ConfigError(f"data.path: the preference pairs differ from those of checkpoint {directory} "
-                              "(data.path, data.eval_path, rm.eval_fraction, rm.overlong, model.seq_length and "
-                              "seed decide them); use another exp_dir or resume=never")
+                              "(data.path, data.eval_path, rm.eval_fraction, rm.eval_min_pairs, rm.overlong, "
+                              "model.seq_length and seed decide them); use another exp_dir or resume=never")
         self.step = int(state["step"])
         p = state["pending"]
         self.pending = Pending(int(p["pairs"]), int(p["steps"]), {k: float(v) for k, v in p["sums"].items()},
@@ -369,7 +518,7 @@ def resume(cfg: TrainRMConfig, checkpoints) -> Path | None:
             raise ConfigError(f"resume: never, but {checkpoints.root} already holds checkpoints; "
                               "use resume=auto or another exp_dir")
         return None
-    directory = Path(cfg.resume) if cfg.resume != "auto" else checkpoints.latest_valid()
+    directory = checkpoints.checked(cfg.resume) if cfg.resume != "auto" else checkpoints.latest_valid()
     if directory is None:
         return None
     log.info("resuming from %s", directory)
@@ -390,7 +539,7 @@ def build_trainer(cfg: TrainRMConfig) -> RMTrainer:
     """Every component, and resume: the trainer ready to `fit()`. `cfg` has passed `check_inputs`; the
     source and the pairs are read before exp_dir is first written."""
     from optune_nemo.checkpoint import CheckpointManager, RngStates
-    from optune_nemo.console import setup_logging
+    from optune_nemo.console import log_to, setup_logging
     from optune_nemo.metrics import MetricsWriter
     from optune_nemo.policy.parallel import init_distributed
     from optune_nemo.policy.reward_model import build_reward_model
@@ -401,14 +550,17 @@ def build_trainer(cfg: TrainRMConfig) -> RMTrainer:
     source = prepare_source(cfg)
     train, heldout, digest = load_pairs(cfg, source.tokenizer)
     p = cfg.parallel
-    dist = init_distributed(p.tensor_model_parallel_size, p.pipeline_model_parallel_size)
+    dist = init_distributed(p.tensor_model_parallel_size, p.pipeline_model_parallel_size,
+                            timeout_minutes=p.distributed_timeout_minutes)
     model = build_reward_model(source.meta, dist=dist, optim=cfg.optim, precision=cfg.precision,
                                use_distributed_optimizer=p.use_distributed_optimizer, seed=cfg.seed)
     exp_dir = Path(cfg.exp_dir)
+    hold_run_dir(exp_dir, rank=dist.rank)   # one writer per exp_dir, before the first write
     if dist.rank == 0:                 # the first write of the run
         exp_dir.mkdir(parents=True, exist_ok=True)
         (exp_dir / "config.yaml").write_text(config_to_yaml(cfg))
-    metrics = MetricsWriter(exp_dir, tensorboard=cfg.logging.tensorboard, enabled=dist.rank == 0)
+    log_to(exp_dir / "logs")           # exp_dir/logs/rank<R>.log: libraries' output, from process start
+    metrics = MetricsWriter.from_config(cfg, enabled=dist.rank == 0)
     checkpoints = CheckpointManager(exp_dir, keep_last=cfg.checkpoint.keep_last)
     trainer = RMTrainer(cfg, model=model, tokenizer=source.tokenizer, train=train, heldout=heldout,
                         data_digest=digest, metrics=metrics, checkpoints=checkpoints, guard=guard)
@@ -431,23 +583,30 @@ def run_training(cfg: TrainRMConfig) -> str:
     trainer.metrics.close()
     if outcome != "completed":
         return outcome
-    if cfg.policy.export_hf_final and trainer.model.meta.architecture is not None:
+    summary = verdict_summary(trainer.metrics.records)
+    exported = cfg.policy.export_hf_final and trainer.model.meta.architecture is not None
+    if exported:
         trainer.model.export_hf(exp_dir / "hf" / "final", tokenizer=trainer.tokenizer)
     elif cfg.policy.export_hf_final:
         log.info("no Hugging Face export: the tiny model with the byte tokenizer has no HF architecture")
     if rank == 0:
+        if exported:
+            write_verdict(exp_dir / "hf" / "final", summary)
         (exp_dir / COMPLETED).write_text("ok\n")
         summarize(exp_dir)
+        warn_verdict(summary)
     return outcome
 
 
 def summarize(exp_dir: Path) -> None:
     from optune_nemo.metrics import read_metrics
 
-    evals = [r for r in read_metrics(exp_dir) if "eval_accuracy" in r]
+    evals = [r for r in read_metrics(exp_dir) if "eval_correct" in r]
     if len(evals) >= 2:
-        log.info("done: held-out accuracy %.3f -> %.3f, loss %.4f -> %.4f (%d pairs)", evals[0]["eval_accuracy"],
-                 evals[-1]["eval_accuracy"], evals[0]["eval_loss"], evals[-1]["eval_loss"], evals[-1]["eval_pairs"])
+        last = evals[-1]
+        log.info("done: held-out accuracy %.3f -> %.3f (%d of %d right, p = %.3g against chance), loss %.4f -> "
+                 "%.4f", evals[0]["eval_accuracy"], last["eval_accuracy"], last["eval_correct"], last["eval_pairs"],
+                 binomial_tail(last["eval_correct"], last["eval_pairs"]), evals[0]["eval_loss"], last["eval_loss"])
 
 
 # --------------------------------------------------------------------------- command line

@@ -7,6 +7,7 @@ inputs stop it with exit code 2, one line, and nothing left in exp_dir."""
 from __future__ import annotations
 
 import json
+import random
 import subprocess
 import sys
 from pathlib import Path
@@ -53,6 +54,74 @@ def test_learns_a_separable_preference(tmp_path):
     assert records[-1]["train_accuracy"] >= 0.95
     assert (exp / "COMPLETED").is_file() and list((exp / "tensorboard").glob("events.*"))
     assert _checkpoints(exp) == ["iter_000016"]
+    # the verdict: it beats chance, did not over-fit, and says nothing loud
+    final = records[-1]
+    assert final["eval_correct"] == round(final["eval_accuracy"] * 40) and final["heldout_p_value"] <= 0.05
+    assert (final["heldout_beats_chance"], final["overfit"], final["early_stopped"]) == (True, False, False)
+    assert not _warnings(proc.stderr), _warnings(proc.stderr)
+    assert all("heldout_beats_chance" not in r for r in records[:-1])
+
+
+def _warnings(stderr: str) -> list[str]:
+    return [line for line in stderr.splitlines() if " WARNING " in line]
+
+
+def unlearnable_rows(n: int, seed: int, *, both_orders: bool) -> list[dict]:
+    """n prompts that all get the same two responses; which one is chosen is a coin toss per row. With
+    `both_orders` every prompt comes twice, once each way: no scorer ranks more than half of them right."""
+    rng = random.Random(seed)
+    a, b = "w100 w101 w102", "w103 w104"
+    rows = []
+    for i in range(n):
+        prompt = f"what is w{20 + (seed * n + i) % 200} ?"
+        if both_orders:
+            rows += [{"prompt": prompt, "chosen": a, "rejected": b}, {"prompt": prompt, "chosen": b, "rejected": a}]
+        else:
+            rows.append({"prompt": prompt, **(dict(chosen=a, rejected=b) if rng.random() < 0.5
+                                              else dict(chosen=b, rejected=a))})
+    return rows
+
+
+@pytest.mark.slow
+def test_unlearnable_preference_is_flagged_and_early_stopping(tmp_path):
+    """Random labels: the run warns, and metrics.jsonl and the export's optune_rm_verdict.json say the held-out
+    accuracy does not beat chance (at most 16 of 32 right, by construction). With patience 2 and a record every
+    step the run stops once two evaluations in a row fail to lower the held-out loss below its best."""
+    src = tmp_path / "llama"
+    make_hf_model("llama_untied", seed=5).save_pretrained(src)
+    tiny_tokenizer().save_pretrained(src)
+    train = write_jsonl(tmp_path / "train.jsonl", unlearnable_rows(48, seed=1, both_orders=False))
+    held = write_jsonl(tmp_path / "held.jsonl", unlearnable_rows(16, seed=2, both_orders=True))
+    exp = tmp_path / "run"
+    proc = _cli(f"policy.hf_path={src}", f"data.path={train}", f"data.eval_path={held}", f"exp_dir={exp}",
+                "model.seq_length=32", "logging.progress=false", "logging.tensorboard=false", "precision=fp32",
+                "rm.global_batch_size=8", "rm.micro_batch_size=4", "optim.lr=0.002", "optim.warmup_ratio=0.0",
+                "rm.epochs=4", "rm.eval_every=1", "rm.save_every=0", "rm.early_stopping_patience=2")
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    warnings = _warnings(proc.stderr)
+    assert any("does not beat chance" in w for w in warnings), proc.stderr[-3000:]
+    records = _records(exp)
+    final = records[-1]
+    assert final["eval_pairs"] == 32 and final["eval_correct"] <= 16
+    assert final["heldout_beats_chance"] is False and final["heldout_p_value"] > 0.5
+    meta = json.loads((exp / "hf" / "final" / "optune_rm_verdict.json").read_text())
+    assert meta["heldout_beats_chance"] is False and meta["heldout_pairs"] == 32
+    assert meta["heldout_p_value"] == final["heldout_p_value"] and meta["overfit"] == final["overfit"]
+    assert meta["overfit"] == (any("over-fitting" in w for w in warnings))
+    # early stopping, checked against the records: it stopped at the first evaluation that was the second
+    # in a row without a new lowest held-out loss, and not before
+    losses = [r["eval_loss"] for r in records]
+    assert [r["iteration"] for r in records] == list(range(len(records)))
+    stale = [i for i in range(2, len(losses)) if min(losses[i - 1:i + 1]) >= min(losses[:i - 1])]
+    assert stale and final["iteration"] == stale[0] < 4 * 6, losses
+    assert final["early_stopped"] is True and meta["early_stopped"] is True and meta["steps"] == final["iteration"]
+    # the same command again resumes from the final checkpoint and ends at once: nothing retrained
+    again = _cli(f"policy.hf_path={src}", f"data.path={train}", f"data.eval_path={held}", f"exp_dir={exp}",
+                 "model.seq_length=32", "logging.progress=false", "logging.tensorboard=false", "precision=fp32",
+                 "rm.global_batch_size=8", "rm.micro_batch_size=4", "optim.lr=0.002", "optim.warmup_ratio=0.0",
+                 "rm.epochs=4", "rm.eval_every=1", "rm.save_every=0", "rm.early_stopping_patience=2")
+    assert again.returncode == 0, again.stderr[-3000:]
+    assert _records(exp) == records
 
 
 # --------------------------------------------------------------------------- exact resume
