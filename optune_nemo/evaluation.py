@@ -8,7 +8,9 @@ Each evaluation answers the held-out prompts greedily and reports
   - `response_tokens_mean`: the mean answer length;
   - the paper's win score (eq. 7) of these answers against the baseline answers (by default the starting
     policy's, generated once and kept), judged by `eval.judge` (optune_nemo/judge.py).
-Results go into the iteration's metrics record (`eval_*` keys, hence TensorBoard) and into
+Results go into the iteration's metrics record (`eval_*` keys, hence TensorBoard), every prompt's
+answer, gold reward, success flag, length and judge outcome into `exp_dir/eval/iter_NNNNNN.parquet` (so two
+runs that share held-out prompts can be compared prompt by prompt), and the means into
 `exp_dir/eval.json` ({"baseline": {...}, "iterations": {"t": {...}}}). The evaluator is a checkpoint part:
 the baseline answers and every result so far are saved with each checkpoint, so a resumed or forked run
 (`init_from`) compares against the same baseline.
@@ -27,6 +29,12 @@ from optune_nemo.interfaces import Prompt, SamplingParams
 log = logging.getLogger(__name__)
 
 EVAL_FILE = "eval.json"
+PROMPT_RECORDS_DIR = "eval"
+"""exp_dir/eval/iter_NNNNNN.parquet: every held-out prompt's record of the evaluation after iteration N:
+prompt_id, answer, gold_reward, tokens, success (built-in tasks: the task's exact-answer check, the
+primary endpoint), judge_outcome (win / lose / tie against the baseline answer). Rewritten identically when
+a resumed run evaluates iteration N again; a fork's inherited iterations are in its source run's eval/.
+The starting policy's records are eval/baseline.parquet (without judge_outcome)."""
 EXAMPLES = 5
 """Answers kept in eval.json per evaluation (all answers are kept for the baseline)."""
 
@@ -71,6 +79,7 @@ class Evaluator:
         self.prompts, self.stop_token_ids, self.task = prompts, tuple(stop_token_ids), task
         self.path = Path(cfg.exp_dir) / EVAL_FILE
         self.state: dict = {"baseline": None, "iterations": {}}
+        self.last_rows: dict[str, list] = {}
 
     # ------------------------------------------------------------------ one evaluation
 
@@ -80,10 +89,15 @@ class Evaluator:
         texts = [s.text for s in samples]
         rewards = score(self.reward, self.prompts, texts)
         n = len(self.prompts)
+        self.last_rows = {"prompt_id": [p.prompt_id for p in self.prompts], "answer": texts,
+                          "gold_reward": [float(r) for r in rewards],
+                          "tokens": [int(s.num_tokens) for s in samples]}
         result = {"num_prompts": n, "reward_mean": sum(rewards) / n,
                   "response_tokens_mean": sum(s.num_tokens for s in samples) / n}
         if self.task is not None:
-            result["accuracy"] = sum(self.task.is_correct(t, p.metadata) for t, p in zip(texts, self.prompts)) / n
+            success = [bool(self.task.is_correct(t, p.metadata)) for t, p in zip(texts, self.prompts)]
+            self.last_rows["success"] = success
+            result["accuracy"] = sum(success) / n
         return result, texts, rewards
 
     def ensure_baseline(self) -> dict:
@@ -99,6 +113,8 @@ class Evaluator:
             self.state["baseline"] = {**result, "source": self.cfg.eval.baseline, "answers": texts,
                                       "rewards": rewards}
             self._write()
+            if self.cfg.eval.baseline == "start" and global_rank() == 0:
+                self._write_prompt_records(None)
             log.info("held-out baseline (%s): mean reward %.4f%s", self.cfg.eval.baseline, result["reward_mean"],
                      f", accuracy {result['accuracy']:.3f}" if "accuracy" in result else "")
         return self.state["baseline"]
@@ -115,8 +131,11 @@ class Evaluator:
         result, texts, rewards = self._evaluate()
         verdict = None
         if global_rank() == 0:   # one judge (an LLM judge sends its requests once), shared with every rank
-            verdict = self.judge.compare([p.text for p in self.prompts], texts, base["answers"],
-                                         candidate_rewards=rewards, baseline_rewards=base["rewards"]).summary()
+            judged = self.judge.compare([p.text for p in self.prompts], texts, base["answers"],
+                                        candidate_rewards=rewards, baseline_rewards=base["rewards"])
+            verdict = judged.summary()
+            self.last_rows["judge_outcome"] = list(judged.outcomes)
+            self._write_prompt_records(t)
         verdict = broadcast_object(verdict)
         result.update({k: verdict[k] for k in ("win_score", "wins", "losses", "ties", "invalid")})
         self.state["iterations"][str(t)] = {**result, "examples": [
@@ -129,6 +148,20 @@ class Evaluator:
         return {f"eval_{k}": v for k, v in result.items() if k != "num_prompts"}
 
     # ------------------------------------------------------------------ files and checkpoint part
+
+    def _write_prompt_records(self, t: int | None) -> None:
+        """Rank 0: exp_dir/eval/iter_NNNNNN.parquet (baseline.parquet for the starting policy), one row per
+        held-out prompt (PROMPT_RECORDS_DIR)."""
+        import pyarrow as pa
+        import pyarrow.parquet as pq
+
+        from optune_nemo.fileio import atomic_file
+
+        name = "baseline" if t is None else f"iter_{t:06d}"
+        path = Path(self.cfg.exp_dir) / PROMPT_RECORDS_DIR / f"{name}.parquet"
+        path.parent.mkdir(parents=True, exist_ok=True)
+        with atomic_file(path) as tmp:
+            pq.write_table(pa.table(self.last_rows), tmp)
 
     def _write(self) -> None:
         if global_rank() == 0:
@@ -171,28 +204,53 @@ def read_eval(exp_dir: Path) -> dict:
     return json.loads(path.read_text()) if path.is_file() else {}
 
 
-def plot_rewards(exp_dir: Path, records: list[dict], evals: dict) -> Path:
-    """reward_per_iteration.png: the store's chosen / rejected reward per iteration, and the held-out gold
-    reward of the baseline and after every evaluated iteration."""
+def iteration_ticks(first: int, last: int, *, start: bool) -> tuple[list[int], list[str]]:
+    """Integer x ticks from iteration `first` to `last` (every 1, 2, 5, 10, 20, ... iterations, at most 11),
+    and with `start` the starting policy's position first - 1 labelled `start`."""
+    span = max(last - first, 0)
+    step = next(s for m in (1, 10, 100, 1000, 10**9) for s in (m, 2 * m, 5 * m) if span / s <= 10)
+    ticks = [t for t in range(first, last + 1) if t % step == 0] or [first]
+    labels = [str(t) for t in ticks]
+    if start:
+        ticks, labels = [first - 1, *ticks], ["start", *labels]
+    return ticks, labels
+
+
+def reward_figure(records: list[dict], evals: dict):
+    """The figure of `plot_rewards`: the store's chosen / rejected reward per iteration, and the held-out gold
+    reward of the starting policy (at the tick `start`, left of the first iteration) and after every evaluated
+    iteration; integer iteration ticks, the legend below the axes."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, ax = plt.subplots(figsize=(6, 4))
+    fig, ax = plt.subplots(figsize=(6.4, 4.4), layout="constrained")
     its = [r["iteration"] for r in records]
     ax.plot(its, [r["reward_chosen_mean"] for r in records], "o-", label="store: chosen reward")
     ax.plot(its, [r["reward_rejected_mean"] for r in records], "s-", label="store: rejected reward")
     evaluated = sorted((int(t), v["reward_mean"]) for t, v in evals.get("iterations", {}).items())
-    if evals.get("baseline") and evaluated:
-        xs = [its[0] - 1] + [t for t, _ in evaluated]
-        ys = [evals["baseline"]["reward_mean"]] + [v for _, v in evaluated]
-        ax.plot(xs, ys, "k^--", label="held-out greedy reward (start, then per iteration)")
+    xs = its + [t for t, _ in evaluated]
+    first, last = (min(xs), max(xs)) if xs else (0, 0)
+    start = bool(evals.get("baseline"))
+    if start:
+        ax.plot([first - 1] + [t for t, _ in evaluated], [evals["baseline"]["reward_mean"]] + [v for _, v in evaluated],
+                "k^--", label="held-out greedy gold reward (starting policy, then after each iteration)")
+    ticks, labels = iteration_ticks(first, last, start=start)
+    ax.set_xticks(ticks, labels)
+    ax.set_xlim(ticks[0] - 0.5, max(last, ticks[-1]) + 0.5)
     ax.set_xlabel("iteration")
     ax.set_ylabel("reward")
-    ax.legend(fontsize=8)
     ax.grid(alpha=0.3)
-    fig.tight_layout()
+    fig.legend(loc="outside lower center", ncol=2 if not start else 1, fontsize=8, frameon=False)
+    return fig
+
+
+def plot_rewards(exp_dir: Path, records: list[dict], evals: dict) -> Path:
+    """reward_per_iteration.png (`reward_figure`)."""
+    import matplotlib.pyplot as plt
+
+    fig = reward_figure(records, evals)
     path = Path(exp_dir) / "reward_per_iteration.png"
     fig.savefig(path, dpi=100)
     plt.close(fig)

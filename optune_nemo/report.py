@@ -272,6 +272,24 @@ def amdahl_bound(g: float, rho: float) -> float:
     return 1.0 / (1.0 - g + g * rho)
 
 
+def _phase_mean(runs: list[Run], keys: tuple[str, ...], first: int = 1) -> float | None:
+    """Mean over the runs' iterations t >= first of the summed `keys` (seconds)."""
+    return spread([sum(_num(r.get(k)) or 0.0 for k in keys) for run in runs for r in run.records
+                   if r["iteration"] >= first])["mean"]
+
+
+def predicted_speedup(reference: list[Run], runs: list[Run]) -> float | None:
+    """T1 / (T1 - G1 + G_rho): the rho = 1 runs' mean seconds per iteration T1, with their generation and
+    reward seconds G1 replaced by the setting's own G_rho (measured, so shorter answers are accounted for).
+    A prediction, not a bound: the other phases are assumed to take what they take at rho = 1."""
+    t1 = _phase_mean(reference, ("time_total_s",))
+    g1 = _phase_mean(reference, ("time_generation_s", "time_reward_s"))
+    g_rho = _phase_mean(runs, ("time_generation_s", "time_reward_s"))
+    if None in (t1, g1, g_rho) or t1 - g1 + g_rho <= 0:
+        return None
+    return t1 / (t1 - g1 + g_rho)
+
+
 def speedups(groups: dict[Setting, list[Run]]) -> list[dict]:
     """Each setting against the rho = 1 runs of the same loss and training, over their common seeds."""
     out = []
@@ -292,7 +310,11 @@ def speedups(groups: dict[Setting, list[Run]]) -> list[dict]:
             if a is not None and b:
                 per_seed.append(a / b)
         g, g_r = generation_share(theirs), generation_share(theirs, with_reward=True)
+        total_ref = sum(sum(_num(x.get("time_total_s")) or 0.0 for x in r.records) for r in theirs)
+        total_mine = sum(sum(_num(x.get("time_total_s")) or 0.0 for x in r.records) for r in mine)
         out.append({"setting": s.label, "rho": s.rho, "seeds": seeds, "time_per_iteration_s": t_mine,
+                    "speedup_end_to_end": total_ref / total_mine if total_mine else None,
+                    "predicted_speedup": predicted_speedup(theirs, mine),
                     "reference_time_per_iteration_s": t_ref, "speedup": t_ref["mean"] / t_mine["mean"],
                     "speedup_per_seed": spread(per_seed), "generation_share": g,
                     "amdahl_bound": amdahl_bound(g, s.rho) if g is not None else None,
@@ -352,7 +374,36 @@ def fig2_analysis(groups: dict[Setting, list[Run]]) -> dict:
                             "total_from_training": excess_t,
                             "share_bottom_of_training_gain": excess_b / excess_t if excess_t else None,
                             "bottom_regression_fraction": c["bottom"] / r["bottom"] if r["bottom"] else None})
-    return {"rows": rows, "summary": summary, "attribution": attribution, "missing_stores": missing}
+    return {"rows": rows, "summary": summary, "attribution": attribution, "missing_stores": missing,
+            "contrast": fig2_contrast(rows)}
+
+
+def fig2_contrast(rows: list[dict]) -> list[dict]:
+    """A well-conditioned Fig. 2 statistic: per run and iteration the mean gain of a bottom-half prompt minus
+    that of a top-half prompt (d = bottom N / n_bottom - top N / (N - n_bottom)); per trained group and t,
+    d(trained) - d(control) paired by seed, with a 95 % bootstrap interval over seeds. Positive: training
+    lifts the bottom half more than regression to the mean does."""
+    import numpy as np
+
+    from optune_nemo.analysis.stats import hierarchical_bootstrap
+
+    def d(r):
+        if r["n_bottom"] in (0, r["n"]):
+            return None
+        return r["bottom"] * r["n"] / r["n_bottom"] - r["top"] * r["n"] / (r["n"] - r["n_bottom"])
+
+    control = {(r["seed"], r["iteration"]): d(r) for r in rows if r["group"] == "control"}
+    out = []
+    for (group, t), rs in sorted(_by([r for r in rows if r["group"] != "control"],
+                                     lambda r: (r["group"], r["iteration"])).items()):
+        diffs = [d(r) - control[(r["seed"], t)] for r in rs
+                 if d(r) is not None and control.get((r["seed"], t)) is not None]
+        if not diffs:
+            continue
+        boot = hierarchical_bootstrap([np.array([x]) for x in diffs], reps=4000)
+        out.append({"group": group, "iteration": t, "seeds": len(diffs), "mean": boot["mean"],
+                    "ci95": boot["ci"][0.95]})
+    return out
 
 
 def _fig2_group(s: Setting) -> str:
@@ -379,18 +430,55 @@ class Report:
     curves: dict = field(default_factory=dict)
     speedup: list[dict] = field(default_factory=list)
     fig2: dict = field(default_factory=dict)
+    paired: list[dict] = field(default_factory=list)
+    margin: float = 0.05
     figures: list[str] = field(default_factory=list)
     notes: list[str] = field(default_factory=list)
 
     def to_json(self) -> dict:
-        return {k: getattr(self, k) for k in ("runs", "settings", "baseline", "curves", "speedup", "fig2", "figures",
-                                              "notes")}
+        return {k: getattr(self, k) for k in ("runs", "settings", "baseline", "curves", "speedup", "fig2", "paired",
+                                              "margin", "figures", "notes")}
 
 
-def analyse(runs: list[Run]) -> Report:
-    """All numbers of the report (no files written)."""
+ENDPOINTS = (("success", "exact accuracy"), ("gold_reward", "gold reward"))
+"""Per-prompt endpoints of the paired comparisons: the task's exact-answer flag (primary, built-in tasks),
+then the held-out gold reward (secondary; the training reward may be shaped)."""
+
+
+def paired_comparisons(rep: Report, groups: dict[Setting, list[Run]], *, margin: float, reps: int) -> list[dict]:
+    """Every `comparisons` pair, per endpoint, in every view of analysis.paired (B = the setting, A = its
+    baseline); pairs without per-prompt records are left out (a note says so)."""
+    from optune_nemo.analysis import paired
+
+    by_label = {s.label: rs for s, rs in groups.items()}
+    rates = paired.phase_rates([r for rs in groups.values() for r in rs])
+    out = []
+    for setting, baseline in comparisons(rep.settings):
+        for key, name in ENDPOINTS:
+            views = paired.compare_runs(by_label[baseline], by_label[setting], key=key, margin=margin, rates=rates,
+                                        reps=reps)
+            if views:
+                out.append({"setting": setting, "baseline": baseline, "endpoint": key, "endpoint_name": name,
+                            "views": {v: c.to_json() for v, c in views.items()}})
+    return out
+
+
+def read_report(path: str | Path) -> Report:
+    """A recorded report.json as a Report (keys it does not know are refused in one line)."""
+    try:
+        data = json.loads(Path(path).read_text())
+        return Report(**data)
+    except FileNotFoundError:
+        raise ConfigError(f"--from-json: {path}: no such file") from None
+    except (ValueError, TypeError) as e:
+        raise ConfigError(f"--from-json: {path}: not a report.json ({str(e).splitlines()[0]})") from None
+
+
+def analyse(runs: list[Run], *, margin: float = 0.05, reps: int = 4000) -> Report:
+    """All numbers of the report (no files written). `margin`: the equivalence margin of the paired
+    comparisons (in the endpoint's units: accuracy, reward)."""
     groups = group_settings(runs)
-    rep = Report()
+    rep = Report(margin=margin)
     sources = fork_sources(runs)
     rep.runs = [{"path": str(r.path), "setting": r.setting.label, "seed": r.seed, "completed": r.completed,
                  "iterations": len(r.records), "forked_from": str(r.source_dir()) if r.fork else None,
@@ -407,6 +495,10 @@ def analyse(runs: list[Run]) -> Report:
     if rep.fig2["missing_stores"]:
         rep.notes.append(f"Fig. 2: {len(rep.fig2['missing_stores'])} iteration(s) skipped, their rollout stores are "
                          "gone (checkpoint.keep_last?)")
+    rep.paired = paired_comparisons(rep, groups, margin=margin, reps=reps)
+    if comparisons(rep.settings) and not rep.paired:
+        rep.notes.append("no per-prompt held-out records (exp_dir/eval/*.parquet) in these runs: no paired "
+                         "comparison (runs recorded before they existed, or eval.num_prompts=0)")
     if not any(not s.trained and s.rho == 1.0 for s in groups):
         rep.notes.append("no no-training control run at rho = 1 (train.epochs_per_iteration=0): the Fig. 2 gain "
                          "cannot be split into training and regression to the mean")
@@ -465,15 +557,20 @@ def render_markdown(rep: Report) -> str:
                    f"{_cell(last['cumulative_tokens'])} | {_cell(last['cumulative_time_s'])} |")
     out += ["", "## Speed-up over rho = 1 (seconds per iteration, t >= 1)", "",
             "Measured: mean seconds per iteration of the rho = 1 runs over that of the setting (same loss, training "
-            "and seeds). Amdahl: 1 / (1 - g + g rho), g = generation share of the rho = 1 runs' time; the last "
-            "column lets g include reward time, which also scales with rho.", "",
-            "| setting | seeds | s/iteration | rho=1 s/iteration | speed-up | per-seed speed-up | g | Amdahl bound | "
-            "g (gen+reward) | bound (gen+reward) |", "|---|---|---|---|---|---|---|---|---|---|"]
+            "and seeds). End to end: the runs' total seconds, iteration 0 included. Predicted: T1 / (T1 - G1 + G_rho) "
+            "from the measured phase times (G: generation + reward seconds per iteration). Amdahl: "
+            "1 / (1 - g + g rho), g = generation share of the rho = 1 runs' time (the last column lets g include "
+            "reward time); both are predictions, not bounds: shorter answers can beat them.", "",
+            "| setting | seeds | s/iteration | rho=1 s/iteration | speed-up | per-seed speed-up | end to end | "
+            "predicted | g | Amdahl | g (gen+reward) | Amdahl (gen+reward) |",
+            "|---|---|---|---|---|---|---|---|---|---|---|---|"]
     for r in rep.speedup:
         out.append(f"| {r['setting']} | {', '.join(map(str, r['seeds']))} | {_cell(r['time_per_iteration_s'])} | "
                    f"{_cell(r['reference_time_per_iteration_s'])} | {_f(r['speedup'])} | "
-                   f"{_cell(r['speedup_per_seed'])} | {_f(r['generation_share'])} | {_f(r['amdahl_bound'])} | "
+                   f"{_cell(r['speedup_per_seed'])} | {_f(r.get('speedup_end_to_end'))} | "
+                   f"{_f(r.get('predicted_speedup'))} | {_f(r['generation_share'])} | {_f(r['amdahl_bound'])} | "
                    f"{_f(r['generation_reward_share'])} | {_f(r['amdahl_bound_generation_reward'])} |")
+    out += _paired_tables(rep)
     out += ["", "## Fig. 2: where the gain in ranking score comes from (rho = 1)", "",
             "Change of the mean ranking score max(r_a, r_b) from store t-1 to store t, split between the prompts "
             "ranked in the bottom 50 % at t-1 and the rest (each half's sum of changes / N). In control runs "
@@ -498,11 +595,36 @@ def render_markdown(rep: Report) -> str:
                        f"regression to the mean and {_f(a['bottom_from_training'])} comes from training; the bottom "
                        f"half carries a fraction {_f(a['share_bottom_of_training_gain'])} of the gain from training "
                        f"({_f(a['total_from_training'])}).")
+    if rep.fig2.get("contrast"):
+        out += ["", "Mean gain of a bottom-half prompt minus that of a top-half prompt, trained minus control, "
+                "paired by seed (95 % bootstrap interval over seeds):", "",
+                "| group | t | seeds | difference | 95 % CI |", "|---|---|---|---|---|"]
+        out += [f"| {c['group']} | {c['iteration']} | {c['seeds']} | {_f(c['mean'])} | "
+                f"[{_f(c['ci95'][0])}, {_f(c['ci95'][1])}] |" for c in rep.fig2["contrast"]]
     if rep.figures:
         out += ["", "## Figures", ""] + [f"![{name}]({name})" for name in rep.figures]
     if rep.notes:
         out += ["", "## Notes", ""] + [f"- {n}" for n in rep.notes]
     return "\n".join(out) + "\n"
+
+
+def _paired_tables(rep: Report) -> list[str]:
+    if not rep.paired:
+        return []
+    out = ["", f"## Paired comparisons (per prompt, paired by seed; margin {rep.margin:g})", "",
+           "Setting B against its baseline A: mean of B - A over seeds and prompts, its 95 % interval (hierarchical "
+           "bootstrap: seeds, then prompts within a seed), the seeds where B was ahead / behind, and the outcome: "
+           "equivalent (the 90 % interval inside +-margin: TOST at 5 %), better / worse (the 95 % interval "
+           "excludes 0), else undecided. Views: after the last common iteration, at equal generated tokens, at "
+           "equal modelled time (phase rates shared by all runs), and the area under the curve over iterations.",
+           "", "| B | vs A | endpoint | view | outcome | B - A | 95 % CI | seeds +/- |",
+           "|---|---|---|---|---|---|---|---|"]
+    for p in rep.paired:
+        for view, c in p["views"].items():
+            out.append(f"| {p['setting']} | {p['baseline']} | {p['endpoint_name']} | {view} | **{c['outcome']}** | "
+                       f"{_f(c['mean'])} | [{_f(c['ci95'][0])}, {_f(c['ci95'][1])}] | "
+                       f"{c['positive_seeds']}/{c['negative_seeds']} |")
+    return out
 
 
 # --------------------------------------------------------------------------- figures
@@ -517,36 +639,122 @@ def _plt():
     return plt
 
 
-def plot_curves(rep: Report, out_dir: Path, x: str) -> str | None:
-    """Gold reward and win score against `x` (iteration, cumulative_tokens or cumulative_time_s): mean line,
-    min-max band."""
-    if not any(c[k] for c in rep.curves.values() for k in c):
+CURVE_FIGURES = {("eval_reward_mean", "iteration"): "vs_iteration.png",
+                 ("eval_reward_mean", "cumulative_tokens"): "vs_tokens.png",
+                 ("eval_reward_mean", "cumulative_time_s"): "vs_time.png",
+                 ("eval_win_score", "iteration"): "win_vs_iteration.png"}
+"""(metric, x axis) -> the file of its comparison figure."""
+X_LABELS = {"iteration": "iteration", "cumulative_tokens": "cumulative generated tokens",
+            "cumulative_time_s": "cumulative wall-clock seconds"}
+METRIC_TITLES = {"eval_reward_mean": "held-out gold reward", "eval_win_score": "win score vs the starting policy"}
+
+
+def comparisons(settings: list[dict]) -> list[tuple[str, str]]:
+    """(setting, baseline) labels, one per panel: each setting against the run setting that differs from it in
+    one factor only, the first of: training (a no-training control against the same setting trained), the
+    loss (against the default loss, wDPO), the selection (random against the default, lowest-reward, at the
+    same rho), rho (against rho = 1 with the same loss and training). The rho = 1 default is everyone's
+    baseline and has no panel of its own; nor has a setting whose baselines were not run."""
+    default = OptuneNemoConfig()
+    by_key = {(s["rho"], s["selection"], s["loss"], s["trained"]): s["label"] for s in settings}
+
+    def rho_one(loss, trained):
+        return next((label for (rho, _, lo, tr), label in sorted(by_key.items()) if rho == 1.0 and lo == loss
+                     and tr == trained), None)
+
+    out = []
+    for s in settings:
+        rho, sel, loss, trained = s["rho"], s["selection"], s["loss"], s["trained"]
+        candidates = [by_key.get((rho, sel, loss, True)) if not trained else None,
+                      by_key.get((rho, sel, default.loss.name, trained)) if loss != default.loss.name else None,
+                      by_key.get((rho, default.optune.selection, loss, trained))
+                      if sel not in (default.optune.selection, "all") else None,
+                      rho_one(loss, trained) if rho != 1.0 else None]
+        base = next((c for c in candidates if c is not None), None)
+        if base is not None:
+            out.append((s["label"], base))
+    return out
+
+
+def comparison_panel(ax, setting: list[dict], baseline: list[dict], *, x: str = "iteration",
+                     start: float | None = None, ci: dict | None = None) -> None:
+    """One comparison on `ax`: the setting (colour C0) and its baseline (grey), each its mean over seeds as a
+    line and its seed range [min, max] as a band (points of `curve`: iteration, mean, min, max and the cost
+    axes). `start`: the starting policy's value, drawn as a dashed line (and at the tick `start` on an
+    iteration axis). `ci`: an optional confidence band for the setting, {"x": [...], "lo": [...], "hi": [...],
+    "label": "..."}, drawn hatched."""
+    for pts, colour, z in ((baseline, "0.45", 2), (setting, "C0", 3)):
+        xs = [p["iteration"] if x == "iteration" else p[x]["mean"] for p in pts]
+        ax.plot(xs, [p["mean"] for p in pts], "o-", color=colour, ms=3, lw=1.5, zorder=z)
+        ax.fill_between(xs, [p["min"] for p in pts], [p["max"] for p in pts], color=colour, alpha=0.2, lw=0,
+                        zorder=z - 1)
+    if ci is not None:
+        ax.fill_between(ci["x"], ci["lo"], ci["hi"], facecolor="none", edgecolor="C0", hatch="///", lw=0, zorder=4)
+    if start is not None:
+        ax.axhline(start, color="k", ls="--", lw=0.8, zorder=1)
+    ax.grid(alpha=0.3)
+
+
+def comparison_figure(rep: Report, key: str, x: str, *, cis: dict | None = None):
+    """A grid with one `comparison_panel` per `comparisons` pair (shared axes), for `key` against `x`; the
+    legend below the panels. `cis`: {(setting, baseline): ci} passed on to the panels. None when no
+    comparison has points."""
+    from matplotlib.lines import Line2D
+    from matplotlib.patches import Patch
+
+    from optune_nemo.evaluation import iteration_ticks
+
+    pairs = [(a, b) for a, b in comparisons(rep.settings) if rep.curves[a][key] and rep.curves[b][key]]
+    if not pairs:
         return None
     plt = _plt()
-    fig, axes = plt.subplots(1, 2, figsize=(11, 4))
-    for ax, key, title in ((axes[0], "eval_reward_mean", "held-out gold reward"),
-                           (axes[1], "eval_win_score", "win score vs the starting policy")):
-        for label, c in rep.curves.items():
-            pts = c[key]
-            if not pts:
-                continue
-            xs = [p["iteration"] if x == "iteration" else p[x]["mean"] for p in pts]
-            line, = ax.plot(xs, [p["mean"] for p in pts], "o-", label=label, ms=3)
-            ax.fill_between(xs, [p["min"] for p in pts], [p["max"] for p in pts], color=line.get_color(), alpha=0.15)
-        if key == "eval_reward_mean" and rep.baseline.get("mean") is not None:
-            ax.axhline(rep.baseline["mean"], color="k", ls="--", lw=0.8, label="starting policy")
-        if key == "eval_win_score":
-            ax.axhline(50, color="k", ls="--", lw=0.8)
-        ax.set_title(title)
-        ax.set_xlabel({"iteration": "iteration", "cumulative_tokens": "cumulative generated tokens",
-                       "cumulative_time_s": "cumulative wall-clock seconds"}[x])
-        ax.grid(alpha=0.3)
-    axes[0].legend(fontsize=7)
-    fig.tight_layout()
-    name = {"iteration": "vs_iteration.png", "cumulative_tokens": "vs_tokens.png",
-            "cumulative_time_s": "vs_time.png"}[x]
+    ncols = min(4, len(pairs))
+    nrows = math.ceil(len(pairs) / ncols)
+    fig, axes = plt.subplots(nrows, ncols, figsize=(3.3 * ncols, 2.9 * nrows + 0.9), sharex=True, sharey=True,
+                             squeeze=False, layout="constrained")
+    start = {"eval_reward_mean": rep.baseline.get("mean"), "eval_win_score": 50.0}[key]
+    on_start = x == "iteration" and start is not None
+    for ax, (a, b) in zip(axes.flat, pairs):
+        comparison_panel(ax, rep.curves[a][key], rep.curves[b][key], x=x, start=start, ci=(cis or {}).get((a, b)))
+        ax.set_title(f"{a}\nvs {b}", fontsize=8)
+    for i in range(len(pairs), nrows * ncols):
+        axes.flat[i].set_visible(False)
+        above = axes.flat[i - ncols]          # the lowest panel of a column that is short of the last row
+        above.xaxis.set_tick_params(labelbottom=True)
+        above.set_xlabel(X_LABELS[x])
+    its = [p["iteration"] for a, b in pairs for label in (a, b) for p in rep.curves[label][key]]
+    if x == "iteration":
+        ticks, labels = iteration_ticks(min(its), max(its), start=on_start)
+        axes.flat[0].set_xticks(ticks, labels)
+        if on_start:
+            for ax in axes.flat[:len(pairs)]:
+                ax.plot([ticks[0]], [start], "k^", ms=5, zorder=5)
+    for ax in axes[-1][:len(pairs) - (nrows - 1) * ncols]:
+        ax.set_xlabel(X_LABELS[x])
+    for row in axes:
+        row[0].set_ylabel(METRIC_TITLES[key])
+    handles = [Line2D([], [], color="C0", marker="o", ms=3, label="the panel's setting: mean over seeds"),
+               Line2D([], [], color="0.45", marker="o", ms=3, label="its baseline: mean over seeds"),
+               Patch(color="0.6", alpha=0.4, label="band: seed range [min, max]"),
+               Line2D([], [], color="k", ls="--", lw=0.8, marker="^" if on_start else None, ms=5,
+                          label="starting policy")]
+    if cis:
+        handles.append(Patch(facecolor="none", edgecolor="C0", hatch="///",
+                             label=next(iter(cis.values())).get("label", "CI")))
+    fig.legend(handles=handles, loc="outside lower center", ncol=min(len(handles), 4), fontsize=8, frameon=False)
+    fig.suptitle(f"{METRIC_TITLES[key]}: each setting against its baseline", fontsize=10)
+    return fig
+
+
+def plot_curves(rep: Report, out_dir: Path, key: str, x: str) -> str | None:
+    """`comparison_figure` of `key` against `x` (iteration, cumulative_tokens or cumulative_time_s), saved as
+    its CURVE_FIGURES name."""
+    fig = comparison_figure(rep, key, x)
+    if fig is None:
+        return None
+    name = CURVE_FIGURES[(key, x)]
     fig.savefig(out_dir / name, dpi=110)
-    plt.close(fig)
+    _plt().close(fig)
     return name
 
 
@@ -555,15 +763,14 @@ def plot_speedup(rep: Report, out_dir: Path) -> str | None:
     if not rows:
         return None
     plt = _plt()
-    fig, ax = plt.subplots(figsize=(max(5, 1.2 * len(rows)), 4))
+    fig, ax = plt.subplots(figsize=(max(5, 1.2 * len(rows)), 4.4), layout="constrained")
     xs = range(len(rows))
     ax.bar([i - 0.2 for i in xs], [r["speedup"] for r in rows], 0.4, label="measured")
     ax.bar([i + 0.2 for i in xs], [r["amdahl_bound"] or 0 for r in rows], 0.4, label="Amdahl bound (generation)")
     ax.set_xticks(list(xs), [r["setting"] for r in rows], rotation=20, ha="right", fontsize=7)
     ax.axhline(1, color="k", lw=0.8)
     ax.set_ylabel("speed-up per iteration over rho = 1")
-    ax.legend(fontsize=8)
-    fig.tight_layout()
+    fig.legend(loc="outside lower center", ncol=2, fontsize=8, frameon=False)
     fig.savefig(out_dir / "speedup.png", dpi=110)
     plt.close(fig)
     return "speedup.png"
@@ -574,7 +781,7 @@ def plot_gain_split(rep: Report, out_dir: Path) -> str | None:
     if not rows:
         return None
     plt = _plt()
-    fig, ax = plt.subplots(figsize=(max(5, 0.9 * len(rows)), 4))
+    fig, ax = plt.subplots(figsize=(max(5, 0.9 * len(rows)), 4.4), layout="constrained")
     xs = list(range(len(rows)))
     ax.bar([i - 0.2 for i in xs], [r["bottom"] for r in rows], 0.4, label="bottom 50 % at t-1")
     ax.bar([i + 0.2 for i in xs], [r["top"] for r in rows], 0.4, label="top 50 % at t-1")
@@ -582,20 +789,21 @@ def plot_gain_split(rep: Report, out_dir: Path) -> str | None:
     ax.axhline(0, color="k", lw=0.8)
     ax.set_xticks(xs, [f"{r['group']}\nt={r['iteration']}" for r in rows], fontsize=7)
     ax.set_ylabel("change of the mean ranking score")
-    ax.legend(fontsize=8)
-    fig.tight_layout()
+    fig.legend(loc="outside lower center", ncol=3, fontsize=8, frameon=False)
     fig.savefig(out_dir / "gain_split.png", dpi=110)
     plt.close(fig)
     return "gain_split.png"
 
 
-def write_report(runs: list[Run], out_dir: str | Path) -> Report:
-    """report.md, report.json and the figures in out_dir."""
+def write_report(runs: list[Run] | None, out_dir: str | Path, *, margin: float = 0.05,
+                 recorded: Report | None = None) -> Report:
+    """report.md, report.json and the figures in out_dir, from run directories or from a `recorded` report
+    (its report.json: the figures and the Markdown are drawn again from the recorded numbers)."""
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
-    rep = analyse(runs)
-    for name in (plot_curves(rep, out_dir, "iteration"), plot_curves(rep, out_dir, "cumulative_tokens"),
-                 plot_curves(rep, out_dir, "cumulative_time_s"), plot_speedup(rep, out_dir),
+    rep = recorded if recorded is not None else analyse(runs, margin=margin)
+    rep.figures = []
+    for name in (*(plot_curves(rep, out_dir, key, x) for key, x in CURVE_FIGURES), plot_speedup(rep, out_dir),
                  plot_gain_split(rep, out_dir)):
         if name:
             rep.figures.append(name)
@@ -606,15 +814,25 @@ def write_report(runs: list[Run], out_dir: str | Path) -> Report:
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m optune_nemo.report", description=__doc__.splitlines()[0])
-    parser.add_argument("runs", nargs="+", help="run directories, or directories holding run directories")
+    parser.add_argument("runs", nargs="*", help="run directories, or directories holding run directories")
+    parser.add_argument("--from-json", default=None,
+                        help="draw the figures and report.md again from a recorded report.json (no run directories)")
     parser.add_argument("--out", required=True, help="output directory for report.md, report.json and figures")
+    parser.add_argument("--margin", type=float, default=0.05,
+                        help="equivalence margin of the paired comparisons, in the endpoint's units (default 0.05)")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(message)s")
     try:
+        if args.from_json:
+            rep = write_report(None, args.out, recorded=read_report(args.from_json))
+            log.info("report: %s (drawn again from %s)", Path(args.out) / "report.md", args.from_json)
+            return 0
+        if not args.runs:
+            raise ConfigError("give run directories, or --from-json REPORT_JSON")
         runs = find_runs(args.runs)
         if not runs:
             raise ConfigError(f"{' '.join(args.runs)}: no run directory (config.yaml) found")
-        rep = write_report(runs, args.out)
+        rep = write_report(runs, args.out, margin=args.margin)
     except ConfigError as e:
         print(f"optune_nemo.report: error: {e}", file=sys.stderr)
         return 2

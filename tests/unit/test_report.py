@@ -18,6 +18,8 @@ from optune_nemo.config import OptuneNemoConfig, config_to_yaml
 from optune_nemo.report import (
     amdahl_bound,
     analyse,
+    comparison_figure,
+    comparisons,
     find_runs,
     gain_split,
     main,
@@ -211,6 +213,89 @@ def test_fig2_attribution(sweep):
     assert len(fig2["missing_stores"]) == 2 + 2 + 2
 
 
+# --------------------------------------------------------------------------- figures
+
+
+def _setting(rho, selection, loss="wdpo", trained=True):
+    label = f"rho={rho:g} {selection} {loss}" + ("" if trained else " no-training")
+    return {"label": label, "rho": rho, "selection": selection, "loss": loss, "trained": trained}
+
+
+def test_comparisons_pair_each_setting_with_its_baseline():
+    """The eight settings of docs/results: each against the setting that differs in one factor."""
+    settings = [_setting(0.3, "lowest_reward"), _setting(0.5, "lowest_reward", "dpo"), _setting(0.5, "lowest_reward"),
+                _setting(0.5, "random"), _setting(0.7, "lowest_reward"), _setting(0.7, "random"),
+                _setting(1.0, "all", trained=False), _setting(1.0, "all")]
+    assert comparisons(settings) == [
+        ("rho=0.3 lowest_reward wdpo", "rho=1 all wdpo"),
+        ("rho=0.5 lowest_reward dpo", "rho=0.5 lowest_reward wdpo"),
+        ("rho=0.5 lowest_reward wdpo", "rho=1 all wdpo"),
+        ("rho=0.5 random wdpo", "rho=0.5 lowest_reward wdpo"),
+        ("rho=0.7 lowest_reward wdpo", "rho=1 all wdpo"),
+        ("rho=0.7 random wdpo", "rho=0.7 lowest_reward wdpo"),
+        ("rho=1 all wdpo no-training", "rho=1 all wdpo"),
+    ]
+    # a baseline not run: the next factor's (DPO at rho 0.5 against DPO at rho 1), or no panel
+    assert comparisons([_setting(0.5, "lowest_reward", "dpo"), _setting(1.0, "all", "dpo")]) == [
+        ("rho=0.5 lowest_reward dpo", "rho=1 all dpo")]
+    assert comparisons([_setting(0.5, "random"), _setting(0.3, "lowest_reward")]) == []
+
+
+def _visible(fig):
+    return [ax for ax in fig.axes if ax.get_visible()]
+
+
+def test_comparison_figure_one_panel_per_comparison(sweep):
+    rep = analyse(find_runs([sweep]))
+    fig = comparison_figure(rep, "eval_reward_mean", "iteration")
+    axes = _visible(fig)
+    assert [ax.get_title() for ax in axes] == ["rho=0.5 lowest_reward wdpo\nvs rho=1 all wdpo",
+                                               "rho=1 all wdpo no-training\nvs rho=1 all wdpo"]
+    # the rho=0.5 panel: its mean 0.25 + 0.05 t (seeds 0.2 / 0.3 + 0.05 t), the baseline's 0.25, 0.4, 0.55
+    # (seeds 0.2 + 0.1 t and 0.3 + 0.2 t); the starting policy at 0.1
+    means = [list(line.get_ydata()) for line in axes[0].get_lines() if len(line.get_xdata()) == 3]
+    assert means[0] == pytest.approx([0.25, 0.4, 0.55])      # the baseline is drawn first
+    assert means[1] == pytest.approx([0.25, 0.30, 0.35])
+    ticks = [(t, lab.get_text()) for t, lab in zip(axes[0].get_xticks(), axes[0].get_xticklabels())]
+    assert ticks == [(-1, "start"), (0, "0"), (1, "1"), (2, "2")]
+    start = [line for line in axes[0].get_lines() if list(line.get_xdata()) == [-1]]
+    assert len(start) == 1 and list(start[0].get_ydata()) == pytest.approx([0.1])
+    # the legend lies outside every panel
+    fig.canvas.draw()
+    legend, = fig.legends
+    box = legend.get_window_extent()
+    for ax in axes:
+        assert not box.overlaps(ax.get_window_extent())
+
+
+def test_comparison_figure_takes_a_ci_band(sweep):
+    rep = analyse(find_runs([sweep]))
+    ci = {"x": [1, 2], "lo": [0.2, 0.25], "hi": [0.4, 0.45], "label": "95 % CI"}
+    fig = comparison_figure(rep, "eval_win_score", "iteration",
+                            cis={("rho=0.5 lowest_reward wdpo", "rho=1 all wdpo"): ci})
+    hatched = [c for c in _visible(fig)[0].collections if c.get_hatch() == "///"]
+    assert len(hatched) == 1
+    assert "95 % CI" in [t.get_text() for t in fig.legends[0].get_texts()]
+    assert not any(c.get_hatch() for c in _visible(fig)[1].collections)
+
+
+def test_comparison_figure_grid_for_seven_panels():
+    """Seven comparisons: a 2 x 4 grid with one empty slot hidden, every panel titled by its pair."""
+    from optune_nemo.report import Report
+
+    settings = [_setting(0.3, "lowest_reward"), _setting(0.5, "lowest_reward", "dpo"), _setting(0.5, "lowest_reward"),
+                _setting(0.5, "random"), _setting(0.7, "lowest_reward"), _setting(0.7, "random"),
+                _setting(1.0, "all", trained=False), _setting(1.0, "all")]
+    point = {"iteration": 0, "mean": 0.0, "min": -0.1, "max": 0.1, "n": 2}
+    curves = {s["label"]: {"eval_reward_mean": [point, {**point, "iteration": 1}], "eval_win_score": []}
+              for s in settings}
+    rep = Report(settings=settings, curves=curves, baseline={"mean": -0.2})
+    fig = comparison_figure(rep, "eval_reward_mean", "iteration")
+    assert len(fig.axes) == 8 and len(_visible(fig)) == 7
+    assert [ax.get_title() for ax in _visible(fig)] == [f"{a}\nvs {b}" for a, b in comparisons(settings)]
+    assert comparison_figure(rep, "eval_win_score", "iteration") is None
+
+
 def test_command_line_writes_markdown_json_and_figures(sweep, tmp_path):
     out = tmp_path / "report"
     assert main([str(sweep), "--out", str(out)]) == 0
@@ -218,7 +303,8 @@ def test_command_line_writes_markdown_json_and_figures(sweep, tmp_path):
     for label in ("rho=0.5 lowest_reward wdpo", "rho=1 all wdpo", "rho=1 all wdpo no-training"):
         assert f"| {label} |" in md
     assert "## Speed-up over rho = 1" in md and "## Fig. 2" in md
-    for name in ("vs_iteration.png", "vs_tokens.png", "vs_time.png", "speedup.png", "gain_split.png"):
+    for name in ("vs_iteration.png", "vs_tokens.png", "vs_time.png", "win_vs_iteration.png", "speedup.png",
+                 "gain_split.png"):
         assert name in data["figures"] and f"]({name})" in md
         blob = (out / name).read_bytes()
         assert blob[:8] == b"\x89PNG\r\n\x1a\n" and len(blob) > 5000, name
