@@ -66,9 +66,7 @@ def uninterrupted(tmp_path_factory):
     return base / "run"
 
 
-# CI time: only the training case runs here (~2 min with its resubmission; the generation case passed too,
-# ~1.8 min); tests/multiproc/test_rank_death.py covers both phases under torchrun
-@pytest.mark.parametrize("phase", ["training"])
+@pytest.mark.parametrize("phase", ["generation", "training"])
 def test_killed_task_ends_the_job_and_the_resubmitted_job_is_identical(uninterrupted, tmp_path, phase):
     exp, out = tmp_path / "run", tmp_path / "out.txt"
     job = _submit(exp, out, *RUN)
