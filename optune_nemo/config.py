@@ -13,11 +13,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from optune_nemo.errors import ConfigError
+
 CONF_DIR = Path(__file__).resolve().parents[1] / "conf"
-
-
-class ConfigError(ValueError):
-    """A configuration value is not allowed. The message names the key and what is allowed."""
 
 
 @dataclass
@@ -52,6 +50,12 @@ class ModelConfig:
     """The embedding is padded to a multiple of lcm(this, TP size)."""
     transformer_impl: str = "local"
     """Layer spec: `local` (pure torch, runs anywhere) or `transformer_engine` (GPU, needs TE)."""
+    attention_backend: str = "auto"
+    """Core attention of every layer, in either spec (policy/attention.py; TE keeps its norms and linears):
+    `auto` (flex on a CUDA GPU, sdpa elsewhere), `flex` (torch FlexAttention, a block mask from the packed
+    rows' segment ids; on CPU eager and forward-only), `sdpa` (torch scaled_dot_product_attention, a boolean
+    mask built on the device from the ids) or `local` (megatron's DotProductAttention with a dense mask; local
+    spec only: TE's own ignores the packed mask)."""
 
 
 @dataclass
@@ -124,6 +128,11 @@ class ParallelConfig:
     """Shard optimizer state (and the fp32 main weights) over data-parallel ranks (megatron
     DistributedOptimizer). null: on with bf16/fp8 (megatron-core 0.16 checkpoints mixed precision only
     through it), off with fp32."""
+    distributed_timeout_minutes: float = 30.0
+    """Minutes a collective waits for the other ranks before it fails and the job ends (megatron's name;
+    every process group, gloo and NCCL). It bounds a hung rank; it must exceed the longest time one rank
+    works while the others wait (rank 0's LLM-judge verdicts, a checkpoint on a slow file system), hence
+    megatron-core's 30 rather than Megatron-LM's command-line 10. A float: 0.5 is 30 s."""
 
 
 @dataclass
@@ -133,7 +142,8 @@ class FP8Config:
     format: str = "hybrid"
     """`hybrid` (E4M3 forward, E5M2 backward) or `e4m3`."""
     recipe: str = "delayed"
-    """TE recipe: `delayed` (delayed scaling), `tensorwise`, `mxfp8` (Blackwell) or `blockwise`."""
+    """TE recipe: `delayed` (delayed scaling), `tensorwise`, `mxfp8` (Blackwell: compute capability 10 or
+    higher, refused on an older GPU) or `blockwise`."""
     amax_history_len: int = 1024
     """Delayed scaling: length of the amax history window."""
     amax_compute_algo: str = "max"
@@ -216,9 +226,17 @@ class GenerationConfig:
     `rebuild` restarts it from a fresh Hugging Face export (slower, for TensorRT-LLM without refit)."""
     kv_cache_fraction: float = 0.3
     """trtllm only: fraction of free GPU memory for the engine's KV cache."""
+    cuda_graphs: str = "auto"
+    """torch engine: decode on a static KV cache with each decode step captured as a CUDA graph (one per
+    batch-size bucket): `on`, `off`, or `auto` (on for a CUDA device with tensor_model_parallel_size 1,
+    off on a CPU, where the growing cache with finished rows compacted away is faster)."""
     chunk_size: int = 32
     """Prompts per persisted chunk of generation and scoring: a pre-emption loses at most one chunk.
     Best a multiple of batch_size times the data-parallel size."""
+    num_samples: int = 2
+    """Responses sampled per regenerated prompt (>= 2; 2 is the paper's pair), all from one prefill and all
+    scored; the prompt's pair is its highest- and lowest-reward sample. Generated tokens, reward calls and
+    generation time grow with it (docs/algorithm.md)."""
 
 
 @dataclass
@@ -274,7 +292,9 @@ class OptuneConfig:
     rho: float = 0.5
     """Fraction of prompts regenerated at iterations t >= 1, in (0, 1]."""
     selection: str = "lowest_reward"
-    """`lowest_reward` (OPTune), `random` (baseline) or `all` (online DPO, forces rho = 1)."""
+    """`lowest_reward` (OPTune), `random` (the paper's baseline), `all` (online DPO, forces rho = 1),
+    `smallest_gap` (ties and the smallest reward gaps first), `oldest` (the pairs generated longest ago
+    first), or `module:function` (optune_nemo/selection/ says how a strategy looks)."""
     min_reward_gap: float = 0.0
     """Pairs with |r_w - r_l| <= this carry no preference and are left out of the loss."""
 
@@ -307,6 +327,52 @@ class CheckpointConfig:
 
 
 @dataclass
+class WandbConfig:
+    """Weights & Biases run (rank 0 only; needs `pip install 'optune-nemo[tracking]'`).
+
+    The API key comes from WANDB_API_KEY in the environment or `wandb login`, never from the config."""
+
+    enabled: bool = False
+    """Log every metrics record, the resolved config and the held-out examples to a W&B run; a resumed
+    run continues the same W&B run (its id is kept in exp_dir/trackers.json)."""
+    project: str = "optune-nemo"
+    """W&B project."""
+    entity: str | None = None
+    """W&B team or user; null: the default entity of the API key."""
+    name: str | None = None
+    """Run name; null: exp_dir's name."""
+    tags: list[str] = field(default_factory=list)
+    """Tags added to those taken from the config (rho=, selection=, loss=, seed=)."""
+    mode: str = "online"
+    """`online`, `offline` (files under exp_dir/wandb only; upload later with `wandb sync`) or `disabled`."""
+
+
+@dataclass
+class MlflowConfig:
+    """MLflow run (rank 0 only; needs `pip install 'optune-nemo[tracking]'`).
+
+    Credentials come from MLFLOW_TRACKING_TOKEN or MLFLOW_TRACKING_USERNAME / _PASSWORD in the environment,
+    never from the config."""
+
+    enabled: bool = False
+    """Log every metrics record, the resolved config and the held-out examples to an MLflow run; a resumed
+    run continues the same MLflow run (its id is kept in exp_dir/trackers.json)."""
+    tracking_uri: str | None = None
+    """Tracking server or store: http(s)://host:port, sqlite:///path/mlflow.db, databricks; null:
+    MLFLOW_TRACKING_URI or MLflow's default. Never put credentials into the URI: it is written to config.yaml."""
+    experiment: str = "optune-nemo"
+    """MLflow experiment (created when missing)."""
+    name: str | None = None
+    """Run name; null: exp_dir's name."""
+    tags: list[str] = field(default_factory=list)
+    """Tags added to those taken from the config (optune.rho, optune.selection, loss.name, seed); `key=value`
+    or a bare key (value true)."""
+    artifact_location: str | None = None
+    """Where a newly created experiment keeps artifacts (config.yaml, held-out examples); null: the tracking
+    server's default (for a local sqlite: store, ./mlruns in the working directory)."""
+
+
+@dataclass
 class LoggingConfig:
     """Metrics and console output."""
 
@@ -316,6 +382,34 @@ class LoggingConfig:
     """Progress bars on rank 0."""
     level: str = "INFO"
     """Python logging level on rank 0 (other ranks log warnings only)."""
+    wandb: WandbConfig = field(default_factory=WandbConfig)
+    mlflow: MlflowConfig = field(default_factory=MlflowConfig)
+
+
+TRACKING_EXTRA = "pip install 'optune-nemo[tracking]'"
+
+
+def validate_logging(lg: LoggingConfig) -> None:
+    """The logging.* values, and the packages an enabled tracker needs (found without importing them, so
+    before the first write). Raises ConfigError naming the key."""
+    from importlib.util import find_spec
+
+    _choice("logging.level", lg.level, ("DEBUG", "INFO", "WARNING", "ERROR"))
+    _choice("logging.wandb.mode", lg.wandb.mode, ("online", "offline", "disabled"))
+    if lg.wandb.enabled and find_spec("wandb") is None:
+        raise ConfigError(f"logging.wandb.enabled: needs the wandb package ({TRACKING_EXTRA}), or set it to false")
+    if lg.mlflow.enabled:
+        if find_spec("mlflow") is None:
+            raise ConfigError(f"logging.mlflow.enabled: needs the mlflow package ({TRACKING_EXTRA}), "
+                              "or set it to false")
+        uri = lg.mlflow.tracking_uri or ""
+        if uri.startswith("sqlite:") and (find_spec("sqlalchemy") is None or find_spec("alembic") is None):
+            raise ConfigError(f"logging.mlflow.tracking_uri: a sqlite: store needs sqlalchemy and alembic "
+                              f"({TRACKING_EXTRA})")
+        if "@" in uri.partition("://")[2].partition("/")[0]:
+            raise ConfigError("logging.mlflow.tracking_uri: no credentials in the URI (it is written to "
+                              "config.yaml); set MLFLOW_TRACKING_USERNAME / MLFLOW_TRACKING_PASSWORD or "
+                              "MLFLOW_TRACKING_TOKEN in the environment")
 
 
 @dataclass
@@ -410,6 +504,15 @@ def _divides(key: str, value: int, what: str, total: int) -> None:
         raise ConfigError(f"{key}: must be a positive divisor of {what} = {total} (got {value!r})")
 
 
+
+def check_attention_backend(m: ModelConfig) -> None:
+    """model.attention_backend's value, and never Transformer Engine's own core attention (causal mask
+    type: it ignores the packed pairs' mask). Shared by the OPTune and reward-model trainers."""
+    _choice("model.attention_backend", m.attention_backend, ("auto", "flex", "sdpa", "local"))
+    if m.attention_backend == "local" and m.transformer_impl == "transformer_engine":
+        raise ConfigError("model.attention_backend: local keeps the spec's own core attention, and Transformer "
+                          "Engine's (causal mask type) ignores the packed pairs' mask; use auto, flex or sdpa")
+
 def validate(cfg: OptuneNemoConfig, world_size: int = 1) -> None:
     """Check every value the types cannot. Raises ConfigError naming the first bad key."""
     o, m, p, t, g, lo = cfg.optune, cfg.model, cfg.parallel, cfg.train, cfg.generation, cfg.loss
@@ -417,9 +520,9 @@ def validate(cfg: OptuneNemoConfig, world_size: int = 1) -> None:
         raise ConfigError(f"optune.rho: must be in (0, 1] (got {o.rho!r})")
     if o.iterations < 1:
         raise ConfigError(f"optune.iterations: must be >= 1 (got {o.iterations})")
-    _choice("optune.selection", o.selection, ("lowest_reward", "random", "all"))
-    if o.selection == "all" and o.rho != 1:
-        raise ConfigError(f"optune.rho: selection=all regenerates every prompt, set rho=1 (got {o.rho})")
+    from optune_nemo.selection import check_selection
+
+    check_selection(o.selection, o.rho)
     if o.min_reward_gap < 0:
         raise ConfigError(f"optune.min_reward_gap: must be >= 0 (got {o.min_reward_gap})")
     if ":" not in lo.name:
@@ -434,6 +537,8 @@ def validate(cfg: OptuneNemoConfig, world_size: int = 1) -> None:
     _choice("fp8.format", cfg.fp8.format, ("hybrid", "e4m3"))
     _choice("fp8.recipe", cfg.fp8.recipe, ("delayed", "tensorwise", "mxfp8", "blockwise"))
     _choice("fp8.amax_compute_algo", cfg.fp8.amax_compute_algo, ("max", "most_recent"))
+    if cfg.precision == "fp8":
+        check_fp8_recipe(cfg.fp8.recipe, _cuda_capability())
     _positive("fp8.amax_history_len", cfg.fp8.amax_history_len)
     if cfg.precision in ("bf16", "fp8") and cfg.parallel.use_distributed_optimizer is False:
         raise ConfigError(f"parallel.use_distributed_optimizer: precision={cfg.precision} needs true (megatron-core "
@@ -460,6 +565,7 @@ def validate(cfg: OptuneNemoConfig, world_size: int = 1) -> None:
             f"model.hidden_size: must be divisible by model.num_attention_heads = "
             f"{m.num_attention_heads} when model.kv_channels is null (got {m.hidden_size})")
     _choice("model.transformer_impl", m.transformer_impl, ("local", "transformer_engine"))
+    check_attention_backend(m)
 
     tp, pp = p.tensor_model_parallel_size, p.pipeline_model_parallel_size
     # with a pretrained source, model.* is its shape (train.check_inputs reads it before validating)
@@ -468,6 +574,7 @@ def validate(cfg: OptuneNemoConfig, world_size: int = 1) -> None:
     _divides("parallel.tensor_model_parallel_size", tp, f"model.num_query_groups{of}", m.num_query_groups)
     _divides("parallel.tensor_model_parallel_size", tp, "the world size", world_size)
     _divides("parallel.pipeline_model_parallel_size", pp, f"model.num_layers{of}", m.num_layers)
+    _positive("parallel.distributed_timeout_minutes", p.distributed_timeout_minutes)
     if world_size % (tp * pp):
         raise ConfigError(
             f"parallel: tensor_model_parallel_size * pipeline_model_parallel_size = {tp * pp} "
@@ -500,6 +607,7 @@ def validate(cfg: OptuneNemoConfig, world_size: int = 1) -> None:
 
     _choice("generation.engine", g.engine, ("torch", "trtllm"))
     _choice("generation.refit", g.refit, ("in_memory", "rebuild"))
+    _choice("generation.cuda_graphs", g.cuda_graphs, ("auto", "on", "off"))
     _positive("generation.tensor_parallel_size", g.tensor_parallel_size)
     if not 0 < g.kv_cache_fraction < 1:
         raise ConfigError(f"generation.kv_cache_fraction: must be in (0, 1) (got {g.kv_cache_fraction})")
@@ -514,6 +622,8 @@ def validate(cfg: OptuneNemoConfig, world_size: int = 1) -> None:
     _positive("generation.max_new_tokens", g.max_new_tokens)
     _positive("generation.batch_size", g.batch_size)
     _positive("generation.chunk_size", g.chunk_size)
+    if g.num_samples < 2:
+        raise ConfigError(f"generation.num_samples: must be >= 2 (a pair needs two samples; got {g.num_samples})")
 
     r = cfg.reward
     _choice("reward.type", r.type, REWARD_TYPES)
@@ -573,7 +683,24 @@ def validate(cfg: OptuneNemoConfig, world_size: int = 1) -> None:
     _positive("eval.judge_timeout_s", e.judge_timeout_s)
     if cfg.checkpoint.keep_last < 0:
         raise ConfigError(f"checkpoint.keep_last: must be >= 0 (got {cfg.checkpoint.keep_last})")
-    _choice("logging.level", cfg.logging.level, ("DEBUG", "INFO", "WARNING", "ERROR"))
+    validate_logging(cfg.logging)
+
+
+MXFP8_MIN_CAPABILITY = (10, 0)
+"""MXFP8 block scaling runs on Blackwell tensor cores only (Transformer Engine's MXFP8BlockScaling)."""
+
+
+def check_fp8_recipe(recipe: str, capability: tuple[int, int] | None) -> None:
+    """Refuse an FP8 recipe this GPU (compute `capability`; None: no GPU known here) cannot run."""
+    if recipe == "mxfp8" and capability is not None and tuple(capability) < MXFP8_MIN_CAPABILITY:
+        raise ConfigError(f"fp8.recipe: mxfp8 needs a Blackwell GPU (compute capability >= 10.0, this one is "
+                          f"{capability[0]}.{capability[1]}); use delayed, tensorwise or blockwise")
+
+
+def _cuda_capability() -> tuple[int, int] | None:
+    import torch
+
+    return torch.cuda.get_device_capability() if torch.cuda.is_available() else None
 
 
 def resolve_precision(cfg: OptuneNemoConfig) -> OptuneNemoConfig:

@@ -132,7 +132,8 @@ class Evaluator:
         verdict = None
         if global_rank() == 0:   # one judge (an LLM judge sends its requests once), shared with every rank
             judged = self.judge.compare([p.text for p in self.prompts], texts, base["answers"],
-                                        candidate_rewards=rewards, baseline_rewards=base["rewards"])
+                                        candidate_rewards=rewards, baseline_rewards=base["rewards"],
+                                        conversations=[p.conversation() for p in self.prompts])
             verdict = judged.summary()
             self.last_rows["judge_outcome"] = list(judged.outcomes)
             self._write_prompt_records(t)

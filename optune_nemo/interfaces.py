@@ -21,17 +21,28 @@ import torch
 
 @dataclass(frozen=True)
 class Prompt:
-    """One training prompt. `token_ids` is the prompt after the chat template, ready to generate."""
+    """One training prompt. `token_ids` is the prompt after the chat template, ready to generate; `text` is
+    its last user turn (what a judge calls the question); `messages` the whole conversation it renders."""
 
     prompt_id: int
     text: str
     token_ids: tuple[int, ...]
     metadata: dict = field(default_factory=dict, compare=False, hash=False)
     """Task data the reward may use (e.g. the exact answer); JSON-serialisable."""
+    messages: tuple[dict, ...] = field(default=(), hash=False)
+    """The conversation the response answers: {"role": system|user|assistant, "content": str} dicts, as
+    the prompt file gave them (a `prompt` string or the built-in task: one user message). Empty for a
+    prompt built from its text alone (a store written before conversations were kept, a `text`-only remote
+    request): `conversation()` is then the single user turn `text`."""
+
+    def conversation(self) -> list[dict]:
+        """The messages a reward renders with its own chat template (fresh dicts: callers may not alter
+        the prompt's)."""
+        if self.messages:
+            return [{"role": m["role"], "content": m["content"]} for m in self.messages]
+        return [{"role": "user", "content": self.text}]
 
 
-SAMPLES_PER_PROMPT = 2
-"""Responses sampled per regenerated prompt: a pair (SPEC.md; the paper's Algorithm 1)."""
 
 
 @dataclass(frozen=True)
@@ -152,8 +163,11 @@ class Policy(Protocol):
 
 RewardFn = Callable[[list[str], list[str], list[dict]], list[float]]
 """A rule-based reward: `fn(prompts, responses, metadata) -> rewards`, one float per response, where
-`metadata[i]` is prompt i's metadata dict (e.g. the task's exact answer). Keyword arguments given in
-the `reward.function` config node are bound before the call."""
+`prompts[i]` is the last user turn and `metadata[i]` prompt i's metadata dict (e.g. the task's exact
+answer). A function with a parameter named `messages` also gets `messages=` (per response the whole
+conversation it answers, a list of {role, content} dicts: `Prompt.conversation()`); three-argument
+functions are called as they are. Keyword arguments given in the `reward.function` config node are bound
+before the call."""
 
 
 class Reward(Protocol):

@@ -15,7 +15,9 @@ worse on every prompt. Two judges
   the judge's position bias it is asked twice, once with the candidate shown first and once with the
   baseline shown first; each order gives a verdict for the candidate (higher score: win, equal: tie),
   and `combine_orders` turns the two verdicts into the outcome. An answer without a parseable score
-  line counts as invalid (`n_invalid`, per answer, so 0..2n) and as a tie for that order.
+  line counts as invalid (`n_invalid`, per answer, so 0..2n) and as a tie for that order. Given the
+  prompts' conversations (`conversations=`), the judge also sees every turn before the question (a system
+  message, earlier user and assistant turns); a one-turn conversation gives the same request as none.
 
 The llm judge talks to any OpenAI-compatible chat endpoint (vLLM, TensorRT-LLM serve, NIM, `transformers
 serve`, a hosted API) through the `openai` client. The API key is read from the environment variable
@@ -163,18 +165,22 @@ class Judge(Protocol):
 
     def compare(self, prompts: Sequence[str], candidate: Sequence[str], baseline: Sequence[str], *,
                 candidate_rewards: Sequence[float] | None = None,
-                baseline_rewards: Sequence[float] | None = None) -> JudgeResult:
+                baseline_rewards: Sequence[float] | None = None,
+                conversations: Sequence[Sequence[dict]] | None = None) -> JudgeResult:
         """`prompts[i]` (the question as the user wrote it, before any chat template) answered by
-        `candidate[i]` and `baseline[i]`; the rewards of those answers when the caller has them."""
+        `candidate[i]` and `baseline[i]`; the rewards of those answers when the caller has them;
+        `conversations[i]` the whole conversation whose last user turn is `prompts[i]`
+        (`Prompt.conversation()`) when the caller has it."""
         ...
 
 
-def _check_lengths(prompts, candidate, baseline, *rewards) -> None:
+def _check_lengths(prompts, candidate, baseline, *rewards, conversations=None) -> None:
     n = len(prompts)
     if n == 0:
         raise ValueError("judge: no prompts to compare")
     for name, seq in (("candidate", candidate), ("baseline", baseline),
-                      ("candidate_rewards", rewards[0]), ("baseline_rewards", rewards[1])):
+                      ("candidate_rewards", rewards[0]), ("baseline_rewards", rewards[1]),
+                      ("conversations", conversations)):
         if seq is not None and len(seq) != n:
             raise ValueError(f"judge: {name} has {len(seq)} entries for {n} prompts")
 
@@ -192,7 +198,9 @@ class RewardJudge:
             raise ValueError(f"eval.tie_margin: must be >= 0 (got {tie_margin})")
         self.tie_margin = tie_margin
 
-    def compare(self, prompts, candidate, baseline, *, candidate_rewards=None, baseline_rewards=None) -> JudgeResult:
+    def compare(self, prompts, candidate, baseline, *, candidate_rewards=None, baseline_rewards=None,
+                conversations=None) -> JudgeResult:
+        # the rewards were computed on the whole conversations already: nothing here reads them
         if candidate_rewards is None or baseline_rewards is None:
             raise ValueError("reward judge: needs candidate_rewards and baseline_rewards")
         _check_lengths(prompts, candidate, baseline, candidate_rewards, baseline_rewards)
@@ -204,8 +212,17 @@ class RewardJudge:
 
 SYSTEM_PROMPT = "You are a careful and impartial reviewer who checks how good the answers of AI assistants are."
 
+_CONTEXT_TEMPLATE = """\
+[Conversation before the question: start]
+{turns}
+[Conversation before the question: end]
+
+"""
+
+_ROLE_NAMES = {"system": "System", "user": "User", "assistant": "Assistant"}
+
 _USER_TEMPLATE = """\
-[User question]
+{context}[User question]
 {question}
 
 [Answer of Assistant 1: start]
@@ -224,11 +241,24 @@ second line on, explain your scores. Stay impartial: the order in which the answ
 influence your judgement."""
 
 
-def judge_messages(question: str, answer_1: str, answer_2: str) -> list[dict]:
-    """The chat request for one order: `answer_1` is shown as Assistant 1's answer."""
+def earlier_turns(conversation: Sequence[dict] | None) -> list[dict]:
+    """The turns of a conversation before its last user turn (the question)."""
+    turns = list(conversation or ())
+    last_user = max((i for i, m in enumerate(turns) if m["role"] == "user"), default=len(turns))
+    return turns[:last_user]
+
+
+def judge_messages(question: str, answer_1: str, answer_2: str, *,
+                   conversation: Sequence[dict] | None = None) -> list[dict]:
+    """The chat request for one order: `answer_1` is shown as Assistant 1's answer. The turns of
+    `conversation` before its last user turn are shown before the question, one `Role: content` block
+    each; without any (no conversation, or a one-turn one) the request is the question alone."""
+    turns = earlier_turns(conversation)
+    context = _CONTEXT_TEMPLATE.format(turns="\n\n".join(
+        f"{_ROLE_NAMES.get(m['role'], m['role'])}: {m['content']}" for m in turns)) if turns else ""
     return [{"role": "system", "content": SYSTEM_PROMPT},
-            {"role": "user", "content": _USER_TEMPLATE.format(question=question, answer_1=answer_1,
-                                                              answer_2=answer_2)}]
+            {"role": "user", "content": _USER_TEMPLATE.format(context=context, question=question,
+                                                              answer_1=answer_1, answer_2=answer_2)}]
 
 
 _NUMBER = r"\d+(?:\.\d+)?"
@@ -274,11 +304,15 @@ class LLMJudge:
         self.url, self.key_env, self.requests_in_flight = url, key_env, requests_in_flight
         self._secret = secret
 
-    def compare(self, prompts, candidate, baseline, *, candidate_rewards=None, baseline_rewards=None) -> JudgeResult:
-        _check_lengths(prompts, candidate, baseline, candidate_rewards, baseline_rewards)
+    def compare(self, prompts, candidate, baseline, *, candidate_rewards=None, baseline_rewards=None,
+                conversations=None) -> JudgeResult:
+        _check_lengths(prompts, candidate, baseline, candidate_rewards, baseline_rewards,
+                       conversations=conversations)
         requests = []
-        for q, c, b in zip(prompts, candidate, baseline):
-            requests += [judge_messages(q, c, b), judge_messages(q, b, c)]   # candidate first, then baseline first
+        convs = conversations if conversations is not None else [None] * len(prompts)
+        for q, c, b, conv in zip(prompts, candidate, baseline, convs):
+            # candidate first, then baseline first
+            requests += [judge_messages(q, c, b, conversation=conv), judge_messages(q, b, c, conversation=conv)]
         with ThreadPoolExecutor(max_workers=self.requests_in_flight) as pool:
             try:
                 texts = list(pool.map(self.ask, requests))

@@ -294,7 +294,7 @@ def serve(cfg: ServeRMConfig) -> None:
     validate_serve(cfg, world_size=world)
     if not HAVE_PYTRITON:
         raise ConfigError("server: serving needs PyTriton; pip install 'optune-nemo[serve]' (nvidia-pytriton)")
-    setup_logging(rank, cfg.log_level)
+    setup_logging(rank, cfg.log_level, run_log=False)     # a server has no run directory for a log file
     if rank == 0:
         check_ports_free(cfg.server)
         signal.signal(signal.SIGTERM, _on_signal)
@@ -311,7 +311,8 @@ def _build_and_serve(cfg: ServeRMConfig) -> None:
     from optune_nemo.reward import build_reward
 
     p = cfg.parallel
-    dist = init_distributed(p.tensor_model_parallel_size, p.pipeline_model_parallel_size)
+    dist = init_distributed(p.tensor_model_parallel_size, p.pipeline_model_parallel_size,
+                            timeout_minutes=p.distributed_timeout_minutes)
     reward = build_reward(cfg.reward, dist=dist)
     scorer = Scorer(reward, dist, keepalive_s=cfg.server.keepalive_s)
     reward.prepare()

@@ -4,8 +4,9 @@ same data; parallelism lives behind the interfaces.
 
 Iteration t:
   1. choose prompts to regenerate   (t = 0: all; else K = ceil(rho*N) by the selection strategy)
-  2. sample 2 fresh responses each with pi_t, score only these
-  3. update the store (reused pairs unchanged), re-rank prompts by max(r_a, r_b)
+  2. sample n = generation.num_samples fresh responses each with pi_t (one prefill), score only these
+  3. update the store with each regenerated prompt's highest- and lowest-reward sample (reused pairs
+     unchanged), re-rank prompts by max(r_a, r_b)
   4. reference log-probs of ALL pairs of D_t under pi_t (the policy before this iteration's update)
   5. train on D_t with the loss (wDPO by default) for epochs_per_iteration -> pi_{t+1}
 """
@@ -15,20 +16,18 @@ from __future__ import annotations
 import logging
 import time
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
 
-from optune_nemo.algorithm.selection import select_prompts
 from optune_nemo.algorithm.store import RolloutStore
 from optune_nemo.checkpoint import CheckpointManager, GenerationChunks
-from optune_nemo.config import OptuneNemoConfig, config_from_yaml, config_to_yaml
-from optune_nemo.console import progress
+from optune_nemo.config import ConfigError, OptuneNemoConfig, config_from_yaml, config_to_yaml
+from optune_nemo.console import bar_shown, progress
 from optune_nemo.distributed import global_rank
 from optune_nemo.fileio import write_text_atomic
 from optune_nemo.interfaces import (
-    SAMPLES_PER_PROMPT,
     GenerationEngine,
     Policy,
     PreferenceBatch,
@@ -41,6 +40,7 @@ from optune_nemo.losses import build_loss
 from optune_nemo.metrics import MetricsWriter
 from optune_nemo.preemption import PreemptionGuard
 from optune_nemo.seeding import mix_seed
+from optune_nemo.selection import select_prompts, view_of
 
 log = logging.getLogger(__name__)
 
@@ -61,6 +61,11 @@ class PhaseTimes:
     reference: float = 0.0
     train: float = 0.0
     generated_tokens: int = 0
+    reward_calls: int = 0
+    """(prompt, response) pairs the reward scored for this iteration (regenerated prompts x num_samples),
+    counted whether scored in this process or, before a resume, in the one that persisted the chunk."""
+    sample_rewards: list[float] = field(default_factory=list)
+    """The rewards of every new sample of the iteration."""
 
 
 class OPTune:
@@ -81,7 +86,10 @@ class OPTune:
         """f(t) after iteration t's training, before its checkpoint; a returned dict joins the record
         (held-out evaluation); also used for per-iteration exports."""
         g = cfg.generation
-        self.sampling = SamplingParams(n=SAMPLES_PER_PROMPT, temperature=g.temperature, top_p=g.top_p,
+        if g.num_samples < 2:
+            raise ConfigError(f"generation.num_samples: must be >= 2, a pair needs two samples (got {g.num_samples})")
+        self.num_samples = g.num_samples
+        self.sampling = SamplingParams(n=g.num_samples, temperature=g.temperature, top_p=g.top_p,
                                        top_k=g.top_k, max_new_tokens=g.max_new_tokens,
                                        stop_token_ids=tuple(stop_token_ids), seed=cfg.seed)
 
@@ -95,6 +103,10 @@ class OPTune:
             record = self.iteration(t)
             if record is None:
                 return "preempted"
+            log.info("iteration %d: done in %.1f s (generation %.1f s, reference %.1f s, train %.1f s), "
+                     "chosen reward %.3f%s", t, record["time_total_s"], record["time_generation_s"],
+                     record["time_reference_s"], record["time_train_s"], record["reward_chosen_mean"],
+                     f", loss {record['loss']:.4f}" if record.get("loss") is not None else "")
             for hook in self.after_iteration:
                 record.update(hook(t) or {})
             self.metrics.add(record)
@@ -116,8 +128,8 @@ class OPTune:
         new_pairs = self.sample_and_score(t, regenerate, times)              # step 2
         if new_pairs is None:
             return None
-        for pid, (a, b, r_a, r_b) in new_pairs.items():                      # step 3
-            self.store.set_pair(pid, a, b, r_a, r_b, t)
+        for pid, (samples, rewards) in new_pairs.items():                     # step 3
+            self.store.set_samples(pid, samples, rewards, t)
         log.info("iteration %d: phase=reference", t)
         batch, n_ties = self.training_set(t, times)                          # step 4
         if self.guard.requested():
@@ -137,35 +149,37 @@ class OPTune:
         if t == 0:
             return sorted(self.prompts)
         o = self.cfg.optune
-        scores = self.store.ranking_scores()
-        ids = sorted(scores)
-        return select_prompts(o.selection, [scores[i] for i in ids], ids,
-                              rho=o.rho, seed=self.cfg.seed, iteration=t)
+        return select_prompts(o.selection, view_of(self.store), rho=o.rho, seed=self.cfg.seed, iteration=t)
 
     def sample_and_score(self, t: int, prompt_ids: list[int], times: PhaseTimes):
-        """Step 2, in persisted chunks. Returns {prompt_id: (sample_a, sample_b, r_a, r_b)}, or None when a
-        stop was requested between chunks."""
+        """Step 2, in persisted chunks. Returns {prompt_id: (n samples, their n rewards)}, or None when a stop
+        was requested between chunks."""
         size = self.cfg.generation.chunk_size
         chunks = [prompt_ids[i:i + size] for i in range(0, len(prompt_ids), size)]
         done = self.chunks.existing(t)
         result = {}
+        # progress as lines where no bar shows it (a log file, a batch job), and only for several chunks
+        chunk_level = logging.INFO if len(chunks) > 1 and not bar_shown(self.cfg.logging.progress) else logging.DEBUG
         self.engine.begin_generation()
         self.reward.prepare()
         try:
             for index, ids in enumerate(progress(chunks, desc=f"iter {t} generate+score",
                                                  enabled=self.cfg.logging.progress)):
                 payload = self.chunks.load(t, index) if index in done else None
-                if payload is None or payload["prompt_ids"] != ids:
+                if payload is None or payload["prompt_ids"] != ids or not self._has_all_samples(payload):
                     payload = self._generate_chunk(t, ids, times)
                     self.chunks.save(t, index, payload)     # kept even if scoring fails: never generated twice
-                    log.info("iteration %d: chunk %d of %d generated (%d prompts)", t, index, len(chunks), len(ids))
+                    log.log(chunk_level, "iteration %d: chunk %d of %d generated (%d prompts)", t, index,
+                            len(chunks), len(ids))
                 if payload.get("rewards") is None:
                     payload["rewards"] = self._score_chunk(ids, payload, times)
                     self.chunks.save(t, index, payload)
-                pairs = _samples_of(payload)
-                times.generated_tokens += sum(s.num_tokens for pair in pairs for s in pair)
-                for pid, (a, b), (r_a, r_b) in zip(ids, pairs, payload["rewards"]):
-                    result[pid] = (a, b, r_a, r_b)
+                per_prompt = _samples_of(payload)
+                times.generated_tokens += sum(s.num_tokens for samples in per_prompt for s in samples)
+                for pid, samples, rewards in zip(ids, per_prompt, payload["rewards"]):
+                    result[pid] = (samples, rewards)
+                    times.reward_calls += len(rewards)
+                    times.sample_rewards += rewards
                 if index + 1 < len(chunks) and self.guard.requested():
                     return None
         finally:
@@ -180,16 +194,23 @@ class OPTune:
         times.generation += time.perf_counter() - tic
         return {"prompt_ids": list(ids), "rewards": None,
                 "samples": [[{"token_ids": s.token_ids, "text": s.text, "finish_reason": s.finish_reason}
-                             for s in pair] for pair in samples]}
+                             for s in per_prompt] for per_prompt in samples]}
+
+    def _has_all_samples(self, payload: dict) -> bool:
+        """A persisted chunk holds num_samples samples per prompt (and as many rewards once scored)."""
+        n = self.num_samples
+        return (all(len(s) == n for s in payload["samples"])
+                and (payload.get("rewards") is None or all(len(r) == n for r in payload["rewards"])))
 
     def _score_chunk(self, ids: list[int], payload: dict, times: PhaseTimes) -> list[list[float]]:
         """Rewards of a chunk's new responses (only these: reused pairs are never re-scored)."""
         tic = time.perf_counter()
-        flat_prompts = [self.prompts[i] for i in ids for _ in range(SAMPLES_PER_PROMPT)]
-        flat_texts = [s["text"] for pair in payload["samples"] for s in pair]
+        n = self.num_samples
+        flat_prompts = [self.prompts[i] for i in ids for _ in range(n)]
+        flat_texts = [s["text"] for samples in payload["samples"] for s in samples]
         rewards = self.reward.score(flat_prompts, flat_texts)
         times.reward += time.perf_counter() - tic
-        return [rewards[SAMPLES_PER_PROMPT * k:SAMPLES_PER_PROMPT * (k + 1)] for k in range(len(ids))]
+        return [rewards[n * k:n * (k + 1)] for k in range(len(ids))]
 
     def train_seed(self, t: int) -> int:
         """Seeds iteration t's pair order; the reference pass uses the same batching (Policy.pair_logprobs)."""
@@ -221,6 +242,8 @@ class OPTune:
         record = {
             "iteration": t,
             "regenerated": len(regenerate),
+            "num_samples": self.num_samples,
+            "reward_calls": times.reward_calls,
             "generated_tokens": times.generated_tokens,
             "time_generation_s": times.generation,
             "time_reward_s": times.reward,
@@ -230,6 +253,9 @@ class OPTune:
             "generation_tokens_per_s": times.generated_tokens / times.generation if times.generation else None,
             "reward_chosen_mean": sum(scores.values()) / len(scores),
             "reward_rejected_mean": sum(rewards_rejected) / len(rewards_rejected),
+            # mean reward of all new samples: the chosen mean's lift over it is what best-of-n buys
+            "reward_samples_mean": (sum(times.sample_rewards) / len(times.sample_rewards)
+                                    if times.sample_rewards else None),
             "train_pairs": len(batch),
             "ties": n_ties,
             "optimizer_steps": len(steps),
@@ -270,9 +296,9 @@ def read_trainer_state(directory: Path) -> tuple[int, OptuneNemoConfig]:
                               f"{str(e).splitlines()[0] if str(e) else ''})") from None
 
 
-def _samples_of(payload: dict) -> list[tuple[Sample, Sample]]:
-    return [tuple(Sample(list(s["token_ids"]), s["text"], s["finish_reason"]) for s in pair)
-            for pair in payload["samples"]]
+def _samples_of(payload: dict) -> list[list[Sample]]:
+    return [[Sample(list(s["token_ids"]), s["text"], s["finish_reason"]) for s in samples]
+            for samples in payload["samples"]]
 
 
 def _mean_over_steps(steps: list[dict], key: str) -> float | None:

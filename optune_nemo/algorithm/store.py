@@ -1,11 +1,13 @@
-"""The rollout store: for every prompt exactly one pair (y_a, y_b) with its rewards (SPEC.md).
+"""The rollout store: for every prompt exactly one pair (y_a, y_b) with its rewards (SPEC.md), and the
+rewards and lengths of all `generation.num_samples` samples the pair was picked from.
 
-Persisted as `rollouts.parquet` inside each checkpoint, one row per prompt:
+Persisted as `rollouts.parquet` inside each checkpoint, one row per prompt (schema version 2, in the
+Parquet schema's metadata under `optune_nemo.rollouts_version`):
 
 | column | type | meaning |
 |---|---|---|
 | prompt_id | int64 | the prompt's id |
-| prompt | string | prompt text (before the chat template) |
+| prompt | string | prompt text: its last user turn (before the chat template) |
 | prompt_token_ids | list<int64> | prompt tokens after the chat template |
 | response_a, response_b | string | decoded responses |
 | response_a_token_ids, response_b_token_ids | list<int64> | response tokens |
@@ -13,19 +15,43 @@ Persisted as `rollouts.parquet` inside each checkpoint, one row per prompt:
 | reward_a, reward_b | float64 | rewards |
 | generated_at_iteration | int64 | iteration that sampled this pair (-1: none yet) |
 | metadata | string | the prompt's metadata as JSON |
+| rewards | list<float64> | (v2) the rewards of all n samples, in sample order |
+| response_num_tokens | list<int64> | (v2) the token counts of all n samples, in sample order |
+| messages | string | (v2) the prompt's conversation as JSON (`[]`: its text alone) |
 
-The chosen response is the one with the higher reward; on an exact tie, response_a.
+The pair of n samples (`pair_indices`) is the highest- and the lowest-reward sample, response_a the one
+with the smaller sample index; so for n = 2 response_a is sample 0 and response_b sample 1, as in
+version 1. The chosen response is the one with the higher reward; on an exact tie, response_a. A version-1
+file (no version, the first 13 columns) loads as n = 2: rewards (reward_a, reward_b), the token counts of
+the two responses, no conversation.
 """
 
 from __future__ import annotations
 
 import json
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
 from optune_nemo.distributed import global_rank
 from optune_nemo.fileio import atomic_file
 from optune_nemo.interfaces import Prompt, Sample
+
+SCHEMA_VERSION = 2
+"""Version of the Parquet layout written (module docstring); 1 is the layout before it had a version."""
+VERSION_KEY = b"optune_nemo.rollouts_version"
+
+
+def pair_indices(rewards: Sequence[float]) -> tuple[int, int]:
+    """(a, b), a < b: the sample indices of the pair kept from n >= 2 scored samples: the highest reward
+    (the earliest sample among equal highest) and the lowest (the latest among equal lowest). When all n
+    rewards are equal this is (0, n - 1), a tie; for n = 2 it is always (0, 1)."""
+    n = len(rewards)
+    if n < 2:
+        raise ValueError(f"a pair needs at least 2 samples (got {n})")
+    hi = max(range(n), key=lambda i: (rewards[i], -i))
+    lo = min(range(n), key=lambda i: (rewards[i], -i))
+    return (hi, lo) if hi < lo else (lo, hi)
 
 
 @dataclass
@@ -36,6 +62,14 @@ class PairRecord:
     reward_a: float = float("nan")
     reward_b: float = float("nan")
     generated_at_iteration: int = -1
+    rewards: tuple[float, ...] = ()
+    """The rewards of every sample the pair was picked from, in sample order (empty without a pair)."""
+    num_tokens: tuple[int, ...] = ()
+    """Their response lengths in tokens, in the same order."""
+
+    @property
+    def num_samples(self) -> int:
+        return len(self.rewards)
 
     @property
     def has_pair(self) -> bool:
@@ -76,11 +110,31 @@ class RolloutStore:
         return self._records[prompt_id]
 
     def set_pair(self, prompt_id: int, sample_a: Sample, sample_b: Sample, reward_a: float,
-                 reward_b: float, iteration: int) -> None:
+                 reward_b: float, iteration: int, *, rewards: Sequence[float] | None = None,
+                 num_tokens: Sequence[int] | None = None) -> None:
+        """Replace a prompt's pair. `rewards` / `num_tokens`: of every sample it was picked from (default:
+        the two of the pair)."""
         rec = self._records[prompt_id]
         rec.response_a, rec.response_b = sample_a, sample_b
         rec.reward_a, rec.reward_b = float(reward_a), float(reward_b)
         rec.generated_at_iteration = iteration
+        rec.rewards = tuple(float(r) for r in (rewards if rewards is not None else (reward_a, reward_b)))
+        rec.num_tokens = tuple(int(k) for k in (num_tokens if num_tokens is not None
+                                                 else (sample_a.num_tokens, sample_b.num_tokens)))
+        if len(rec.rewards) != len(rec.num_tokens) or len(rec.rewards) < 2:
+            raise ValueError(f"prompt {prompt_id}: {len(rec.rewards)} rewards and {len(rec.num_tokens)} token "
+                             "counts (one each per sample, at least 2)")
+
+    def set_samples(self, prompt_id: int, samples: Sequence[Sample], rewards: Sequence[float],
+                    iteration: int) -> tuple[int, int]:
+        """Keep the pair of n scored samples (`pair_indices`) and all n rewards and lengths; returns the
+        sample indices (a, b) kept."""
+        if len(samples) != len(rewards):
+            raise ValueError(f"prompt {prompt_id}: {len(samples)} samples but {len(rewards)} rewards")
+        a, b = pair_indices(rewards)
+        self.set_pair(prompt_id, samples[a], samples[b], rewards[a], rewards[b], iteration,
+                      rewards=rewards, num_tokens=[s.num_tokens for s in samples])
+        return a, b
 
     def ranking_scores(self) -> dict[int, float]:
         """{prompt_id: max(r_a, r_b)} over prompts that have a pair."""
@@ -121,16 +175,23 @@ class RolloutStore:
                 "reward_a": r.reward_a if a else None, "reward_b": r.reward_b if b else None,
                 "generated_at_iteration": r.generated_at_iteration,
                 "metadata": json.dumps(r.prompt.metadata, sort_keys=True),
+                "rewards": list(r.rewards) if a else None,
+                "response_num_tokens": list(r.num_tokens) if a else None,
+                "messages": json.dumps(list(r.prompt.messages)),
             }
             for k in _COLUMNS:
                 cols[k].append(row[k])
         return cols
 
     def load_state_dict(self, state: dict[str, list]) -> None:
+        """Column lists of version 2, or of version 1 (without the v2 columns: module docstring)."""
+        n_rows = len(state["prompt_id"])
+        v2 = {k: state.get(k, [None] * n_rows) for k in _V2_COLUMNS}
         records = {}
         for i, pid in enumerate(state["prompt_id"]):
+            messages = tuple(json.loads(v2["messages"][i])) if v2["messages"][i] is not None else ()
             prompt = Prompt(int(pid), state["prompt"][i], tuple(int(t) for t in state["prompt_token_ids"][i]),
-                            json.loads(state["metadata"][i]))
+                            json.loads(state["metadata"][i]), messages)
             ra, rb = state["reward_a"][i], state["reward_b"][i]
             rec = PairRecord(prompt, reward_a=float("nan") if ra is None else float(ra),
                              reward_b=float("nan") if rb is None else float(rb),
@@ -140,6 +201,10 @@ class RolloutStore:
                                         state["finish_reason_a"][i])
                 rec.response_b = Sample(list(state["response_b_token_ids"][i]), state["response_b"][i],
                                         state["finish_reason_b"][i])
+                rewards, lengths = v2["rewards"][i], v2["response_num_tokens"][i]
+                rec.rewards = tuple(float(r) for r in rewards) if rewards is not None else (rec.reward_a, rec.reward_b)
+                rec.num_tokens = (tuple(int(k) for k in lengths) if lengths is not None
+                                  else (rec.response_a.num_tokens, rec.response_b.num_tokens))
             records[prompt.prompt_id] = rec
         self._records = records
 
@@ -165,8 +230,13 @@ class RolloutStore:
     def from_parquet(cls, path: str | Path) -> RolloutStore:
         import pyarrow.parquet as pq
 
+        table = pq.read_table(path)
+        version = int((table.schema.metadata or {}).get(VERSION_KEY, b"1"))
+        if version > SCHEMA_VERSION:
+            raise ValueError(f"{path}: rollout store version {version} is newer than this optune_nemo reads "
+                             f"({SCHEMA_VERSION})")
         store = cls([])
-        store.load_state_dict(pq.read_table(path).to_pydict())
+        store.load_state_dict(table.to_pydict())
         return store
 
     def __eq__(self, other) -> bool:
@@ -176,9 +246,10 @@ class RolloutStore:
         return len(self._records)
 
 
+_V2_COLUMNS = ("rewards", "response_num_tokens", "messages")
 _COLUMNS = ("prompt_id", "prompt", "prompt_token_ids", "response_a", "response_b",
             "response_a_token_ids", "response_b_token_ids", "finish_reason_a", "finish_reason_b",
-            "reward_a", "reward_b", "generated_at_iteration", "metadata")
+            "reward_a", "reward_b", "generated_at_iteration", "metadata", *_V2_COLUMNS)
 
 
 def _schema():
@@ -189,5 +260,6 @@ def _schema():
              "response_a": pa.string(), "response_b": pa.string(), "response_a_token_ids": ids,
              "response_b_token_ids": ids, "finish_reason_a": pa.string(), "finish_reason_b": pa.string(),
              "reward_a": pa.float64(), "reward_b": pa.float64(), "generated_at_iteration": pa.int64(),
-             "metadata": pa.string()}
-    return pa.schema([(k, types[k]) for k in _COLUMNS])
+             "metadata": pa.string(), "rewards": pa.list_(pa.float64()), "response_num_tokens": ids,
+             "messages": pa.string()}
+    return pa.schema([(k, types[k]) for k in _COLUMNS], metadata={VERSION_KEY: str(SCHEMA_VERSION).encode()})

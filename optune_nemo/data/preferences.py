@@ -10,8 +10,10 @@ Row schema:
 
 A sequence is rendered by `render_sequence`: the conversation through the tokenizer's chat template
 (generation prompt appended), then the response's tokens, then the tokenizer's first stop token (EOS, or
-the byte tokenizer's end of turn). The reward types that score with a reward model render (prompt,
-response) the same way, so a model is trained and used on identical token sequences.
+the byte tokenizer's end of turn). The reward types that score with a reward model render (conversation,
+response) the same way (`reward.hf.RenderedReward`: `render_sequence` of the prompt's whole conversation,
+`Prompt.conversation()`, built by `data/prompts.py` from the same `prompt` / `messages` columns), so a model
+is trained and used on identical token sequences.
 
 Sequences longer than `max_length` tokens: `truncate` keeps the last `max_length` tokens of the sequence
 (the response and its end token stay whole unless the response alone is longer; the conversation is cut

@@ -5,7 +5,9 @@ File schema (one row per prompt; docs/data.md has examples):
     exactly one of them;
   - `id` (optional int): the prompt id, unique; the row index when absent;
   - any other column is kept as metadata and handed to the reward function (e.g. `answer`).
-Prompts are rendered with the tokenizer's chat template (generation prompt appended). Longer than
+Every prompt keeps its conversation (`Prompt.messages`: a `prompt` string is one user message), which the
+rewards see whole; `Prompt.text` is its last user turn. Prompts are rendered with the tokenizer's chat
+template (generation prompt appended). Longer than
 `data.max_prompt_length` tokens: `truncate` keeps the last tokens (so the generation prompt stays),
 `reject` drops the row; the count is logged.
 """
@@ -85,7 +87,7 @@ def prompts_from_rows(rows: list[dict], tokenizer, *, max_length: int, overlong:
                 continue
             token_ids = token_ids[-max_length:]
         metadata = {k: v for k, v in row.items() if k not in ("prompt", "messages", "id")}
-        prompts.append(Prompt(pid, text, tuple(token_ids), metadata))
+        prompts.append(Prompt(pid, text, tuple(token_ids), metadata, tuple(messages)))
     if cut:
         verb = "rejected" if overlong == "reject" else "truncated to their last"
         log.warning("%d of %d prompts from %s were longer than data.max_prompt_length = %d tokens: %s%s",

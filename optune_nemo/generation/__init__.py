@@ -44,7 +44,6 @@ def build_engine(cfg: GenerationConfig, *, policy, tokenizer, dist, hf_dir, max_
                            decode_mode=torch_decode_mode(cfg.cuda_graphs, model=model, tp_size=dist.tp_size))
     if cfg.engine == "trtllm":
         from optune_nemo.generation.trtllm_engine import TrtllmEngine
-        from optune_nemo.interfaces import SAMPLES_PER_PROMPT
 
         check_engine_available(cfg, world_size=dist.world_size)
         if policy is not None:
@@ -53,6 +52,6 @@ def build_engine(cfg: GenerationConfig, *, policy, tokenizer, dist, hf_dir, max_
                                   tensor_parallel_size=cfg.tensor_parallel_size, refit_mode=cfg.refit,
                                   kv_cache_fraction=cfg.kv_cache_fraction, max_seq_len=max_sequence_length,
                                   # sequences in flight: a batch of prompts, each with its samples
-                                  max_batch_size=cfg.batch_size * SAMPLES_PER_PROMPT,
+                                  max_batch_size=cfg.batch_size * cfg.num_samples,
                                   offload_during_training=cfg.offload_during_training)
     raise ConfigError(f"generation.engine: must be torch or trtllm (got {cfg.engine!r})")

@@ -242,7 +242,7 @@ def _fill_missing_steps(optimizer_state) -> None:
             continue
         step = next((g["step"] for g in sd.get("param_groups", []) if "step" in g), 0)
         for st in sd["state"].values():
-            if st and "step" not in st:
+            if isinstance(st, dict) and st and "step" not in st:
                 st["step"] = torch.tensor(float(step))
 
 

@@ -18,6 +18,7 @@ decides what the run does with it:
 
 from __future__ import annotations
 
+import inspect
 import logging
 import math
 from abc import ABC, abstractmethod
@@ -124,21 +125,35 @@ class ShardedReward(ABC):
         return out
 
 
+def takes_messages(fn) -> bool:
+    """Whether `fn` has a parameter named `messages` that can be passed by keyword (a `**kwargs` catch-all
+    does not count: such a function may hand its keywords on to something that does not expect them)."""
+    try:
+        param = inspect.signature(fn).parameters.get("messages")
+    except (TypeError, ValueError):    # a callable without an inspectable signature: the plain call
+        return False
+    return param is not None and param.kind in (param.POSITIONAL_OR_KEYWORD, param.KEYWORD_ONLY)
+
+
 class RuleReward(ShardedReward):
     """`reward.type=rule`: a Python function `fn(prompts, responses, metadata) -> list[float]`
-    (`interfaces.RewardFn`) named by `reward.function._target_`, its keyword arguments in the same node.
-    An exception from it is the user's to fix (ConfigError, exit 2), except `RewardUnavailable`, which a
-    function that calls a service raises to stop the run with everything kept for a rerun."""
+    (`interfaces.RewardFn`) named by `reward.function._target_`, its keyword arguments in the same node;
+    a function with a `messages` parameter also gets `messages=[prompt.conversation() per response]` (the
+    whole conversation; `prompts` stays each prompt's last user turn). An exception from it is the user's
+    to fix (ConfigError, exit 2), except `RewardUnavailable`, which a function that calls a service raises
+    to stop the run with everything kept for a rerun."""
 
     key = "reward.function"
 
     def __init__(self, fn, *, name: str, batch_size: int, dist: DistEnv | None = None):
         super().__init__(name=name, batch_size=batch_size, dist=dist)
         self.fn = fn
+        self.takes_messages = takes_messages(fn)
 
     def score_batch(self, prompts: Sequence[Prompt], responses: Sequence[str]) -> Sequence[float]:
+        extra = {"messages": [p.conversation() for p in prompts]} if self.takes_messages else {}
         try:
-            return self.fn([p.text for p in prompts], list(responses), [p.metadata for p in prompts])
+            return self.fn([p.text for p in prompts], list(responses), [p.metadata for p in prompts], **extra)
         except RewardUnavailable:   # a function calling a service may say so: the run then keeps its state
             raise
         except Exception as e:   # the user's function: its failure is the user's to fix

@@ -1,9 +1,10 @@
 """`reward.type=hf`: a Hugging Face sequence-classification reward model (`reward.path`, num_labels 1) run
 with transformers on every rank.
 
-What is scored: the reward model's own tokenizer and chat template render (prompt, response) exactly as
-reward-model training does (`data.preferences.render_sequence`: the conversation with the generation prompt,
-the response, the tokenizer's first stop token). A batch is right-padded with config.json's
+What is scored: the reward model's own tokenizer and chat template render (conversation, response) exactly
+as reward-model training does (`data.preferences.render_sequence`: the prompt's whole conversation, every
+earlier turn and a system message included, with the generation prompt, then the response, then the
+tokenizer's first stop token). A batch is right-padded with config.json's
 `pad_token_id` under an attention mask, and transformers reads each score at the rightmost token that is
 not the pad id (with no pad id in the config, one sequence per forward, scored at its last token).
 Responses are sorted by rendered length before batching (`reward.batch_size` per forward), so a batch
@@ -34,9 +35,9 @@ log = logging.getLogger(__name__)
 
 
 def conversation(prompt: Prompt) -> list[dict]:
-    """The conversation a response answers. Prompts keep the text of their last user turn only, so a system
-    message or earlier turns of a `messages` prompt are not seen by the reward model."""
-    return [{"role": "user", "content": prompt.text}]
+    """The conversation a response answers: the prompt's whole `messages` (system message and earlier turns
+    included), or its text as one user turn when it has none (`Prompt.conversation`)."""
+    return prompt.conversation()
 
 
 def load_rm_tokenizer(directory: Path, *, key: str):

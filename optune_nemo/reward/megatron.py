@@ -5,8 +5,8 @@ or a Hugging Face sequence-classification directory (Llama / Mistral / Qwen2, nu
 exactly. The model is built in the policy's process groups with its tensor / pipeline layout (the reward
 model's heads, KV groups and layers must divide like the policy's); the ranks of one data-parallel group
 score the same shard together (`ShardedReward`), `reward.batch_size` sequences per forward, the shard
-sorted by rendered length. Rendering is the reward model's own tokenizer and chat template
-(`reward.hf.RenderedReward`), as in reward-model training.
+sorted by rendered length. Rendering is the reward model's own tokenizer and chat template applied to the
+prompt's whole conversation plus the response (`reward.hf.RenderedReward`), as in reward-model training.
 
 Precision: bf16 on GPUs, fp32 on the CPU. Memory: on a GPU, `prepare()` moves the weights onto the rank's
 device and `release()` moves them back to host memory and empties the CUDA cache, so the policy trains

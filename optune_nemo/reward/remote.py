@@ -2,8 +2,12 @@
 through PyTriton), scored over HTTP or gRPC with PyTriton's `ModelClient` (the KServe v2 protocol).
 
 The wire format (one model, batched along the first dimension, `docs/serving.md`):
-    prompts    BYTES [B, 1]    each a UTF-8 JSON object: {"text", "metadata", "prompt_id", "token_ids", ...}
-                               (every field of `interfaces.Prompt`; only "text" is required)
+    prompts    BYTES [B, 1]    each a UTF-8 JSON object: {"text", "metadata", "prompt_id", "token_ids",
+                               "messages", ...} (every field of `interfaces.Prompt`; only "text" is
+                               required; "messages", the whole conversation as a list of {"role",
+                               "content"}, is what a served reward model renders, "text" alone counting
+                               as one user turn, so clients and servers of either age understand each
+                               other)
     responses  BYTES [B, 1]    each a response as UTF-8 text
     rewards    FP32  [B, 1]    one reward per (prompt, response)
 Rewards travel as float32: a remote reward equals the served reward rounded to float32.
@@ -69,10 +73,17 @@ def prompt_to_wire(p: Prompt) -> bytes:
 
 def prompt_from_wire(data: bytes) -> Prompt:
     """Inverse of `prompt_to_wire`. Non-Python clients may send only {"text": ...} (then prompt id -1, no
-    tokens, no metadata). Raises ValueError on anything else."""
+    tokens, no metadata, no messages: the text is the conversation's one user turn). Raises ValueError on
+    anything else."""
     d = json.loads(data)
     if not isinstance(d, dict) or not isinstance(d.get("text"), str):
         raise ValueError(f"a prompt must be a JSON object with a string `text` (got {data[:80]!r})")
+    messages = d.get("messages", [])
+    if not (isinstance(messages, list) and all(
+            isinstance(m, dict) and m.get("role") in ("system", "user", "assistant")
+            and isinstance(m.get("content"), str) for m in messages)):
+        raise ValueError("a prompt's `messages` must be a list of {role: system|user|assistant, content: "
+                         f"string}} (got {str(messages)[:80]})")
     hints = typing.get_type_hints(Prompt)
     kwargs = {"prompt_id": -1, "token_ids": (), "metadata": {}}
     for f in dataclasses.fields(Prompt):

@@ -272,3 +272,143 @@ def test_partial_store_round_trip_equal(tmp_path):
     loaded = RolloutStore.from_parquet(tmp_path / "s.parquet")
     assert loaded == store
     assert not loaded.pair(1).has_pair and loaded.pair(1).reward_a != loaded.pair(1).reward_a  # NaN
+
+
+# ---------------------------------------------------------------------- n samples per prompt (schema v2)
+
+@pytest.mark.parametrize("rewards, expected", [
+    ([0.2, 0.7], (0, 1)),                       # n = 2: always (0, 1), as before num_samples existed
+    ([0.7, 0.2], (0, 1)),
+    ([0.4, 0.4], (0, 1)),
+    ([1.0, 0.0, 2.0], (1, 2)),                  # highest = sample 2, lowest = sample 1
+    ([0.3, 0.9, 0.1, 0.9, 0.1], (1, 4)),        # highest: the earlier 0.9; lowest: the later 0.1
+    ([0.5, 0.5, 0.5], (0, 2)),                  # all equal: first and last, a tie
+    ([-1.0, 3.0, 3.0, -1.0], (1, 3)),
+])
+def test_pair_indices_rule(rewards, expected):
+    from optune_nemo.algorithm.store import pair_indices
+
+    assert pair_indices(rewards) == expected
+
+
+def test_pair_indices_needs_two_samples():
+    from optune_nemo.algorithm.store import pair_indices
+
+    with pytest.raises(ValueError, match="at least 2"):
+        pair_indices([1.0])
+
+
+def _samples(pid, n):
+    return [_sample(list(range(j + 1)) + [pid], f"s{j} of {pid}", "stop" if j % 2 else "length") for j in range(n)]
+
+
+def test_set_samples_keeps_extremes_and_every_reward():
+    store = RolloutStore(_prompts(2))
+    samples = _samples(0, 4)
+    assert store.set_samples(0, samples, [0.1, -0.5, 0.8, -0.5], iteration=3) == (2, 3)
+    rec = store.pair(0)
+    assert rec.response_a is samples[2] and rec.response_b is samples[3]
+    assert (rec.reward_a, rec.reward_b, rec.generated_at_iteration) == (0.8, -0.5, 3)
+    assert rec.rewards == (0.1, -0.5, 0.8, -0.5) and rec.num_tokens == (2, 3, 4, 5) and rec.num_samples == 4
+    pairs, ties = store.preference_pairs()
+    assert ties == 0 and len(pairs) == 1
+    assert pairs[0].chosen_token_ids == (0, 1, 2, 0) and pairs[0].rejected_token_ids == (0, 1, 2, 3, 0)
+    assert (pairs[0].chosen_reward, pairs[0].rejected_reward) == (0.8, -0.5)
+    assert store.ranking_scores() == {0: 0.8}
+    # all rewards equal: a tie, kept in the store and the ranking
+    store.set_samples(1, _samples(1, 3), [0.25, 0.25, 0.25], iteration=3)
+    assert store.preference_pairs()[1] == 1 and store.ranking_scores()[1] == 0.25
+
+
+def test_set_samples_with_two_equals_set_pair():
+    """n = 2 through set_samples stores exactly what set_pair(sample 0, sample 1) stored before."""
+    for rewards in ([0.1, 0.9], [0.9, 0.1], [0.5, 0.5]):
+        a, b = _filled(1), _filled(1)
+        sa, sb = _sample([7], "x"), _sample([8, 9], "y", "length")
+        a.set_samples(0, [sa, sb], rewards, iteration=5)
+        b.set_pair(0, sa, sb, rewards[0], rewards[1], iteration=5)
+        assert a == b and a.preference_pairs() == b.preference_pairs()
+
+
+def test_set_samples_checks_lengths():
+    with pytest.raises(ValueError, match="3 samples but 2 rewards"):
+        RolloutStore(_prompts(1)).set_samples(0, _samples(0, 3), [0.0, 1.0], iteration=0)
+
+
+def test_v2_columns_round_trip(tmp_path):
+    from optune_nemo.algorithm.store import SCHEMA_VERSION, VERSION_KEY
+
+    conv = ({"role": "system", "content": "be brief"}, {"role": "user", "content": "hi"},
+            {"role": "assistant", "content": "hello"}, {"role": "user", "content": "2 + 2?"})
+    store = RolloutStore([Prompt(4, "2 + 2?", (1, 2), {"answer": 4}, conv), Prompt(5, "q", (3,))])
+    store.set_samples(4, _samples(4, 3), [0.0, 1.0, -1.0], iteration=1)
+    path = tmp_path / "r.parquet"
+    store.to_parquet(path)
+    table = pq.read_table(path)
+    assert table.schema.metadata[VERSION_KEY] == str(SCHEMA_VERSION).encode() == b"2"
+    d = table.to_pydict()
+    assert d["rewards"] == [[0.0, 1.0, -1.0], None]
+    assert d["response_num_tokens"] == [[2, 3, 4], None]
+    assert json.loads(d["messages"][0]) == list(conv) and json.loads(d["messages"][1]) == []
+    assert (d["response_a"][0], d["response_b"][0]) == ("s1 of 4", "s2 of 4")
+    loaded = RolloutStore.from_parquet(path)
+    assert loaded == store
+    assert loaded.pair(4).prompt.messages == conv and loaded.pair(4).prompt.conversation() == list(conv)
+    assert loaded.pair(4).rewards == (0.0, 1.0, -1.0) and loaded.pair(4).num_tokens == (2, 3, 4)
+    assert loaded.pair(5).prompt.conversation() == [{"role": "user", "content": "q"}]
+
+
+def _write_v1(path, rows):
+    """A rollouts.parquet as written before schema version 2: its 13 columns, no version in the metadata."""
+    import pyarrow as pa
+
+    ids = pa.list_(pa.int64())
+    schema = pa.schema([("prompt_id", pa.int64()), ("prompt", pa.string()), ("prompt_token_ids", ids),
+                        ("response_a", pa.string()), ("response_b", pa.string()),
+                        ("response_a_token_ids", ids), ("response_b_token_ids", ids),
+                        ("finish_reason_a", pa.string()), ("finish_reason_b", pa.string()),
+                        ("reward_a", pa.float64()), ("reward_b", pa.float64()),
+                        ("generated_at_iteration", pa.int64()), ("metadata", pa.string())])
+    pq.write_table(pa.Table.from_pylist(rows, schema=schema), path)
+
+
+def test_version_1_store_still_loads(tmp_path):
+    path = tmp_path / "old.parquet"
+    _write_v1(path, [
+        {"prompt_id": 0, "prompt": "p0", "prompt_token_ids": [1, 2], "response_a": "aa",
+         "response_b": "bbb", "response_a_token_ids": [5, 6], "response_b_token_ids": [7, 8, 9],
+         "finish_reason_a": "stop", "finish_reason_b": "length", "reward_a": 0.25, "reward_b": 0.75,
+         "generated_at_iteration": 2, "metadata": '{"answer": 3}'},
+        {"prompt_id": 1, "prompt": "p1", "prompt_token_ids": [3], "response_a": None, "response_b": None,
+         "response_a_token_ids": None, "response_b_token_ids": None, "finish_reason_a": None,
+         "finish_reason_b": None, "reward_a": None, "reward_b": None, "generated_at_iteration": -1,
+         "metadata": "{}"},
+    ])
+    store = RolloutStore.from_parquet(path)
+    rec = store.pair(0)
+    assert rec.response_a == Sample([5, 6], "aa", "stop") and rec.response_b == Sample([7, 8, 9], "bbb", "length")
+    assert (rec.reward_a, rec.reward_b, rec.generated_at_iteration) == (0.25, 0.75, 2)
+    assert rec.rewards == (0.25, 0.75) and rec.num_tokens == (2, 3)
+    assert rec.prompt == Prompt(0, "p0", (1, 2)) and rec.prompt.metadata == {"answer": 3}
+    assert rec.prompt.conversation() == [{"role": "user", "content": "p0"}]
+    assert not store.pair(1).has_pair and store.pair(1).rewards == ()
+    pairs, ties = store.preference_pairs()
+    assert ties == 0 and [(p.chosen_token_ids, p.rejected_token_ids) for p in pairs] == [((7, 8, 9), (5, 6))]
+    # written again, it is a version-2 file with the same pairs
+    store.to_parquet(tmp_path / "new.parquet")
+    again = RolloutStore.from_parquet(tmp_path / "new.parquet")
+    assert again == store and again.pair(0).rewards == (0.25, 0.75)
+
+
+def test_newer_store_version_is_refused(tmp_path):
+    import pyarrow as pa
+
+    from optune_nemo.algorithm.store import VERSION_KEY
+
+    path = tmp_path / "r.parquet"
+    _filled(1).to_parquet(path)
+    table = pq.read_table(path)
+    pq.write_table(table.replace_schema_metadata({VERSION_KEY: b"99"}), path)
+    assert isinstance(table, pa.Table)
+    with pytest.raises(ValueError, match="version 99"):
+        RolloutStore.from_parquet(path)
