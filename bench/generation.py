@@ -16,6 +16,14 @@ the stop token, per sample. Prints one JSON object per (dtype, prompts) and writ
 fused C++ kernels on a CPU); the first calls' compilation time is reported separately from the timings.
 `--compile-backend eager` traces the same pieces without generating kernels (a quick check of the wiring).
 
+On a GPU: `--decode-mode graphs` decodes from the static KV cache with one CUDA graph per batch bucket
+(`static`: the same cache without graphs); `--hf-static` also times transformers with its static cache;
+`--weights-streaming` reports the decode step's time against the time to stream the weights once
+(weight bytes / the device's measured copy bandwidth), the floor a memory-bound step cannot beat:
+
+    .venv/bin/python bench/generation.py --prompts 64 --max-new-tokens 256 --dtype bfloat16 \
+        --decode-mode graphs --hf-static --weights-streaming
+
 A smoke run on a tiny model (a Hugging Face directory with its tokenizer; tests/e2e/test_user_scripts.py):
 
     .venv/bin/python bench/generation.py --hf-path TINY_HF_DIR --prompts 2 --max-new-tokens 4 --reps 1 \
@@ -49,7 +57,22 @@ def _sync():
         torch.cuda.synchronize()
 
 
-def _hf_generate(model, tok, texts, *, n, max_new_tokens, stop_ids, greedy, seed):
+def _copy_bandwidth(device: str, nbytes: int = 1 << 28, reps: int = 5) -> float:
+    """Bytes per second of a device-to-device copy (read + write counted), the median of `reps`: what
+    streaming the weights once per decode step can reach at best."""
+    src = torch.empty(nbytes, dtype=torch.uint8, device=device)
+    dst = torch.empty_like(src)
+    times = []
+    for _ in range(reps):
+        _sync()
+        tic = time.perf_counter()
+        dst.copy_(src)
+        _sync()
+        times.append(time.perf_counter() - tic)
+    return 2 * nbytes / statistics.median(times)
+
+
+def _hf_generate(model, tok, texts, *, n, max_new_tokens, stop_ids, greedy, seed, static=False):
     """Batched HF generate (left padding); returns per-sample token lists cut after a stop token."""
     tok.padding_side = "left"
     if tok.pad_token is None:            # SmolLM2's tokenizer has none; pads are masked either way
@@ -58,6 +81,8 @@ def _hf_generate(model, tok, texts, *, n, max_new_tokens, stop_ids, greedy, seed
                                     return_tensors="pt", return_dict=True, padding=True).to(model.device)
     torch.manual_seed(seed)
     kwargs = dict(do_sample=False) if greedy else dict(do_sample=True, temperature=1.0, top_p=0.9, top_k=0)
+    if static:                            # transformers' pre-allocated KV cache (its torch.compile-able path)
+        kwargs["cache_implementation"] = "static"
     with torch.inference_mode():
         out = model.generate(**batch, max_new_tokens=max_new_tokens, num_return_sequences=1 if greedy else n,
                              eos_token_id=list(stop_ids), pad_token_id=tok.pad_token_id, **kwargs)
@@ -106,7 +131,7 @@ def run_one(dtype: str, n_prompts: int, args) -> dict:
     ids = [tokenizer.apply_chat_template([{"role": "user", "content": t}]) for t in texts]
     stops = tuple(tokenizer.stop_token_ids)
     engine = TorchEngine(parts.policy.inference_model(), decode=tokenizer.decode, dist=parts.dist,
-                         batch_size=n_prompts)
+                         batch_size=n_prompts, decode_mode=args.decode_mode)
     if args.compile:
         # `from torch import ...`, never `import torch._dynamo...`: that would make `torch` a local name of
         # this whole function, unbound on the path without --compile
@@ -154,6 +179,32 @@ def run_one(dtype: str, n_prompts: int, args) -> dict:
         hf_tok_n.append(sum(len(s) for s in theirs))
     eng_tps = statistics.median(t / s for t, s in zip(eng_tok, eng_t))
     hf_tps = statistics.median(t / s for t, s in zip(hf_tok_n, hf_t))
+    extra = {}
+    if args.hf_static:
+        static_t, static_tok = [], []
+        _hf_generate(hf, hf_tok, texts, n=args.n, max_new_tokens=4, stop_ids=stops, greedy=False, seed=0,
+                     static=True)                                         # warm-up (cache allocation)
+        for rep in range(args.reps):
+            _sync()
+            tic = time.perf_counter()
+            theirs = _hf_generate(hf, hf_tok, texts, n=args.n, max_new_tokens=args.max_new_tokens,
+                                  stop_ids=stops, greedy=False, seed=args.seed + rep, static=True)
+            _sync()
+            static_t.append(time.perf_counter() - tic)
+            static_tok.append(sum(len(s) for s in theirs))
+        static_tps = statistics.median(t / s for t, s in zip(static_tok, static_t))
+        extra.update(hf_static_s=[round(t, 3) for t in static_t], hf_static_tokens_per_s=round(static_tps, 1),
+                     ratio_vs_static=round(eng_tps / static_tps, 2))
+    if args.weights_streaming:
+        # a decode step reads every weight once: its time against that floor (the longest sample sets the
+        # number of steps; prefill is counted in, so the step time is an upper estimate)
+        weight_bytes = sum(p.numel() * p.element_size() for p in hf.parameters())
+        bandwidth = _copy_bandwidth(device)
+        steps = args.max_new_tokens
+        step_s = statistics.median(eng_t) / steps
+        extra.update(weight_bytes=weight_bytes, copy_bandwidth_gb_s=round(bandwidth / 1e9, 1),
+                     decode_step_s=round(step_s, 6), weights_stream_s=round(weight_bytes / bandwidth, 6),
+                     step_over_stream=round(step_s / (weight_bytes / bandwidth), 2))
     # the timings first: a profiling pass that runs out of time must not lose them
     print(json.dumps({"timed": dtype, "prompts": n_prompts, "engine_tokens_per_s": round(eng_tps, 1),
                       "hf_tokens_per_s": round(hf_tps, 1), "greedy_equal": f"{greedy_equal}/{len(ids)}"}),
@@ -166,7 +217,8 @@ def run_one(dtype: str, n_prompts: int, args) -> dict:
             "engine_tokens_per_s": round(eng_tps, 1), "hf_s": [round(t, 3) for t in hf_t], "hf_tokens": hf_tok_n,
             "hf_tokens_per_s": round(hf_tps, 1), "ratio": round(eng_tps / hf_tps, 2),
             "greedy_equal": f"{greedy_equal}/{len(ids)}", "compiled": args.compile,
-            "engine_warmup_s": round(warmup_s, 1), **share, **machine_info()}
+            "engine_warmup_s": round(warmup_s, 1), "decode_mode": args.decode_mode, **extra, **share,
+            **machine_info()}
 
 
 def parser() -> argparse.ArgumentParser:
@@ -183,6 +235,14 @@ def parser() -> argparse.ArgumentParser:
     ap.add_argument("--out", default=None, help="write the results as a JSON list")
     ap.add_argument("--no-profile", action="store_true", help="skip the profiled pass (the matmul share)")
     ap.add_argument("--compile", action="store_true", help="torch.compile the decode step's non-matmul pieces")
+    ap.add_argument("--decode-mode", default="dynamic", choices=["dynamic", "static", "graphs"],
+                    help="the torch engine's decode: dynamic KV cache, static (bucketed) cache, or static with "
+                         "CUDA graphs (a GPU)")
+    ap.add_argument("--hf-static", action="store_true",
+                    help="also time transformers generate with its static KV cache (cache_implementation=static)")
+    ap.add_argument("--weights-streaming", action="store_true",
+                    help="report the decode step's time against streaming the weights once (weight bytes / "
+                         "measured device copy bandwidth)")
     ap.add_argument("--compile-backend", default="inductor",
                     help="torch.compile backend of --compile (`eager`: dynamo's tracing only, for a smoke run)")
     return ap

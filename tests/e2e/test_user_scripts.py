@@ -101,6 +101,23 @@ def test_generation_flags(tiny_hf):
         assert all(0 < t <= r["prompts"] * 3 for t in r["engine_tokens"] + r["hf_tokens"])
 
 
+@pytest.mark.slow
+def test_generation_gpu_comparison_flags(tiny_hf):
+    """The GPU comparison's flags on the CPU: the static-cache decode (graphs need CUDA), transformers with
+    its static cache, and the weights-streaming floor (the weight bytes: what transformers' model holds)."""
+    proc = _ok(_run("bench/generation.py", "--hf-path", str(tiny_hf), "--prompts", "2", "--max-new-tokens", "3",
+                    "--dtype", "float32", "--reps", "1", "--seq-length", "48", "--no-profile",
+                    "--decode-mode", "static", "--hf-static", "--weights-streaming"))
+    (r,) = [r for r in _json_lines(proc.stdout) if r.get("benchmark") == "generation"]
+    assert r["decode_mode"] == "static" and r["greedy_equal"] == "2/2"
+    assert r["hf_static_tokens_per_s"] > 0 and r["ratio_vs_static"] > 0
+    from transformers import AutoModelForCausalLM
+
+    hf = AutoModelForCausalLM.from_pretrained(tiny_hf)
+    assert r["weight_bytes"] == 4 * sum(p.numel() for p in hf.parameters())          # float32
+    assert r["weights_stream_s"] > 0 and r["step_over_stream"] > 0
+
+
 # --------------------------------------------------------------------------- bench/iteration.py
 
 
@@ -383,7 +400,8 @@ def test_render_docs_on_a_copy(tmp_path):
 # --------------------------------------------------------------------------- completeness
 
 SMOKE_TESTS = {
-    "bench/generation.py": [test_generation_default_mode, test_generation_flags],
+    "bench/generation.py": [test_generation_default_mode, test_generation_flags,
+                            test_generation_gpu_comparison_flags],
     "bench/iteration.py": [test_iteration_default_mode, test_iteration_flags_reuse_the_completed_runs],
     "bench/training.py": [test_training_default_mode, test_training_flags, test_training_refusals,
                           test_training_presets_and_flop_formula],
