@@ -302,8 +302,8 @@ def readme_headline() -> str:
     a, b = _label(rep, 0.5, "lowest_reward"), _label(rep, 1.0, "all")
     text, verdict = _compare(rep, a, b, "eval_reward_mean")
     s = sp.get(a)
-    speed = (f"{s['speedup']:.2f}x faster per iteration than rho = 1 (Amdahl prediction {s['amdahl_bound']:.2f}x at the "
-             f"measured generation share {s['generation_share']:.2f})") if s else "speed-up not measured"
+    speed = (f"{s['speedup']:.2f}x faster per iteration than rho = 1 (Amdahl prediction {s['amdahl_bound']:.2f}x "
+             f"at the measured generation share {s['generation_share']:.2f})") if s else "speed-up not measured"
     rnd = _compare(rep, a, _label(rep, 0.5, "random"), "eval_reward_mean")
     dpo = _compare(rep, a, _label(rep, 0.5, "lowest_reward", loss="dpo"), "eval_reward_mean")
     return "\n".join([
