@@ -22,13 +22,31 @@ HAVE_PYTRITON = importlib.util.find_spec("pytriton") is not None
 NO_PYTRITON = "needs PyTriton (the serve extra: pip install -e '.[serve]')"
 
 
+EPHEMERAL = tuple(int(x) for x in Path("/proc/sys/net/ipv4/ip_local_port_range").read_text().split()) \
+    if Path("/proc/sys/net/ipv4/ip_local_port_range").is_file() else (32768, 60999)
+
+
 def free_ports(n: int) -> list[int]:
-    """`n` distinct ports nothing listens on (held together while chosen, so they differ)."""
-    socks = [socket.socket() for _ in range(n)]
+    """`n` distinct ports nothing listens on, drawn BELOW the kernel's ephemeral range: a port the kernel
+    hands out itself (bind to port 0, the source port of any outgoing connection, e.g. the other xdist
+    worker's gloo and torchrun rendezvous traffic) can be taken again between this choice and the server's
+    bind; one outside that range cannot (a clean-clone run once lost a Triton gRPC port that way)."""
+    import random
+
+    rng = random.Random()
+    socks, ports = [], []
     try:
-        for s in socks:
-            s.bind(("127.0.0.1", 0))
-        return [s.getsockname()[1] for s in socks]
+        while len(ports) < n:
+            port = rng.randrange(15000, min(EPHEMERAL[0], 32000))
+            s = socket.socket()
+            try:
+                s.bind(("127.0.0.1", port))
+            except OSError:
+                s.close()
+                continue
+            socks.append(s)
+            ports.append(port)
+        return ports
     finally:
         for s in socks:
             s.close()

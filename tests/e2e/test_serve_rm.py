@@ -68,8 +68,10 @@ def test_remote_run_equals_local_run(uninterrupted, tmp_path):
         assert remote[key] == [_f32(x) for x in local[key]]
         assert remote[key] == [_f32(x) for x in length_reward([], texts, [], target_chars=TARGET)]
         assert remote[key] != local[key]                 # -k/6: the float32 rounding is real
-    assert {k: v for k, v in remote.items() if not k.startswith("reward_")} == \
-           {k: v for k, v in local.items() if not k.startswith("reward_")}
+    # every sample's reward (store schema 2) travels as float32 too
+    assert remote["rewards"] == [[_f32(x) for x in row] for row in local["rewards"]]
+    assert {k: v for k, v in remote.items() if not k.startswith("reward")} == \
+           {k: v for k, v in local.items() if not k.startswith("reward")}
     for rr, rl in zip(_metrics(remote_dir), _metrics(tmp_path / "local"), strict=True):
         for key in rl:
             if key.startswith("reward_"):                # means of float32-rounded rewards
