@@ -17,17 +17,9 @@ evaluations; what is exported (and judged) is the last trained model, not the be
 
 config -> the source's shape -> validate -> pairs -> (first write) -> distributed -> model -> resume -> fit.
 
-Exit codes (as `optune_nemo.train`):
-  0  finished, or stopped cleanly for pre-emption (then `exp_dir/COMPLETED` is absent);
-  2  the user's configuration or files are wrong: one line on stderr naming the key or file, and nothing
-     this invocation created is left in exp_dir (everything checkable is checked before the first write).
-     Also when another run holds exp_dir (its lock, `exp_dir/.lock`): one line naming exp_dir and the
-     holder (host, pid, Slurm job id), and nothing is written;
-  3  a checkpoint is damaged, incomplete or unsafe (manifest mismatch, missing shard, an object the
-     weights-only loader refuses, a pickle global outside checkpoint metadata): one line naming the file,
-     nothing loaded from it. With resume=auto a damaged newest checkpoint is skipped with a warning and
-     the previous complete one is used; exit 3 only when none is usable, or for a named one;
-  1  anything else (a traceback).
+Exit codes: as `optune_nemo.train` (its docstring; the kinds and codes are optune_nemo/errors.py): 0 done or
+pre-empted, 2 bad input or an exp_dir held by another run (nothing left behind), 3 a damaged or unsafe
+checkpoint file, 1 anything else.
 
 Checkpoints (`exp_dir/checkpoints/iter_NNNNNN`, NNNNNN = optimizer steps done; `checkpoint.py`):
     reward_model.json, tokenizer/   the model's description and tokenizer (`reward_model.RewardModelMeta`)

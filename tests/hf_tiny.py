@@ -103,3 +103,21 @@ def save_hf_model_with_tokenizer(kind: str, directory: Path, seed: int = 0, **ov
     save_hf_model(kind, directory, seed, **overrides)
     tiny_tokenizer().save_pretrained(directory)
     return Path(directory)
+
+
+def token_pairs(n: int, vocab: int, seed: int):
+    """n (prompt, chosen, rejected) token lists of a tiny HF model's vocabulary (ids >= 5: clear of specials)."""
+    g = torch.Generator().manual_seed(seed)
+
+    def seq(lo, hi):
+        return torch.randint(5, vocab, (int(torch.randint(lo, hi, (1,), generator=g)),), generator=g).tolist()
+
+    return [seq(2, 9) for _ in range(n)], [seq(1, 7) for _ in range(n)], [seq(1, 7) for _ in range(n)]
+
+
+def hf_response_logprob(hf, prompt, response) -> float:
+    """sum_k log p(response_k | prompt, response_<k) from one plain float64 log-softmax of one forward."""
+    ids = torch.tensor([prompt + response])
+    with torch.no_grad():
+        logp = torch.log_softmax(hf(ids).logits[0].double(), dim=-1)
+    return sum(float(logp[len(prompt) - 1 + k, t]) for k, t in enumerate(response))

@@ -12,22 +12,7 @@ pytestmark = [pytest.mark.gpu, pytest.mark.skipif(not torch.cuda.is_available(),
 
 te = pytest.importorskip("transformer_engine")
 
-
-def _pairs(n: int, vocab: int, seed: int):
-    g = torch.Generator().manual_seed(seed)
-
-    def seq(lo, hi):
-        return torch.randint(5, vocab, (int(torch.randint(lo, hi, (1,), generator=g)),), generator=g).tolist()
-
-    return [seq(2, 9) for _ in range(n)], [seq(1, 7) for _ in range(n)], [seq(1, 7) for _ in range(n)]
-
-
-def _hf_logprob(hf, prompt, response) -> float:
-    """sum_k log p(response_k | prompt, response_<k) from one plain forward of prompt + response."""
-    ids = torch.tensor([prompt + response])
-    with torch.no_grad():
-        logp = torch.log_softmax(hf(ids).logits[0].double(), dim=-1)
-    return sum(float(logp[len(prompt) - 1 + k, t]) for k, t in enumerate(response))
+from hf_tiny import hf_response_logprob, token_pairs  # noqa: E402  (after the skip: TE first)
 
 
 @pytest.fixture(scope="module")
@@ -55,10 +40,10 @@ def test_te_spec_packed_pair_logprobs_equal_transformers(hf_dir, backend):
         core = layer.self_attention.core_attention
         assert isinstance(core, PackedCoreAttention) and not isinstance(core, TEDotProductAttention)
     hf = AutoModelForCausalLM.from_pretrained(hf_dir, dtype=torch.float64).eval()
-    prompts, chosen, rejected = _pairs(7, hf.config.vocab_size, seed=11)
+    prompts, chosen, rejected = token_pairs(7, hf.config.vocab_size, seed=11)
     got_c, got_r = policy.pair_logprobs(prompts, chosen, rejected, seed=0)
     for i in range(len(prompts)):
         for got, response in ((got_c[i], chosen[i]), (got_r[i], rejected[i])):
-            ref = _hf_logprob(hf, prompts[i], response)
+            ref = hf_response_logprob(hf, prompts[i], response)
             # TE's fp32 GEMMs may run in TF32 on the GPU: a looser bound than the CPU test's 1e-4
             assert abs(got.item() - ref) < 2e-3 * max(1.0, abs(ref)), (backend, i, got.item(), ref)

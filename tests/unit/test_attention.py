@@ -12,29 +12,11 @@ from __future__ import annotations
 
 import pytest
 import torch
-import torch.nn.functional as F
-from hf_tiny import save_hf_model_with_tokenizer
+from hf_tiny import hf_response_logprob, save_hf_model_with_tokenizer, token_pairs
 
 from optune_nemo.config import ConfigError, ModelConfig, load_config, validate
 
 BACKENDS = ["flex", "sdpa", "local"]
-
-
-def _pairs(n: int, vocab: int, seed: int):
-    g = torch.Generator().manual_seed(seed)
-
-    def seq(lo, hi):
-        return torch.randint(5, vocab, (int(torch.randint(lo, hi, (1,), generator=g)),), generator=g).tolist()
-
-    return [seq(2, 9) for _ in range(n)], [seq(1, 7) for _ in range(n)], [seq(1, 7) for _ in range(n)]
-
-
-def _hf_logprob(hf, prompt, response) -> float:
-    """sum_k log p(response_k | prompt, response_<k) from one plain forward of prompt + response."""
-    ids = torch.tensor([prompt + response])
-    with torch.no_grad():
-        logp = F.log_softmax(hf(ids).logits[0].double(), dim=-1)
-    return sum(float(logp[len(prompt) - 1 + k, t]) for k, t in enumerate(response))
 
 
 @pytest.fixture(scope="module")
@@ -58,11 +40,11 @@ def test_packed_pair_logprobs_equal_transformers(hf_dir, backend):
     cores = [layer.self_attention.core_attention for layer in policy.unwrapped_model().decoder.layers]
     assert all(isinstance(c, PackedCoreAttention) for c in cores) == (backend != "local")
     hf = AutoModelForCausalLM.from_pretrained(hf_dir, dtype=torch.float64).eval()
-    prompts, chosen, rejected = _pairs(7, hf.config.vocab_size, seed=11)
+    prompts, chosen, rejected = token_pairs(7, hf.config.vocab_size, seed=11)
     got_c, got_r = policy.pair_logprobs(prompts, chosen, rejected, seed=0)
     for i in range(len(prompts)):
         for got, response in ((got_c[i], chosen[i]), (got_r[i], rejected[i])):
-            ref = _hf_logprob(hf, prompts[i], response)
+            ref = hf_response_logprob(hf, prompts[i], response)
             assert abs(got.item() - ref) < 1e-4 * max(1.0, abs(ref)), (backend, i, got.item(), ref)
 
 
