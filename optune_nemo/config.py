@@ -8,12 +8,12 @@ entry point runs once before any work and which raises `ConfigError` naming the 
 
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 from optune_nemo.errors import ConfigError
+from optune_nemo.selection import check_selection, num_regenerated  # noqa: F401  (num_regenerated: re-exported)
 
 CONF_DIR = Path(__file__).resolve().parents[1] / "conf"
 
@@ -520,8 +520,6 @@ def validate(cfg: OptuneNemoConfig, world_size: int = 1) -> None:
         raise ConfigError(f"optune.rho: must be in (0, 1] (got {o.rho!r})")
     if o.iterations < 1:
         raise ConfigError(f"optune.iterations: must be >= 1 (got {o.iterations})")
-    from optune_nemo.selection import check_selection
-
     check_selection(o.selection, o.rho)
     if o.min_reward_gap < 0:
         raise ConfigError(f"optune.min_reward_gap: must be >= 0 (got {o.min_reward_gap})")
@@ -722,11 +720,6 @@ def resolve_precision(cfg: OptuneNemoConfig) -> OptuneNemoConfig:
         dist_opt = precision in ("bf16", "fp8")
     return dataclasses.replace(cfg, precision=precision,
                                parallel=dataclasses.replace(cfg.parallel, use_distributed_optimizer=dist_opt))
-
-
-def num_regenerated(rho: float, num_prompts: int) -> int:
-    """K = ceil(rho * N), guarded against float noise (0.3 * 10 = 3.0000000000000004)."""
-    return min(num_prompts, math.ceil(round(rho * num_prompts, 9)))
 
 
 # --------------------------------------------------------------------------- conf/optune.yaml

@@ -14,6 +14,13 @@ A strategy is `fn(view: StoreView, k: int, *, seed: int, iteration: int) -> list
 ids; ties in its order are broken by documented rules so the choice is deterministic.
 """
 
-from optune_nemo.selection.base import STRATEGIES, StoreView, check_selection, select_prompts, view_of
+from optune_nemo.selection.base import (
+    STRATEGIES,
+    StoreView,
+    check_selection,
+    num_regenerated,
+    select_prompts,
+    view_of,
+)
 
-__all__ = ["STRATEGIES", "StoreView", "check_selection", "select_prompts", "view_of"]
+__all__ = ["STRATEGIES", "StoreView", "check_selection", "num_regenerated", "select_prompts", "view_of"]

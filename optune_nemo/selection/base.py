@@ -2,11 +2,11 @@
 
 from __future__ import annotations
 
+import math
 from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Protocol
 
-from optune_nemo.config import num_regenerated
 from optune_nemo.errors import ConfigError
 from optune_nemo.registry import Registry
 
@@ -37,6 +37,11 @@ class Strategy(Protocol):
 
 
 STRATEGIES: Registry[Strategy] = Registry("optune.selection", "optune_nemo.selection")
+
+
+def num_regenerated(rho: float, num_prompts: int) -> int:
+    """K = ceil(rho * N), guarded against float noise (0.3 * 10 = 3.0000000000000004)."""
+    return min(num_prompts, math.ceil(round(rho * num_prompts, 9)))
 
 
 def view_of(store) -> StoreView:
