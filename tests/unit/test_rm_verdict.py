@@ -145,3 +145,29 @@ def test_early_stopping_needs_heldout_pairs(tmp_path):
                        "rm.eval_fraction=0"])
     with pytest.raises(ConfigError, match="^rm.early_stopping_patience: needs held-out pairs"):
         check_inputs(cfg, world_size=1)
+
+
+def test_the_power_table_in_the_docs_is_what_the_test_computes():
+    """docs/reward_models.md's table (held-out pairs, right pairs needed, passing probability at a true
+    accuracy a) and its gold-proxy p-value, recomputed: the smallest k with binomial_tail(k, n) <= 0.05, and
+    P(X >= k) under Binomial(n, a) summed with math.comb."""
+    import re
+    from pathlib import Path
+
+    text = (Path(__file__).resolve().parents[2] / "docs" / "reward_models.md").read_text()
+    rows = re.findall(r"^\| (\d+) \| (\d+) \| ([\d.]+) \| ([\d.]+) \| ([\d.]+) \| ([\d.]+) \| ([\d.]+) \|$", text, re.M)
+    assert len(rows) == 4, rows
+    for n, k, acc, *powers in rows:
+        n, k = int(n), int(k)
+        need = next(j for j in range(n + 1) if binomial_tail(j, n) <= 0.05)
+        assert need == k and float(acc) == pytest.approx(k / n, abs=0.005), (n, k)
+        for a, shown in zip((0.6, 0.65, 0.7, 0.8), powers):
+            p = sum(math.comb(n, j) * a ** j * (1 - a) ** (n - j) for j in range(k, n + 1))
+            assert float(shown) == pytest.approx(p, abs=0.005), (n, a, shown, p)
+    assert "20 of 33 held-out pairs right" in text and "p = 0.148" in text
+    assert binomial_tail(20, 33) == pytest.approx(0.148, abs=0.0005)
+    import json
+
+    recorded = json.loads((Path(__file__).resolve().parents[2] / "docs" / "data" / "gold_proxy" /
+                           "gold_proxy.json").read_text())["agreement_first_store"]
+    assert f"was {recorded['agreement']:.3f} ({recorded['pairs_ranked']} pairs)" in " ".join(text.split())
