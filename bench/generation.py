@@ -40,7 +40,7 @@ import time
 
 import torch
 
-from optune_nemo.hardware import machine_info
+from optune_nemo.runtime.hardware import machine_info
 
 MATMUL_OPS = ("aten::mm", "aten::addmm", "aten::bmm", "aten::baddbmm")
 LINEAR_OPS = ("aten::mm", "aten::addmm")
@@ -138,7 +138,7 @@ def run_one(dtype: str, n_prompts: int, args) -> dict:
         from torch import _dynamo
 
         from optune_nemo.generation import torch_engine
-        from optune_nemo.policy import inference
+        from optune_nemo.megatron import inference
 
         # strides change with the batch's compaction: room for every variant instead of dynamo's default
         # of 8 recompilations (after which it would silently run the function eagerly)

@@ -25,7 +25,7 @@ import subprocess
 import sys
 from pathlib import Path
 
-from optune_nemo.hardware import machine_info
+from optune_nemo.runtime.hardware import machine_info
 
 PHASES = ("generation", "reward", "reference", "train")
 

@@ -7,7 +7,7 @@
 
 Synthetic pairs: a prompt of --prompt-tokens and two responses of --response-tokens each, random token
 ids, random weights of the preset's shape. Each optimizer step trains --pairs-per-step pairs (packed,
-prefix-shared micro-batches of --micro-batch-size pairs: optune_nemo/policy/packing.py). The first
+prefix-shared micro-batches of --micro-batch-size pairs: optune_nemo/megatron/packing.py). The first
 --warmup steps are not timed. Prints one JSON object with:
   - `pairs_per_s`, `tokens_per_s` (tokens actually run: prompt + both responses per pair);
   - `model_tflops_per_s` / `mfu`: megatron's FLOP formula (megatron/training/training.py
@@ -101,10 +101,10 @@ def main(argv=None) -> dict:
 
     from optune_nemo.build import build_policy_parts, resolve
     from optune_nemo.config import load_config
-    from optune_nemo.hardware import machine_info
     from optune_nemo.interfaces import PreferenceBatch
     from optune_nemo.losses.wdpo import WDPO
-    from optune_nemo.policy.model import HAVE_TE
+    from optune_nemo.megatron.model import HAVE_TE
+    from optune_nemo.runtime.hardware import machine_info
 
     if args.precision == "fp8" and not (torch.cuda.is_available() and HAVE_TE):
         print("bench/training.py: --precision fp8 needs a CUDA GPU with Transformer Engine", file=sys.stderr)

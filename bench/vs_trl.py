@@ -145,7 +145,7 @@ def main(argv=None) -> dict:
         _refuse(f"--reps must be >= 1 (got {args.reps})")
     if not os.path.isfile(args.store):
         _refuse(f"--store {args.store}: no such file (a run's checkpoints/iter_NNNNNN/rollouts.parquet)")
-    from optune_nemo.hardware import machine_info
+    from optune_nemo.runtime.hardware import machine_info
 
     pairs = load_pairs(args.store, args.pairs)
     if not pairs:

@@ -7,7 +7,7 @@ the gold reward judges the result.
 
 Overrides after `--` go to every run (keys both entry points have: policy.*, model.*, precision, ...);
 `--train-overrides` to the two `optune_nemo.train` runs only (sample, OPTune: generation.*, data.*, eval.*,
-optune.*, ...), `--rm-overrides` to `optune_nemo.train_rm` only (rm.*, ...). A smoke run on the tiny random
+optune.*, ...), `--rm-overrides` to `optune_nemo.rm.train` only (rm.*, ...). A smoke run on the tiny random
 model (tests/e2e/test_user_scripts.py):
 
     .venv/bin/python experiments/gold_proxy.py --root /tmp/gp --prompts 16 --rm-epochs 1 \
@@ -42,8 +42,8 @@ from pathlib import Path
 import pyarrow.parquet as pq
 
 from optune_nemo.algorithm.store import RolloutStore
-from optune_nemo.hardware import machine_info
 from optune_nemo.reward.rules import arithmetic_reward
+from optune_nemo.runtime.hardware import machine_info
 
 
 def _run(args: list[str]) -> None:
@@ -107,7 +107,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--train-overrides", nargs="+", default=[], metavar="K=V",
                     help="Hydra overrides for the optune_nemo.train runs only (sample, OPTune)")
     ap.add_argument("--rm-overrides", nargs="+", default=[], metavar="K=V",
-                    help="Hydra overrides for the optune_nemo.train_rm run only")
+                    help="Hydra overrides for the optune_nemo.rm.train run only")
     ap.add_argument("overrides", nargs="*", help="Hydra overrides for every run (after --)")
     args = ap.parse_args(argv)
     root = args.root.resolve()
@@ -125,7 +125,7 @@ def main(argv: list[str] | None = None) -> int:
 
     rm = root / "rm"
     if not (rm / "COMPLETED").is_file():
-        _run(["optune_nemo.train_rm", f"exp_dir={rm}", f"data.path={prefs}", f"rm.epochs={args.rm_epochs}",
+        _run(["optune_nemo.rm.train", f"exp_dir={rm}", f"data.path={prefs}", f"rm.epochs={args.rm_epochs}",
               "rm.eval_fraction=0.15", "rm.eval_every=10", *common, *args.rm_overrides])
     rm_records = [r for r in _records(rm / "metrics.jsonl") if "eval_accuracy" in r]
 

@@ -40,7 +40,7 @@ for S in "${SEEDS[@]}"; do
   [[ -f $D/COMPLETED ]] && continue
   "$PY" -m optune_nemo.train "${FIXED[@]}" seed="$S" optune.rho=0.5 optune.selection=lowest_reward loss.name=dpo \
     optune.iterations="$ITERATIONS" exp_dir="$D" init_from="$ROOT_ABS/base/wdpo-seed$S/checkpoints/iter_000000" || { rc=1; continue; }
-  "$PY" -c "from pathlib import Path; from optune_nemo.sweep import prune_checkpoints; prune_checkpoints(Path('$D'))"
+  "$PY" -c "from pathlib import Path; from optune_nemo.analysis.sweep import prune_checkpoints; prune_checkpoints(Path('$D'))"
 done
 "$PY" -m optune_nemo.report "$ROOT/runs" --out "$ROOT/report" || rc=1
 exit $rc

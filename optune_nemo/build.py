@@ -18,7 +18,7 @@ def resolve(cfg: OptuneNemoConfig) -> OptuneNemoConfig:
     """`cfg` with model.* replaced by the shape of `policy.hf_path` (read from config.json or a GGUF
     header; nothing is written) and precision=auto decided for this machine, ready for `config.validate`."""
     from optune_nemo.config import resolve_precision
-    from optune_nemo.policy.pretrained import with_source_shape
+    from optune_nemo.megatron.pretrained import with_source_shape
 
     return resolve_precision(with_source_shape(cfg))
 
@@ -27,7 +27,7 @@ def prepare_source(cfg: OptuneNemoConfig) -> Path | None:
     """The HF directory of `policy.hf_path` (a GGUF dequantised once into `policy.cache_dir`), or None."""
     if cfg.policy.hf_path is None:
         return None
-    from optune_nemo.policy.pretrained import inspect_source, materialise
+    from optune_nemo.megatron.pretrained import inspect_source, materialise
 
     return materialise(inspect_source(cfg.policy.hf_path), cfg.policy.cache_dir)
 
@@ -56,8 +56,8 @@ def build_policy_parts(cfg: OptuneNemoConfig, *, hf_dir: Path | None = None, tok
                        load_weights: bool = True) -> PolicyParts:
     """Process groups, then the megatron policy on `cfg.model` (already `resolve`d); with `load_weights`
     the source model's weights are loaded (a resumed run loads its checkpoint instead)."""
-    from optune_nemo.policy.megatron_policy import build_policy
-    from optune_nemo.policy.parallel import init_distributed
+    from optune_nemo.megatron.megatron_policy import build_policy
+    from optune_nemo.megatron.parallel import init_distributed
 
     p = cfg.parallel
     dist = init_distributed(p.tensor_model_parallel_size, p.pipeline_model_parallel_size,

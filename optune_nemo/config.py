@@ -51,7 +51,7 @@ class ModelConfig:
     transformer_impl: str = "local"
     """Layer spec: `local` (pure torch, runs anywhere) or `transformer_engine` (GPU, needs TE)."""
     attention_backend: str = "auto"
-    """Core attention of every layer, in either spec (policy/attention.py; TE keeps its norms and linears):
+    """Core attention of every layer, in either spec (megatron/attention.py; TE keeps its norms and linears):
     `auto` (flex on a CUDA GPU, sdpa elsewhere), `flex` (torch FlexAttention, a block mask from the packed
     rows' segment ids; on CPU eager and forward-only), `sdpa` (torch scaled_dot_product_attention, a boolean
     mask built on the device from the ids) or `local` (megatron's DotProductAttention with a dense mask; local
@@ -706,7 +706,7 @@ def resolve_precision(cfg: OptuneNemoConfig) -> OptuneNemoConfig:
     import dataclasses
     import logging
 
-    from optune_nemo.hardware import fast_bf16
+    from optune_nemo.runtime.hardware import fast_bf16
 
     precision = cfg.precision
     if precision == "auto":

@@ -1,7 +1,7 @@
 """The kinds of error a user meets, and the exit code each one ends a command with.
 
 Ground floor: imports nothing of the project. Every entry point (`train`, `train_rm`, `serve_rm`, `sweep`)
-turns these into one line on stderr, no traceback (optune_nemo/cli.py).
+turns these into one line on stderr, no traceback (optune_nemo/runner.py).
 
   exit 2  `ConfigError`: the user's configuration, files or functions are wrong; nothing this invocation
           created is left behind. `RunDirBusy` too: another run holds exp_dir; nothing was written.

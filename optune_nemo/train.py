@@ -30,7 +30,6 @@ from pathlib import Path
 import hydra
 from omegaconf import DictConfig, OmegaConf
 
-from optune_nemo.cli import captured, run_hydra_main
 from optune_nemo.config import (
     CONF_DIR,
     ConfigError,
@@ -39,7 +38,8 @@ from optune_nemo.config import (
     register_schema,
     validate,
 )
-from optune_nemo.rundir import RunDir, hold_run_dir, rank_from_env, world_size_from_env
+from optune_nemo.runner import captured, run_hydra_main
+from optune_nemo.runtime.rundir import RunDir, hold_run_dir, rank_from_env, world_size_from_env
 
 log = logging.getLogger("optune_nemo.train")
 
@@ -63,7 +63,7 @@ def check_inputs(cfg: OptuneNemoConfig, *, world_size: int) -> OptuneNemoConfig:
     validate(cfg, world_size=world_size)
     check_engine_available(cfg.generation, world_size=world_size)
     if cfg.eval.num_prompts and cfg.eval.judge == "llm":
-        from optune_nemo.judge import build_judge
+        from optune_nemo.evaluation.judge import build_judge
 
         build_judge(cfg.eval).check()     # a refused key or model surfaces now, not after iteration 0
     if cfg.reward.type == "remote":
@@ -79,12 +79,12 @@ def build_loop(cfg: OptuneNemoConfig):
     from optune_nemo.algorithm.optune import OPTune
     from optune_nemo.algorithm.store import RolloutStore
     from optune_nemo.build import build_engine, build_policy_parts, load_tokenizer, prepare_source
-    from optune_nemo.checkpoint import CheckpointManager, RngStates
-    from optune_nemo.console import log_to, setup_logging
     from optune_nemo.data import load_prompts
-    from optune_nemo.metrics import MetricsWriter
-    from optune_nemo.preemption import PreemptionGuard
     from optune_nemo.reward import build_reward
+    from optune_nemo.runtime.checkpoint import CheckpointManager, RngStates
+    from optune_nemo.runtime.console import log_to, setup_logging
+    from optune_nemo.runtime.metrics import MetricsWriter
+    from optune_nemo.runtime.preemption import PreemptionGuard
 
     guard = PreemptionGuard()   # first: a signal during start-up must not kill the job
     setup_logging(rank_from_env(), cfg.logging.level)
@@ -114,8 +114,8 @@ def build_loop(cfg: OptuneNemoConfig):
     evaluator = None
     if heldout:
         from optune_nemo.data.tasks import get_task
-        from optune_nemo.evaluation import Evaluator, gold_reward
-        from optune_nemo.judge import build_judge
+        from optune_nemo.evaluation.heldout import Evaluator, gold_reward
+        from optune_nemo.evaluation.judge import build_judge
 
         builtin = cfg.data.path is None and cfg.eval.path is None
         evaluator = Evaluator(cfg, engine=engine, reward=gold_reward(cfg, parts.dist), judge=build_judge(cfg.eval),
@@ -172,7 +172,7 @@ def resume(cfg: OptuneNemoConfig, checkpoints) -> Path | None:
     checkpoints.restore(source)
     if rank_from_env() == 0:
         from optune_nemo.algorithm.optune import read_trainer_state
-        from optune_nemo.fileio import write_json_atomic
+        from optune_nemo.runtime.fileio import write_json_atomic
 
         write_json_atomic(Path(cfg.exp_dir) / "fork.json",
                           {"init_from": str(source), "iteration": read_trainer_state(source)[0] - 1})
@@ -213,8 +213,8 @@ def run_training(cfg: OptuneNemoConfig) -> str:
 def summarize(exp_dir: Path) -> None:
     """The end-of-run summary on the console (a table: one iteration a row, its held-out result beside it;
     then the totals and where everything is), and the reward plot."""
-    from optune_nemo.evaluation import plot_rewards, read_eval
-    from optune_nemo.metrics import read_metrics
+    from optune_nemo.evaluation.heldout import plot_rewards, read_eval
+    from optune_nemo.runtime.metrics import read_metrics
 
     records = read_metrics(exp_dir)
     if not records:

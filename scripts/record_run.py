@@ -13,7 +13,7 @@ import shutil
 import sys
 from pathlib import Path
 
-from optune_nemo.hardware import machine_info
+from optune_nemo.runtime.hardware import machine_info
 
 FILES = ("metrics.jsonl", "eval.json", "config.yaml")
 

@@ -32,7 +32,7 @@ exp_dir_of() {
     case "$arg" in exp_dir=*|+exp_dir=*|++exp_dir=*) found=${arg#*exp_dir=} ;; esac
   done
   if [ -z "$found" ]; then
-    found=$("$PY" -c 'from optune_nemo.config_rm import TrainRMConfig; print(TrainRMConfig().exp_dir)')
+    found=$("$PY" -c 'from optune_nemo.rm.config import TrainRMConfig; print(TrainRMConfig().exp_dir)')
   fi
   echo "$found"
 }

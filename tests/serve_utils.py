@@ -101,7 +101,7 @@ class RMServer:
         return self.log.read_text(errors="replace") if self.log.exists() else ""
 
     def wait_ready(self, timeout: float = 180) -> None:
-        from optune_nemo.serve_rm import READY
+        from optune_nemo.rm.serve import READY
 
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:

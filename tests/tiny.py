@@ -44,8 +44,8 @@ WDPO = _WDPO(beta1=0.5, beta2=2.0)
 
 
 def build(cfg):
-    from optune_nemo.policy.megatron_policy import build_policy
-    from optune_nemo.policy.parallel import init_distributed
+    from optune_nemo.megatron.megatron_policy import build_policy
+    from optune_nemo.megatron.parallel import init_distributed
 
     d = init_distributed(cfg.parallel.tensor_model_parallel_size, cfg.parallel.pipeline_model_parallel_size)
     return build_policy(cfg, vocab_size=VOCAB, pad_token_id=0, dist=d)

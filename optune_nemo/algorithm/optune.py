@@ -22,11 +22,7 @@ from pathlib import Path
 import torch
 
 from optune_nemo.algorithm.store import RolloutStore
-from optune_nemo.checkpoint import CheckpointManager, GenerationChunks
 from optune_nemo.config import ConfigError, OptuneNemoConfig, config_from_yaml, config_to_yaml
-from optune_nemo.console import bar_shown, progress
-from optune_nemo.distributed import global_rank
-from optune_nemo.fileio import write_text_atomic
 from optune_nemo.interfaces import (
     GenerationEngine,
     Policy,
@@ -37,9 +33,13 @@ from optune_nemo.interfaces import (
     SamplingParams,
 )
 from optune_nemo.losses import build_loss
-from optune_nemo.metrics import MetricsWriter
-from optune_nemo.preemption import PreemptionGuard
-from optune_nemo.seeding import mix_seed
+from optune_nemo.runtime.checkpoint import CheckpointManager, GenerationChunks
+from optune_nemo.runtime.console import bar_shown, progress
+from optune_nemo.runtime.distributed import global_rank
+from optune_nemo.runtime.fileio import write_text_atomic
+from optune_nemo.runtime.metrics import MetricsWriter
+from optune_nemo.runtime.preemption import PreemptionGuard
+from optune_nemo.runtime.seeding import mix_seed
 from optune_nemo.selection import select_prompts, view_of
 
 log = logging.getLogger(__name__)
@@ -285,7 +285,7 @@ def read_trainer_state(directory: Path) -> tuple[int, OptuneNemoConfig]:
     """(next iteration, configuration) of a checkpoint directory, from its YAML (nothing unpickled)."""
     from omegaconf import OmegaConf
 
-    from optune_nemo.checkpoint import CheckpointError
+    from optune_nemo.runtime.checkpoint import CheckpointError
 
     path = Path(directory) / TRAINER_STATE
     try:

@@ -33,9 +33,9 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
-from optune_nemo.distributed import global_rank
-from optune_nemo.fileio import atomic_file
 from optune_nemo.interfaces import Prompt, Sample
+from optune_nemo.runtime.distributed import global_rank
+from optune_nemo.runtime.fileio import atomic_file
 
 SCHEMA_VERSION = 2
 """Version of the Parquet layout written (module docstring); 1 is the layout before it had a version."""

@@ -1,6 +1,6 @@
 """Paired, per-prompt comparisons of two settings of an experiment, in three views (docs/evaluation.md).
 
-Inputs are run directories as `optune_nemo.report` loads them (duck-typed here: `path`, `seed`,
+Inputs are run directories as `optune_nemo.analysis.report` loads them (duck-typed here: `path`, `seed`,
 `records`), with the per-prompt held-out records the evaluator writes
 (`exp_dir/eval/iter_NNNNNN.parquet`; a fork's inherited iterations are read from its source run). Two runs
 are paired when they share a seed (every setting of a seed forks from one iteration 0); prompts are paired

@@ -29,7 +29,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from optune_nemo.config import ConfigError
-from optune_nemo.seeding import generator
+from optune_nemo.runtime.seeding import generator
 
 log = logging.getLogger(__name__)
 

@@ -22,9 +22,9 @@ from typing import Protocol
 
 import torch
 
-from optune_nemo.distributed import gather_shards, shard
 from optune_nemo.interfaces import Sample, SamplingParams
-from optune_nemo.seeding import generator
+from optune_nemo.runtime.distributed import gather_shards, shard
+from optune_nemo.runtime.seeding import generator
 
 CANDIDATES = (64, 1024)
 """Tokens ranked per row before sampling, tried in turn. A language model's next-token distribution puts

@@ -43,7 +43,7 @@ from pathlib import Path
 
 from optune_nemo.config import ConfigError
 from optune_nemo.interfaces import Sample, SamplingParams
-from optune_nemo.seeding import mix_seed
+from optune_nemo.runtime.seeding import mix_seed
 
 ENV_BEFORE_IMPORT = {"TLLM_DISABLE_MPI": "1", "RAY_ADDRESS": "local"}
 """Set (unless already set) before `tensorrt_llm` is imported under a Slurm task: MPI off (the Ray

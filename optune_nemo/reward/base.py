@@ -25,8 +25,8 @@ from abc import ABC, abstractmethod
 from collections.abc import Sequence
 
 from optune_nemo.config import ConfigError, RewardConfig
-from optune_nemo.distributed import DistEnv, all_gather_object, shard
 from optune_nemo.interfaces import Prompt
+from optune_nemo.runtime.distributed import DistEnv, all_gather_object, shard
 
 log = logging.getLogger(__name__)
 

@@ -33,9 +33,9 @@ import warnings
 from collections.abc import Callable, Sequence
 
 from optune_nemo.config import ConfigError, RewardConfig
-from optune_nemo.distributed import DistEnv, all_gather_object
 from optune_nemo.interfaces import Prompt
 from optune_nemo.reward.base import RewardError, RewardUnavailable, ShardedReward
+from optune_nemo.runtime.distributed import DistEnv, all_gather_object
 
 log = logging.getLogger(__name__)
 

@@ -2,7 +2,7 @@
 
 import torch
 
-from optune_nemo.seeding import generator
+from optune_nemo.runtime.seeding import generator
 from optune_nemo.selection.base import STRATEGIES, StoreView
 
 

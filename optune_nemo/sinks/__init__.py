@@ -1,5 +1,5 @@
 """Metric sinks: where each iteration's metrics record goes besides `exp_dir/metrics.jsonl` (the source of
-truth, written by `optune_nemo.metrics.MetricsWriter`, which drives the sinks on rank 0 only).
+truth, written by `optune_nemo.runtime.metrics.MetricsWriter`, which drives the sinks on rank 0 only).
 
 One module per sink; `SINKS` is the one table from a name (its switch under `logging.*`) to its class,
 imported only when the sink is enabled (wandb and mlflow are optional packages, guarded by `HAVE_WANDB` /

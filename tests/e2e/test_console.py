@@ -105,7 +105,7 @@ def test_second_data_parallel_rank_prints_nothing(tmp_path):
 
 _SCRIPT = """
 import logging, sys, warnings
-from optune_nemo.console import hold_early_records, log_to, setup_logging
+from optune_nemo.runtime.console import hold_early_records, log_to, setup_logging
 hold_early_records()
 warnings.warn("early import notice", UserWarning)
 logging.getLogger("optune_nemo.x").info("early own line")

@@ -60,7 +60,7 @@ def _healthy(url: str) -> bool:
 
 @pytest.fixture(scope="module")
 def server(tmp_path_factory):
-    from optune_nemo.policy.hf_import import gguf_to_hf_dir, smollm2_gguf_path
+    from optune_nemo.megatron.hf_import import gguf_to_hf_dir, smollm2_gguf_path
 
     try:
         gguf = smollm2_gguf_path()
@@ -114,7 +114,7 @@ class Recorder:
 
 @pytest.mark.slow
 def test_llm_judge_protocol_against_transformers_serve(server, monkeypatch, caplog, capfd, tmp_path):
-    from optune_nemo.judge import build_judge
+    from optune_nemo.evaluation.judge import build_judge
 
     key = "sk-optune-test-" + secrets.token_hex(12)
     monkeypatch.setenv(KEY_ENV, key)
@@ -164,7 +164,7 @@ def test_llm_judge_protocol_against_transformers_serve(server, monkeypatch, capl
 
 @pytest.mark.slow
 def test_wrong_model_name_is_a_config_error(server, monkeypatch):
-    from optune_nemo.judge import build_judge
+    from optune_nemo.evaluation.judge import build_judge
 
     monkeypatch.setenv(KEY_ENV, "sk-optune-test-wrong-model")
     judge = build_judge(EvalConfig(judge="llm", judge_url=server["url"], judge_model="no-such-model",
@@ -177,7 +177,7 @@ def test_wrong_model_name_is_a_config_error(server, monkeypatch):
 
 
 def test_unreachable_endpoint_is_unavailable(monkeypatch):
-    from optune_nemo.judge import build_judge
+    from optune_nemo.evaluation.judge import build_judge
 
     key = "sk-optune-test-" + secrets.token_hex(8)
     monkeypatch.setenv(KEY_ENV, key)

@@ -108,7 +108,7 @@ def test_iteration_invariants(tmp_path):
 
 
 def _plain_run(rank, overrides, exp_dir):
-    from optune_nemo.rundir import world_size_from_env
+    from optune_nemo.runtime.rundir import world_size_from_env
     from optune_nemo.train import check_inputs, run_training
 
     cfg = check_inputs(load_config([*E2E, f"exp_dir={exp_dir}", *overrides]), world_size=world_size_from_env())
@@ -194,7 +194,7 @@ def test_rmsprop_resume_is_exact(tmp_path):
 def _weights_pair(rank, a, b):
     from pathlib import Path
 
-    from optune_nemo.policy.parallel import init_distributed
+    from optune_nemo.megatron.parallel import init_distributed
 
     init_distributed(1, 1)
     return ({k: v for k, v in _weights(Path(a), 2).items() if isinstance(v, torch.Tensor)},

@@ -12,7 +12,7 @@ from pathlib import Path
 import pytest
 from test_optune_loop import E2E, _metrics, _store
 
-from optune_nemo.checkpoint import write_manifest
+from optune_nemo.runtime.checkpoint import write_manifest
 
 ROOT = Path(__file__).resolve().parents[2]
 TWO = ["optune.iterations=2"]

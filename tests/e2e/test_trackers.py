@@ -14,7 +14,7 @@ from test_optune_loop import E2E
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "unit"))
 from test_sinks import read_wandb  # noqa: E402
 
-from optune_nemo.metrics import TRACKERS, read_metrics  # noqa: E402
+from optune_nemo.runtime.metrics import TRACKERS, read_metrics  # noqa: E402
 
 pytestmark = pytest.mark.slow
 ROOT = Path(__file__).resolve().parents[2]

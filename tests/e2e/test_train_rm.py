@@ -129,8 +129,8 @@ def test_unlearnable_preference_is_flagged_and_early_stopping(tmp_path):
 
 def _run(rank, overrides, stop_after):
     """The real assembly; with `stop_after`, a pre-emption request arrives after that many steps."""
-    from optune_nemo.config_rm import load_config
-    from optune_nemo.train_rm import build_trainer, check_inputs
+    from optune_nemo.rm.config import load_config
+    from optune_nemo.rm.train import build_trainer, check_inputs
 
     trainer = build_trainer(check_inputs(load_config(overrides), world_size=1))
     if stop_after is not None:
@@ -238,9 +238,9 @@ def test_precision_auto_is_decided_whatever_the_source(tmp_path):
     """precision=auto and use_distributed_optimizer=null are decided as `fast_bf16` says for every source: the
     tiny random model, a causal LM, an HF reward model and a train_rm checkpoint (`rm.init_from`). Left
     undecided, `auto` built bf16 weights under an fp32 optimizer."""
-    from optune_nemo.config_rm import load_config
-    from optune_nemo.hardware import fast_bf16
-    from optune_nemo.train_rm import check_inputs
+    from optune_nemo.rm.config import load_config
+    from optune_nemo.rm.train import check_inputs
+    from optune_nemo.runtime.hardware import fast_bf16
 
     want = "bf16" if fast_bf16()[0] else "fp32"
     data = write_jsonl(tmp_path / "p.jsonl", separable_rows(8, seed=3))
@@ -266,7 +266,7 @@ def test_precision_auto_is_decided_whatever_the_source(tmp_path):
 def _assert_refused(proc, key, fragment, exp):
     assert proc.returncode == 2, proc.stderr[-3000:]
     last = proc.stderr.strip().splitlines()[-1]
-    assert last.startswith(f"optune_nemo.train_rm: configuration error: {key}") and fragment in last, last
+    assert last.startswith(f"optune_nemo.rm.train: configuration error: {key}") and fragment in last, last
     assert not exp.exists(), sorted(p.name for p in exp.rglob("*"))
 
 

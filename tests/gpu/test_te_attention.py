@@ -29,7 +29,7 @@ def test_te_spec_packed_pair_logprobs_equal_transformers(hf_dir, backend):
 
     from optune_nemo.build import build_policy_parts, resolve
     from optune_nemo.config import load_config
-    from optune_nemo.policy.attention import PackedCoreAttention
+    from optune_nemo.megatron.attention import PackedCoreAttention
 
     cfg = resolve(load_config([f"policy.hf_path={hf_dir}", "model.seq_length=64", "eval.num_prompts=0",
                                "precision=fp32", "train.micro_batch_size=3", "train.global_batch_size=6",

@@ -33,8 +33,8 @@ def _megatron_gradient(rank, hf_dir, overrides, n):
     from optune_nemo.config import load_config
     from optune_nemo.interfaces import PreferenceBatch
     from optune_nemo.losses.wdpo import WDPO
-    from optune_nemo.policy.hf_export import megatron_to_hf_tensors
-    from optune_nemo.policy.hf_import import global_layer_numbers, read_hf_config
+    from optune_nemo.megatron.hf_export import megatron_to_hf_tensors
+    from optune_nemo.megatron.hf_import import global_layer_numbers, read_hf_config
 
     cfg = resolve(load_config([f"policy.hf_path={hf_dir}", "model.seq_length=64", "eval.num_prompts=0",
                                "train.shuffle=false", "optim.clip_grad=0", "optim.warmup_ratio=0",
@@ -58,7 +58,7 @@ def _reference_gradient(hf_dir, n):
     """float64 autograd of -mean_i W_i log sigmoid(beta1 * (delta_w - delta_l)) through transformers."""
     from transformers import AutoModelForCausalLM
 
-    from optune_nemo.policy.hf_import import read_hf_config
+    from optune_nemo.megatron.hf_import import read_hf_config
 
     model = AutoModelForCausalLM.from_pretrained(hf_dir, dtype=torch.float64).train()
     vocab = read_hf_config(hf_dir).vocab_size

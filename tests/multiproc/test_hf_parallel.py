@@ -14,11 +14,11 @@ pytestmark = pytest.mark.multiproc
 def _import_export(rank: int, src: str, out: str, tp: int, pp: int):
     from megatron.core import parallel_state as ps
 
-    from optune_nemo.policy.cpu_compat import model_parallel_seed
-    from optune_nemo.policy.hf_export import export_hf
-    from optune_nemo.policy.hf_import import hf_config_to_model_config, load_hf_weights_into, read_hf_config
-    from optune_nemo.policy.model import build_gpt_model
-    from optune_nemo.policy.parallel import init_distributed
+    from optune_nemo.megatron.cpu_compat import model_parallel_seed
+    from optune_nemo.megatron.hf_export import export_hf
+    from optune_nemo.megatron.hf_import import hf_config_to_model_config, load_hf_weights_into, read_hf_config
+    from optune_nemo.megatron.model import build_gpt_model
+    from optune_nemo.megatron.parallel import init_distributed
 
     d = init_distributed(tp, pp)
     model_parallel_seed(0)

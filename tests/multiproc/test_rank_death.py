@@ -148,7 +148,7 @@ def test_killed_rank_ends_the_job_and_the_rerun_is_identical(uninterrupted, tmp_
     assert rc != 0, text[-3000:]
     assert took < DEATH_BOUND_S, f"the job ended {took:.1f} s after the kill"
     assert not left, left
-    # the surviving rank says so in one line (optune_nemo.cli.peer_failure), not with a traceback
+    # the surviving rank says so in one line (optune_nemo.runner.peer_failure), not with a traceback
     assert "optune_nemo: error on rank 0: another rank of the job died or did not answer" in text, text[-3000:]
     # the kill landed in the phase it was meant for
     assert not (exp / "checkpoints" / "iter_000001").exists()
@@ -189,7 +189,9 @@ def test_hung_rank_ends_the_job_after_the_process_group_timeout(tmp_path):
 def test_timeout_must_be_positive(value):
     """Validated before anything starts, by every entry point that opens a process group: one line naming
     the key (the CLI turns it into exit 2)."""
-    from optune_nemo import config, config_rm, config_serve
+    from optune_nemo import config
+    from optune_nemo.rm import config as config_rm
+    from optune_nemo.rm import serve_config as config_serve
 
     bad = f"parallel.distributed_timeout_minutes={value}"
     checks = [lambda: config.validate(config.load_config([bad])),

@@ -10,9 +10,9 @@ pytestmark = pytest.mark.multiproc
 
 def _score_with_failure_on_rank1(rank, kind):
     from optune_nemo.config import ConfigError
-    from optune_nemo.distributed import DistEnv, init_process_group, local_device
     from optune_nemo.interfaces import Prompt
     from optune_nemo.reward.base import RewardError, RewardUnavailable, RuleReward
+    from optune_nemo.runtime.distributed import DistEnv, init_process_group, local_device
 
     device = local_device()
     r, world, _ = init_process_group(device)

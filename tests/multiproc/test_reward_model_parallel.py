@@ -17,9 +17,9 @@ pytestmark = pytest.mark.multiproc
 
 
 def _meta(src, kind):
-    from optune_nemo.policy.hf_import import hf_config_to_model_config, read_hf_config
-    from optune_nemo.policy.hf_rm import SEQ_CLS_ARCHITECTURES, read_rm_config, rm_model_config
-    from optune_nemo.policy.reward_model import RewardModelMeta
+    from optune_nemo.megatron.hf_import import hf_config_to_model_config, read_hf_config
+    from optune_nemo.rm.hf import SEQ_CLS_ARCHITECTURES, read_rm_config, rm_model_config
+    from optune_nemo.rm.model import RewardModelMeta
 
     if kind == "hf_rm":
         cfg = read_rm_config(src, key="x")
@@ -31,8 +31,8 @@ def _meta(src, kind):
 
 def _build(src, kind, tp, pp, *, optim=None, dist_opt=False):
     from optune_nemo.config import OptimConfig
-    from optune_nemo.policy.parallel import init_distributed
-    from optune_nemo.policy.reward_model import build_reward_model
+    from optune_nemo.megatron.parallel import init_distributed
+    from optune_nemo.rm.model import build_reward_model
 
     d = init_distributed(tp, pp)
     rm = build_reward_model(_meta(src, kind), dist=d, optim=optim or OptimConfig(), precision="fp32",
@@ -63,7 +63,7 @@ def test_fresh_reward_model_scores_like_its_export(kind, tp, pp, tmp_path):
         if name != "lm_head.weight":
             assert torch.equal(out[name], src[name]), name
     # the head is the documented seeded draw, whatever the layout
-    from optune_nemo.seeding import generator
+    from optune_nemo.runtime.seeding import generator
 
     torch.testing.assert_close(out["score.weight"], torch.randn(1, 64, generator=generator(1, "reward_head")) /
                                math.sqrt(65))
@@ -133,7 +133,7 @@ RESPONSES = ["w7 w8 w9", "2", "w10 w11 w12 w13 w14 w15", "world", "3"]
 def _rewards(rank, rm_dir, tp):
     from optune_nemo.config import RewardConfig
     from optune_nemo.interfaces import Prompt
-    from optune_nemo.policy.parallel import init_distributed
+    from optune_nemo.megatron.parallel import init_distributed
     from optune_nemo.reward import build_reward
 
     d = init_distributed(tp, 1)

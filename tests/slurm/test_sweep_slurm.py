@@ -18,7 +18,7 @@ from pathlib import Path
 
 import pytest
 
-from optune_nemo.sweep import has_init_from, plan_sweep, submit_slurm
+from optune_nemo.analysis.sweep import has_init_from, plan_sweep, submit_slurm
 
 pytestmark = pytest.mark.slurm
 ROOT = Path(__file__).resolve().parents[2]

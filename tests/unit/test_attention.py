@@ -1,4 +1,4 @@
-"""The project's core attention (policy/attention.py) under every backend and layer spec.
+"""The project's core attention (megatron/attention.py) under every backend and layer spec.
 
 - Packed, prefix-shared pair log-probs equal a plain per-pair forward through `transformers` (float64), for
   each `model.attention_backend` (flex runs forward-only on CPU, which is all log-probs need).
@@ -31,7 +31,7 @@ def test_packed_pair_logprobs_equal_transformers(hf_dir, backend):
     from transformers import AutoModelForCausalLM
 
     from optune_nemo.build import build_policy_parts, resolve
-    from optune_nemo.policy.attention import PackedCoreAttention
+    from optune_nemo.megatron.attention import PackedCoreAttention
 
     cfg = resolve(load_config([f"policy.hf_path={hf_dir}", "model.seq_length=64", "eval.num_prompts=0",
                                "precision=fp32", "train.micro_batch_size=3", "train.global_batch_size=6",
@@ -72,9 +72,9 @@ def _reference_attention(q, k, v, group, branch):
 def test_core_attention_on_a_padded_row(backend):
     from megatron.core.transformer import TransformerConfig
 
-    from optune_nemo.policy.attention import PackedCoreAttention
-    from optune_nemo.policy.packing import pack_groups
-    from optune_nemo.policy.parallel import init_distributed
+    from optune_nemo.megatron.attention import PackedCoreAttention
+    from optune_nemo.megatron.packing import pack_groups
+    from optune_nemo.megatron.parallel import init_distributed
 
     init_distributed(1, 1)
     batch = pack_groups([([5, 6, 7], [[8, 9], [10, 11, 12]]), ([4], [[3]]), ([1, 2], [[3], [4, 5]])],
@@ -99,9 +99,9 @@ def test_core_attention_on_a_padded_row(backend):
 def test_flex_refuses_to_train_on_cpu():
     from megatron.core.transformer import TransformerConfig
 
-    from optune_nemo.policy.attention import PackedCoreAttention
-    from optune_nemo.policy.packing import pack_groups
-    from optune_nemo.policy.parallel import init_distributed
+    from optune_nemo.megatron.attention import PackedCoreAttention
+    from optune_nemo.megatron.packing import pack_groups
+    from optune_nemo.megatron.parallel import init_distributed
 
     init_distributed(1, 1)
     batch = pack_groups([([5, 6], [[7], [8]])], pad_id=0)
@@ -119,7 +119,7 @@ def te_spec_provider(monkeypatch):
     from megatron.core.extensions import transformer_engine_spec_provider as provider
     from megatron.core.models.gpt import gpt_layer_specs
 
-    from optune_nemo.policy import model
+    from optune_nemo.megatron import model
 
     monkeypatch.setattr(provider, "is_te_min_version", lambda *a, **k: True)
     monkeypatch.setattr(gpt_layer_specs, "TESpecProvider", provider.TESpecProvider, raising=False)
@@ -133,8 +133,8 @@ def test_te_spec_uses_the_projects_core_attention(te_spec_provider, backend):
     from megatron.core.extensions.transformer_engine import TEDotProductAttention, TELayerNormColumnParallelLinear
     from megatron.core.transformer.enums import AttnMaskType
 
-    from optune_nemo.policy.attention import PackedCoreAttention
-    from optune_nemo.policy.model import layer_spec
+    from optune_nemo.megatron.attention import PackedCoreAttention
+    from optune_nemo.megatron.model import layer_spec
 
     spec = layer_spec(ModelConfig(transformer_impl="transformer_engine", attention_backend=backend), init_seed=1)
     attn = spec.submodules.self_attention
@@ -148,7 +148,7 @@ def test_te_spec_uses_the_projects_core_attention(te_spec_provider, backend):
 
 
 def test_local_attention_backend_is_refused_with_te(te_spec_provider):
-    from optune_nemo.policy.model import layer_spec
+    from optune_nemo.megatron.model import layer_spec
 
     with pytest.raises(ConfigError, match="model.attention_backend"):
         layer_spec(ModelConfig(transformer_impl="transformer_engine", attention_backend="local"))
@@ -161,8 +161,8 @@ def test_local_attention_backend_is_refused_with_te(te_spec_provider):
 def test_local_spec_uses_the_projects_core_attention_unless_local():
     from megatron.core.transformer.dot_product_attention import DotProductAttention
 
-    from optune_nemo.policy.attention import PackedCoreAttention
-    from optune_nemo.policy.model import layer_spec
+    from optune_nemo.megatron.attention import PackedCoreAttention
+    from optune_nemo.megatron.model import layer_spec
 
     core = layer_spec(ModelConfig(attention_backend="sdpa")).submodules.self_attention.submodules.core_attention
     assert core.func is PackedCoreAttention

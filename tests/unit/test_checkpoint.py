@@ -9,7 +9,7 @@ import signal
 import pytest
 import torch
 
-from optune_nemo.checkpoint import (
+from optune_nemo.runtime.checkpoint import (
     MANIFEST,
     CheckpointError,
     CheckpointManager,
@@ -20,8 +20,8 @@ from optune_nemo.checkpoint import (
     verify_manifest,
     write_manifest,
 )
-from optune_nemo.metrics import MetricsWriter, read_metrics
-from optune_nemo.preemption import PreemptionGuard
+from optune_nemo.runtime.metrics import MetricsWriter, read_metrics
+from optune_nemo.runtime.preemption import PreemptionGuard
 
 
 class FileParts:
@@ -179,7 +179,7 @@ def test_no_room_for_the_next_checkpoint_is_refused_before_writing(tmp_path, mon
     from collections import namedtuple
 
     from optune_nemo import checkpoint as ckpt
-    from optune_nemo.cli import _run
+    from optune_nemo.runner import _run
 
     mgr = _manager(tmp_path, payload=b"w" * 100_000)
     first = mgr.save(0)

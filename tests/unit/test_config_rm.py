@@ -8,12 +8,12 @@ import pytest
 
 from optune_nemo import config
 from optune_nemo.config import CONF_DIR, ConfigError
-from optune_nemo.config_rm import TrainRMConfig, load_config, render_yaml, validate
+from optune_nemo.rm.config import TrainRMConfig, load_config, render_yaml, validate
 
 
 def test_yaml_is_the_schema_rendered():
     assert (CONF_DIR / "train_rm.yaml").read_text() == render_yaml(), (
-        "conf/train_rm.yaml is stale: run `python -m optune_nemo.config_rm > conf/train_rm.yaml`")
+        "conf/train_rm.yaml is stale: run `python -m optune_nemo.rm.config > conf/train_rm.yaml`")
 
 
 def test_yaml_defaults_equal_schema_defaults():

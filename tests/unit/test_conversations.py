@@ -173,7 +173,7 @@ def test_wire_format_carries_the_conversation():
 # ---------------------------------------------------------------------- the LLM judge
 
 def test_judge_shows_the_earlier_turns():
-    from optune_nemo.judge import LLMJudge, judge_messages
+    from optune_nemo.evaluation.judge import LLMJudge, judge_messages
 
     question = CONVERSATION[-1]["content"]
     plain = judge_messages(question, "A1", "A2")

@@ -5,7 +5,7 @@ import time
 import pytest
 import torch
 
-from optune_nemo.policy import cpu_compat
+from optune_nemo.megatron import cpu_compat
 
 pytestmark = pytest.mark.skipif(torch.cuda.is_available(), reason="the layer is inactive with CUDA")
 

@@ -5,7 +5,7 @@ import pytest
 import torch
 
 from optune_nemo.config import ConfigError, check_fp8_recipe, load_config, validate
-from optune_nemo.distributed import local_device
+from optune_nemo.runtime.distributed import local_device
 
 
 @pytest.fixture

@@ -10,8 +10,8 @@ from pathlib import Path
 import pytest
 
 PKG = Path(__file__).resolve().parents[2] / "optune_nemo"
-DEVICE_SIDE = ["generation/torch_engine.py", "generation/trtllm_engine.py", "policy/inference.py",
-               "policy/logprobs.py"]
+DEVICE_SIDE = ["generation/torch_engine.py", "generation/trtllm_engine.py", "megatron/inference.py",
+               "megatron/logprobs.py"]
 FACTORIES = {"zeros", "ones", "empty", "full", "arange", "tensor", "rand", "randn", "randint", "linspace", "eye",
              "as_tensor", "randperm", "zeros_like", "ones_like"}
 

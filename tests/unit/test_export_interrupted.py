@@ -7,11 +7,11 @@ import subprocess
 import sys
 import textwrap
 
-from optune_nemo.policy.hf_export import commit_out_dir, prepare_out_dir
+from optune_nemo.megatron.hf_export import commit_out_dir, prepare_out_dir
 
 DIES = textwrap.dedent("""
     import os, signal, sys
-    from optune_nemo.policy.hf_export import prepare_out_dir
+    from optune_nemo.megatron.hf_export import prepare_out_dir
     tmp = prepare_out_dir(sys.argv[1])
     (tmp / "config.json").write_text("{}")
     (tmp / "model.safetensors").write_bytes(b"half of the weights")

@@ -27,7 +27,7 @@ def convert(*args: str) -> subprocess.CompletedProcess:
 @pytest.mark.multiproc
 def test_hf_to_mcore_tp2_and_back_is_exact(tmp_path):
     from optune_nemo.data.hf_tokenizer import HFTokenizer
-    from optune_nemo.policy.convert import load_model_config
+    from optune_nemo.megatron.convert import load_model_config
 
     src = save_hf_model_with_tokenizer("llama_untied", tmp_path / "src", seed=21)
     r = convert("hf-to-mcore", "--hf", str(src), "--out", str(tmp_path / "mc"), "--tp", "2")

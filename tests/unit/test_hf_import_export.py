@@ -10,7 +10,7 @@ import torch
 from hf_tiny import KINDS, VOCAB, hf_logits, make_hf_model, megatron_logits, tokens
 from safetensors.torch import load_file
 
-from optune_nemo.policy.hf_import import (
+from optune_nemo.megatron.hf_import import (
     SafetensorsReader,
     check_parallel_sizes,
     hf_config_to_model_config,
@@ -21,8 +21,8 @@ from optune_nemo.policy.hf_import import (
 
 @pytest.fixture(scope="module")
 def dist1():
-    from optune_nemo.policy.cpu_compat import model_parallel_seed
-    from optune_nemo.policy.parallel import init_distributed
+    from optune_nemo.megatron.cpu_compat import model_parallel_seed
+    from optune_nemo.megatron.parallel import init_distributed
 
     d = init_distributed(1, 1)
     model_parallel_seed(0)
@@ -37,7 +37,7 @@ class _NoTokenizer:
 
 
 def _import(hf_dir):
-    from optune_nemo.policy.model import build_gpt_model
+    from optune_nemo.megatron.model import build_gpt_model
 
     mc = hf_config_to_model_config(hf_dir)
     model = build_gpt_model(mc, vocab_size=read_hf_config(hf_dir).vocab_size)
@@ -47,7 +47,7 @@ def _import(hf_dir):
 
 @pytest.mark.parametrize("kind", list(KINDS))
 def test_import_logits_match_transformers_and_export_round_trips(kind, tmp_path, dist1):
-    from optune_nemo.policy.hf_export import export_hf
+    from optune_nemo.megatron.hf_export import export_hf
 
     hf = make_hf_model(kind, seed=3)
     hf.save_pretrained(tmp_path / "src")
@@ -93,7 +93,7 @@ def test_sharded_safetensors_are_read(tmp_path, dist1):
 
 
 def test_sharded_export(tmp_path, dist1):
-    from optune_nemo.policy.hf_export import export_hf
+    from optune_nemo.megatron.hf_export import export_hf
 
     hf = make_hf_model("llama_tied", seed=6)
     hf.save_pretrained(tmp_path / "src")
@@ -154,7 +154,7 @@ def test_tp_must_divide_kv_heads(tmp_path):
 
 
 def test_weights_contradicting_the_config_are_refused(tmp_path, dist1):
-    from optune_nemo.policy.model import build_gpt_model
+    from optune_nemo.megatron.model import build_gpt_model
 
     make_hf_model("llama_untied").save_pretrained(tmp_path)
     mc = hf_config_to_model_config(tmp_path)
@@ -167,7 +167,7 @@ def test_weights_contradicting_the_config_are_refused(tmp_path, dist1):
 
 
 def test_export_refuses_non_empty_out_dir(tmp_path, dist1):
-    from optune_nemo.policy.hf_export import export_hf
+    from optune_nemo.megatron.hf_export import export_hf
 
     make_hf_model("llama_tied").save_pretrained(tmp_path / "src")
     model, mc = _import(tmp_path / "src")

@@ -12,7 +12,7 @@ pytestmark = pytest.mark.slow
 
 @pytest.fixture(scope="module")
 def smollm2_dir(tmp_path_factory):
-    from optune_nemo.policy.hf_import import gguf_to_hf_dir, smollm2_gguf_path
+    from optune_nemo.megatron.hf_import import gguf_to_hf_dir, smollm2_gguf_path
 
     try:
         gguf = smollm2_gguf_path()
@@ -37,10 +37,10 @@ def test_smollm2_megatron_logits_match_transformers(smollm2_dir):
     from transformers import AutoModelForCausalLM
 
     from optune_nemo.data.hf_tokenizer import HFTokenizer
-    from optune_nemo.policy.cpu_compat import model_parallel_seed
-    from optune_nemo.policy.hf_import import hf_config_to_model_config, load_hf_weights_into
-    from optune_nemo.policy.model import build_gpt_model
-    from optune_nemo.policy.parallel import init_distributed
+    from optune_nemo.megatron.cpu_compat import model_parallel_seed
+    from optune_nemo.megatron.hf_import import hf_config_to_model_config, load_hf_weights_into
+    from optune_nemo.megatron.model import build_gpt_model
+    from optune_nemo.megatron.parallel import init_distributed
 
     init_distributed(1, 1)
     model_parallel_seed(0)

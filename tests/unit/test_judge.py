@@ -1,4 +1,4 @@
-"""Win-score judges (optune_nemo/judge.py): eq. 7 on hand-counted outcomes, the two-order rule's whole
+"""Win-score judges (optune_nemo/evaluation/judge.py): eq. 7 on hand-counted outcomes, the two-order rule's whole
 truth table, the reward judge's tie margin on hand-picked rewards, score-line parsing, and the llm judge's
 requests and answer handling through a stub chat client (a real server: tests/e2e/test_llm_judge.py)."""
 
@@ -11,7 +11,7 @@ from types import SimpleNamespace
 import pytest
 
 from optune_nemo.config import ConfigError, EvalConfig
-from optune_nemo.judge import (
+from optune_nemo.evaluation.judge import (
     HAVE_OPENAI,
     NO_KEY,
     JudgeResult,

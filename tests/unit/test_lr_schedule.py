@@ -4,7 +4,7 @@ import pytest
 import torch
 
 from optune_nemo.config import OptimConfig
-from optune_nemo.policy.trainable import MegatronTrainable
+from optune_nemo.megatron.trainable import MegatronTrainable
 
 
 def _lrs(total: int, **optim) -> list[float]:

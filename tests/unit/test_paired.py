@@ -12,8 +12,8 @@ import pyarrow.parquet as pq
 import pytest
 
 from optune_nemo.analysis import paired
+from optune_nemo.analysis.report import load_run
 from optune_nemo.config import OptuneNemoConfig, config_to_yaml
-from optune_nemo.report import load_run
 
 ITERS = 4
 
@@ -132,7 +132,7 @@ def test_a_forks_iteration_0_is_read_from_its_base(tmp_path):
 
 
 def test_the_report_carries_the_outcomes_and_the_predicted_speedup(tmp_path):
-    from optune_nemo.report import analyse, find_runs, render_markdown
+    from optune_nemo.analysis.report import analyse, find_runs, render_markdown
 
     _experiment(tmp_path, np.random.default_rng(3), shift=0.25, seeds=6, prompts=64, seed_sd=0.0, noise_sd=0.02,
                 b_tokens=50, seed_effects=[0.0] * 6)

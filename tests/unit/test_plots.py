@@ -1,11 +1,11 @@
-"""The run's figure (optune_nemo/evaluation.py: reward_per_iteration.png): integer iteration ticks with the
+"""The run's figure (optune_nemo/evaluation/heldout.py: reward_per_iteration.png): integer iteration ticks with the
 starting policy at the tick `start`, the legend outside the axes, the curves where the records put them."""
 
 from __future__ import annotations
 
 import pytest
 
-from optune_nemo.evaluation import iteration_ticks, plot_rewards, reward_figure
+from optune_nemo.evaluation.heldout import iteration_ticks, plot_rewards, reward_figure
 
 
 @pytest.mark.parametrize("first, last, start, ticks", [

@@ -10,7 +10,7 @@ from tiny import VOCAB, WDPO, build, random_pairs, tiny_config
 
 from optune_nemo.generation.torch_engine import TorchEngine, sample_from_uniform, sample_generator
 from optune_nemo.interfaces import PreferenceBatch, SamplingParams
-from optune_nemo.policy.packing import pack_groups, sum_per_output
+from optune_nemo.megatron.packing import pack_groups, sum_per_output
 
 
 @pytest.fixture(scope="module")
@@ -25,7 +25,7 @@ def _full_logits(model, seq):
 
 
 def test_packing_worked_example():
-    """The example of policy/packing.py's docstring, written out."""
+    """The example of megatron/packing.py's docstring, written out."""
     b = pack_groups([([5, 6], [[7, 8], [9]]), ([4], [[3]])], pad_id=0, length=8)
     assert b.tokens_BS.tolist() == [[5, 6, 7, 8, 9, 4, 3, 0]]
     assert b.positions_BS.tolist() == [[0, 1, 2, 3, 2, 0, 1, 0]]

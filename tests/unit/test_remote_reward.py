@@ -11,7 +11,6 @@ import pytest
 from serve_utils import HAVE_PYTRITON, NO_PYTRITON, RMServer, free_ports, wait_until_listening_stops
 
 from optune_nemo.config import ConfigError, RewardConfig
-from optune_nemo.config_serve import ServeRMConfig, render_yaml, validate_serve
 from optune_nemo.interfaces import Prompt
 from optune_nemo.reward.base import RewardError, RewardUnavailable, RuleReward
 from optune_nemo.reward.remote import (
@@ -21,6 +20,7 @@ from optune_nemo.reward.remote import (
     response_to_wire,
     served_reward_failure,
 )
+from optune_nemo.rm.serve_config import ServeRMConfig, render_yaml, validate_serve
 
 needs_pytriton = pytest.mark.skipif(not HAVE_PYTRITON, reason=NO_PYTRITON)
 
@@ -60,7 +60,7 @@ def test_served_reward_failure_is_told_from_server_failures():
 
 
 def test_libpython_dir(tmp_path, monkeypatch):
-    from optune_nemo.serve_rm import libpython_dir
+    from optune_nemo.rm.serve import libpython_dir
 
     real = sysconfig.get_config_var
 
@@ -102,12 +102,12 @@ def test_serve_rm_yaml_is_generated_from_the_schema():
     from optune_nemo.config import CONF_DIR
 
     assert (CONF_DIR / "serve_rm.yaml").read_text() == render_yaml(), (
-        "conf/serve_rm.yaml is stale: run `python -m optune_nemo.config_serve > conf/serve_rm.yaml`")
+        "conf/serve_rm.yaml is stale: run `python -m optune_nemo.rm.serve_config > conf/serve_rm.yaml`")
 
 
 def test_check_ports_free():
-    from optune_nemo.config_serve import ServerConfig
-    from optune_nemo.serve_rm import check_ports_free
+    from optune_nemo.rm.serve import check_ports_free
+    from optune_nemo.rm.serve_config import ServerConfig
 
     a, b, c = free_ports(3)
     check_ports_free(ServerConfig(http_port=a, grpc_port=b, metrics_port=c))
@@ -236,7 +236,7 @@ def test_grpc_equals_http(server):
 
 
 def _two_rank_clients(rank, url):
-    from optune_nemo.policy.parallel import init_distributed
+    from optune_nemo.megatron.parallel import init_distributed
     from optune_nemo.reward.remote import RemoteReward
 
     dist = init_distributed(2, 1)            # tensor-parallel 2: a single data-parallel rank
@@ -332,7 +332,7 @@ def test_served_reward_models_equal_local(rtype, tmp_path):
     rounded to float32."""
     from rm_tiny import save_hf_rm
 
-    from optune_nemo.policy.parallel import init_distributed
+    from optune_nemo.megatron.parallel import init_distributed
     from optune_nemo.reward import build_reward
 
     rm = save_hf_rm("llama_untied", tmp_path / "rm", seed=8)

@@ -1,4 +1,4 @@
-"""The experiment report (optune_nemo/report.py) on tiny hand-made run directories laid out like a sweep
+"""The experiment report (optune_nemo/analysis/report.py) on tiny hand-made run directories laid out like a sweep
 (two bases per seed, forks that inherit iteration 0): settings and seeds, per-iteration curves, the
 cumulative cost axes, the speed-up next to Amdahl's bound, and the Fig. 2 split of the ranking-score gain,
 every number checked against values computed by hand in the comments; report.md, report.json and the
@@ -14,8 +14,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
-from optune_nemo.config import OptuneNemoConfig, config_to_yaml
-from optune_nemo.report import (
+from optune_nemo.analysis.report import (
     amdahl_bound,
     analyse,
     comparison_figure,
@@ -26,6 +25,7 @@ from optune_nemo.report import (
     ranking_scores,
     store_path,
 )
+from optune_nemo.config import OptuneNemoConfig, config_to_yaml
 
 # --------------------------------------------------------------------------- fixture run directories
 
@@ -281,7 +281,7 @@ def test_comparison_figure_takes_a_ci_band(sweep):
 
 def test_comparison_figure_grid_for_seven_panels():
     """Seven comparisons: a 2 x 4 grid with one empty slot hidden, every panel titled by its pair."""
-    from optune_nemo.report import Report
+    from optune_nemo.analysis.report import Report
 
     settings = [_setting(0.3, "lowest_reward"), _setting(0.5, "lowest_reward", "dpo"), _setting(0.5, "lowest_reward"),
                 _setting(0.5, "random"), _setting(0.7, "lowest_reward"), _setting(0.7, "random"),

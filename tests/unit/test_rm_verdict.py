@@ -1,4 +1,4 @@
-"""train_rm's verdict on its own reward model (optune_nemo/train_rm.py): the one-sided exact binomial test
+"""train_rm's verdict on its own reward model (optune_nemo/rm/train.py): the one-sided exact binomial test
 against chance, checked against sums written out by hand and an independent float64 computation through
 log-gamma; the over-fitting rule, early stopping's count and the held-out size on hand-made records; the
 keys that configure them."""
@@ -10,8 +10,8 @@ import math
 import pytest
 
 from optune_nemo.config import ConfigError
-from optune_nemo.config_rm import load_config, validate
-from optune_nemo.train_rm import (
+from optune_nemo.rm.config import load_config, validate
+from optune_nemo.rm.train import (
     ALPHA,
     binomial_tail,
     evaluations_since_best,
@@ -137,7 +137,7 @@ def test_keys_are_validated(tmp_path):
 
 
 def test_early_stopping_needs_heldout_pairs(tmp_path):
-    from optune_nemo.train_rm import check_inputs
+    from optune_nemo.rm.train import check_inputs
 
     path = tmp_path / "p.jsonl"
     path.write_text('{"prompt": "p", "chosen": "a", "rejected": "b"}\n')

@@ -14,13 +14,13 @@ import time
 
 import pytest
 
-from optune_nemo import rundir
 from optune_nemo.errors import ConfigError, RunDirBusy
-from optune_nemo.rundir import LOCK_FILE, RunDir, hold_run_dir, holds_run_dir, release_run_dir
+from optune_nemo.runtime import rundir
+from optune_nemo.runtime.rundir import LOCK_FILE, RunDir, hold_run_dir, holds_run_dir, release_run_dir
 
 HOLDER = textwrap.dedent("""
     import sys, time
-    from optune_nemo.rundir import hold_run_dir
+    from optune_nemo.runtime.rundir import hold_run_dir
     hold_run_dir(sys.argv[1])
     print("held", flush=True)
     time.sleep(120)
@@ -138,12 +138,12 @@ def test_a_job_holds_through_rank_0_only(tmp_path):
 
 
 def test_a_sweep_on_a_held_root_is_refused(holder, monkeypatch, capsys):
-    from optune_nemo import sweep
+    from optune_nemo.analysis import sweep
 
     root, proc = holder
     monkeypatch.setattr(sweep, "run_local", lambda *a, **k: pytest.fail("a refused sweep ran something"))
     rc = sweep.main(["--root", str(root), "--rho", "1", "--seeds", "1", "--iterations", "2", "--",
                      "policy.hf_path=null", "eval.num_prompts=0"])
     err = capsys.readouterr().err.strip().splitlines()
-    assert rc == 2 and err[-1].startswith(f"optune_nemo.sweep: error: exp_dir {root} is in use by another run")
+    assert rc == 2 and err[-1].startswith(f"optune_nemo.analysis.sweep: error: exp_dir {root} is in use by another run")
     assert f"pid {proc.pid}" in err[-1]

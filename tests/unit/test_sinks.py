@@ -12,7 +12,7 @@ from pathlib import Path
 import pytest
 
 from optune_nemo.config import ConfigError, LoggingConfig, MlflowConfig, WandbConfig, validate_logging
-from optune_nemo.metrics import TRACKERS, MetricsWriter, read_metrics
+from optune_nemo.runtime.metrics import TRACKERS, MetricsWriter, read_metrics
 
 ROOT = Path(__file__).resolve().parents[2]
 RECORDS = [{"iteration": t, "loss": 0.5 - 0.1 * t, "regenerated": 8 + t, "flag": True, "precision": "fp32"}
@@ -142,7 +142,7 @@ def test_tags_come_from_the_config():
     import dataclasses
 
     from optune_nemo.config import OptuneNemoConfig
-    from optune_nemo.config_rm import TrainRMConfig
+    from optune_nemo.rm.config import TrainRMConfig
     from optune_nemo.sinks import config_tags, user_tags
 
     cfg = OptuneNemoConfig(seed=3)

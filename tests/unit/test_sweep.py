@@ -1,4 +1,4 @@
-"""The sweep runner (optune_nemo/sweep.py, slurm/sweep.sh, slurm/rho_sweep.sh) without a cluster: the plan
+"""The sweep runner (optune_nemo/analysis/sweep.py, slurm/sweep.sh, slurm/rho_sweep.sh) without a cluster: the plan
 (which runs, their overrides, exp_dir names, init_from paths), resuming (COMPLETED runs skipped, forks of a
 failed base not started), the dry-run output, the two job arrays with their dependency through a stand-in
 `sbatch`, and an array task of slurm/sweep.sh through stand-in `srun` / `scontrol`. A real tiny sweep runs
@@ -15,8 +15,8 @@ from pathlib import Path
 
 import pytest
 
+from optune_nemo.analysis.sweep import has_init_from, main, plan_sweep, settings
 from optune_nemo.config import ConfigError
-from optune_nemo.sweep import has_init_from, main, plan_sweep, settings
 
 ROOT = Path(__file__).resolve().parents[2]
 
@@ -132,8 +132,8 @@ def _local(tmp_path, monkeypatch, fail="", extra=()):
     stub.write_text(STUB_TRAIN)
     monkeypatch.setenv("STUB_LOG", str(tmp_path / "calls.jsonl"))
     monkeypatch.setenv("STUB_FAIL", fail)
-    monkeypatch.setattr("optune_nemo.sweep.has_init_from", lambda: True)
-    monkeypatch.setattr("optune_nemo.sweep.check_overrides", lambda plan: None)
+    monkeypatch.setattr("optune_nemo.analysis.sweep.has_init_from", lambda: True)
+    monkeypatch.setattr("optune_nemo.analysis.sweep.check_overrides", lambda plan: None)
     rc = main(["--root", str(tmp_path / "sweep"), *ARGS, *extra, "--launcher", f"{sys.executable} {stub}"])
     log = tmp_path / "calls.jsonl"
     calls = [json.loads(line) for line in log.read_text().splitlines()] if log.exists() else []
@@ -170,13 +170,13 @@ def test_prune_removes_fork_shards_and_keeps_what_the_report_reads(tmp_path, mon
 
 
 def test_running_needs_init_from(tmp_path, monkeypatch, capsys):
-    monkeypatch.setattr("optune_nemo.sweep.has_init_from", lambda: False)
+    monkeypatch.setattr("optune_nemo.analysis.sweep.has_init_from", lambda: False)
     assert main(["--root", str(tmp_path), *ARGS]) == 2
     assert "init_from" in capsys.readouterr().err
 
 
 def test_wrong_override_stops_before_any_run(tmp_path, monkeypatch, capsys):
-    monkeypatch.setattr("optune_nemo.sweep.has_init_from", lambda: True)
+    monkeypatch.setattr("optune_nemo.analysis.sweep.has_init_from", lambda: True)
     assert main(["--root", str(tmp_path / "s"), *ARGS, "--", "optune.no_such_key=1"]) == 2
     err = capsys.readouterr().err
     assert "optune.no_such_key" in err and len(err.strip().splitlines()) == 1
@@ -198,8 +198,8 @@ def test_slurm_submits_two_arrays_with_dependency(tmp_path, monkeypatch, capsys)
     bin_dir = _stub_bin(tmp_path, "sbatch", f'echo "$@" >> {tmp_path}/sbatch_calls; '
                                             f'echo $(( 100 + $(wc -l < {tmp_path}/sbatch_calls) ))";cluster"')
     monkeypatch.setenv("PATH", f"{bin_dir}:{os.environ['PATH']}")
-    monkeypatch.setattr("optune_nemo.sweep.has_init_from", lambda: True)
-    monkeypatch.setattr("optune_nemo.sweep.check_overrides", lambda plan: None)
+    monkeypatch.setattr("optune_nemo.analysis.sweep.has_init_from", lambda: True)
+    monkeypatch.setattr("optune_nemo.analysis.sweep.check_overrides", lambda plan: None)
     root = tmp_path / "sweep"
     (root / "runs" / "rho1-all-wdpo-seed1").mkdir(parents=True)
     (root / "runs" / "rho1-all-wdpo-seed1" / "COMPLETED").write_text("ok\n")
@@ -226,8 +226,8 @@ def test_slurm_submits_two_arrays_with_dependency(tmp_path, monkeypatch, capsys)
 def test_slurm_without_pending_bases_submits_forks_without_dependency(tmp_path, monkeypatch):
     bin_dir = _stub_bin(tmp_path, "sbatch", f'echo "$@" >> {tmp_path}/sbatch_calls; echo 7')
     monkeypatch.setenv("PATH", f"{bin_dir}:{os.environ['PATH']}")
-    monkeypatch.setattr("optune_nemo.sweep.has_init_from", lambda: True)
-    monkeypatch.setattr("optune_nemo.sweep.check_overrides", lambda plan: None)
+    monkeypatch.setattr("optune_nemo.analysis.sweep.has_init_from", lambda: True)
+    monkeypatch.setattr("optune_nemo.analysis.sweep.check_overrides", lambda plan: None)
     root = tmp_path / "sweep"
     for seed in (1, 2):
         (root / "base" / f"wdpo-seed{seed}").mkdir(parents=True)

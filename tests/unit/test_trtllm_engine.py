@@ -26,7 +26,7 @@ import torch
 from optune_nemo.config import ConfigError, load_config
 from optune_nemo.generation import trtllm_engine
 from optune_nemo.interfaces import SamplingParams
-from optune_nemo.seeding import mix_seed
+from optune_nemo.runtime.seeding import mix_seed
 
 # --------------------------------------------------------------------------- the stand-in module
 

@@ -36,9 +36,9 @@ import numpy as np
 import torch
 import torch.distributed as dist
 
-from optune_nemo.distributed import all_gather_object, barrier, broadcast_object, global_rank
 from optune_nemo.errors import CheckpointError, StorageError, first_line  # noqa: F401  (re-exported)
-from optune_nemo.fileio import write_json_atomic, write_text_atomic
+from optune_nemo.runtime.distributed import all_gather_object, barrier, broadcast_object, global_rank
+from optune_nemo.runtime.fileio import write_json_atomic, write_text_atomic
 
 log = logging.getLogger(__name__)
 
@@ -96,7 +96,7 @@ def checkpoint_problem(directory: Path) -> str | None:
     file: the manifest verifies, every `*.pt` loads with the weights-only loader (megatron's `common.pt`,
     sharded objects, the RNG states), and every dist-checkpoint `.metadata` unpickles with checkpoint
     metadata's globals only. Reads every small file once; the tensor shards are covered by the checksums."""
-    from optune_nemo.policy.safe_unpickle import check_dist_checkpoint
+    from optune_nemo.runtime.safe_unpickle import check_dist_checkpoint
 
     directory = Path(directory)
     if not directory.is_dir():

@@ -20,7 +20,7 @@ import json
 import math
 from pathlib import Path
 
-from optune_nemo.fileio import write_json_atomic, write_text_atomic
+from optune_nemo.runtime.fileio import write_json_atomic, write_text_atomic
 
 FILE = "metrics.jsonl"
 TRACKERS = "trackers.json"

@@ -1,11 +1,11 @@
-"""Megatron's model-parallel state on top of the process group (`optune_nemo.distributed`)."""
+"""Megatron's model-parallel state on top of the process group (`optune_nemo.runtime.distributed`)."""
 
 from __future__ import annotations
 
 import torch
 
 from optune_nemo.config import ConfigError, ParallelConfig
-from optune_nemo.distributed import DistEnv, init_process_group, local_device
+from optune_nemo.runtime.distributed import DistEnv, init_process_group, local_device
 
 
 def init_distributed(tensor_model_parallel_size: int, pipeline_model_parallel_size: int, *,
@@ -15,7 +15,7 @@ def init_distributed(tensor_model_parallel_size: int, pipeline_model_parallel_si
     (`config.validate` checks it before anything runs; this is the last guard)."""
     from megatron.core import parallel_state as ps
 
-    from optune_nemo.policy.cpu_compat import enable_cpu_compat
+    from optune_nemo.megatron.cpu_compat import enable_cpu_compat
 
     device = local_device()
     if device.type == "cuda":

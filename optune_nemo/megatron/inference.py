@@ -17,8 +17,8 @@ from collections.abc import Iterator
 
 import torch
 
-from optune_nemo.distributed import DistEnv, broadcast_object
-from optune_nemo.policy.cpu_compat import cpu_compat_suspended
+from optune_nemo.megatron.cpu_compat import cpu_compat_suspended
+from optune_nemo.runtime.distributed import DistEnv, broadcast_object
 
 
 class MegatronDecoder:
@@ -112,7 +112,7 @@ class MegatronDecoder:
         """`obj` of the last pipeline stage on every stage (the sampled tokens); as is without PP."""
         if self.dist.pp_size == 1:
             return obj
-        from optune_nemo.policy.parallel import pipeline_last_rank
+        from optune_nemo.megatron.parallel import pipeline_last_rank
 
         return broadcast_object(obj, src=pipeline_last_rank(), group=self.dist.pp_group)
 

@@ -162,7 +162,7 @@ def hold_run_dir(exp_dir: str | Path, *, rank: int = 0) -> None:
     refusal = _try_lock(Path(exp_dir)) if rank == 0 else None
     tdist = sys.modules.get("torch.distributed")     # a process group exists only where torch made one
     if tdist is not None and tdist.is_available() and tdist.is_initialized():
-        from optune_nemo.distributed import broadcast_object
+        from optune_nemo.runtime.distributed import broadcast_object
 
         refusal = broadcast_object(refusal)
     if refusal is not None:

@@ -1,7 +1,7 @@
 """Typed configuration of reward-model training (`python -m optune_nemo.train_rm`): the only place its
 defaults live. Sections shared with OPTune runs (policy, model, parallel, optim, checkpoint, logging) are
 the dataclasses of `optune_nemo.config`; the preference data and the training knobs are defined here.
-`conf/train_rm.yaml` is this schema rendered (`python -m optune_nemo.config_rm > conf/train_rm.yaml`).
+`conf/train_rm.yaml` is this schema rendered (`python -m optune_nemo.rm.config > conf/train_rm.yaml`).
 """
 
 from __future__ import annotations
@@ -248,8 +248,8 @@ def validate(cfg: TrainRMConfig, world_size: int = 1) -> None:
 def render_yaml() -> str:
     """conf/train_rm.yaml as it must read: the schema's defaults with their docstrings as comments."""
     return render_schema_yaml(TrainRMConfig, name="train_rm", schema_name=SCHEMA_NAME,
-                              title="Reward-model training configuration", source="optune_nemo/config_rm.py",
-                              module="optune_nemo.config_rm",
+                              title="Reward-model training configuration", source="optune_nemo/rm/config.py",
+                              module="optune_nemo.rm.config",
                               example="python -m optune_nemo.train_rm data.path=prefs.jsonl exp_dir=runs/rm1 "
                                       "rm.epochs=2")
 

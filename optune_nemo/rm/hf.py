@@ -28,7 +28,7 @@ import torch
 import torch.distributed as tdist
 
 from optune_nemo.config import ConfigError, ModelConfig
-from optune_nemo.policy.hf_import import SUPPORTED_ARCHITECTURES, HFModelInfo
+from optune_nemo.megatron.hf_import import SUPPORTED_ARCHITECTURES, HFModelInfo
 
 log = logging.getLogger(__name__)
 
@@ -108,7 +108,7 @@ def rm_model_info(hf_dir: str | Path, *, key: str) -> HFModelInfo:
 def rm_model_config(hf_dir: str | Path, *, key: str, seq_length: int | None = None,
                     base: ModelConfig | None = None) -> ModelConfig:
     """`ModelConfig` of a reward-model directory's backbone. Raises ConfigError naming `key`."""
-    from optune_nemo.policy.hf_import import hf_config_to_model_config
+    from optune_nemo.megatron.hf_import import hf_config_to_model_config
 
     try:
         return hf_config_to_model_config(rm_model_info(hf_dir, key=key), seq_length=seq_length, base=base)
@@ -143,8 +143,8 @@ def load_hf_rm_into(model, hf_dir: str | Path, *, model_cfg: ModelConfig, dist) 
     """The reward model of `hf_dir` into this rank's bare reward-model chunk (`reward_model.build_reward_gpt`):
     every backbone parameter (its slices only) and, on the last stage, the head from `score.weight`.
     Raises ValueError when a tensor is missing or contradicts the config."""
-    from optune_nemo.policy.hf_import import SafetensorsReader, load_hf_weights_into
-    from optune_nemo.policy.reward_model import BackboneView
+    from optune_nemo.megatron.hf_import import SafetensorsReader, load_hf_weights_into
+    from optune_nemo.rm.model import BackboneView
 
     hf_dir = Path(hf_dir).expanduser()
     with _as_causal_lm(hf_dir) as view:
@@ -167,7 +167,7 @@ def export_vocab_size(meta) -> int:
 
 def rm_config_dict(meta, *, dtype: torch.dtype) -> dict:
     """config.json of the export: the causal LM's (`hf_export.hf_config_dict`) turned into the reward model's."""
-    from optune_nemo.policy.hf_export import hf_config_dict
+    from optune_nemo.megatron.hf_export import hf_config_dict
 
     causal = meta.architecture
     seq_cls = next(k for k, v in SEQ_CLS_ARCHITECTURES.items() if v == causal)
@@ -183,7 +183,7 @@ def rm_config_dict(meta, *, dtype: torch.dtype) -> dict:
 
 def _gather_head(model_chunks, dist) -> torch.Tensor | None:
     """The head on global rank 0 (from the last pipeline stage's first TP rank of DP rank 0), on the CPU."""
-    from optune_nemo.policy.hf_import import unwrap_model
+    from optune_nemo.megatron.hf_import import unwrap_model
 
     mine = None
     for chunk in model_chunks:
@@ -203,9 +203,9 @@ def export_hf_rm(model_chunks, meta, out_dir: str | Path, *, tokenizer, dist=Non
     """Write the reward model (`model_chunks`: this rank's chunks, DDP-wrapped or bare; `meta`: its
     `reward_model.RewardModelMeta`) as an HF sequence-classification directory. Collective: every rank calls
     it; global rank 0 writes and returns the path, the others None."""
-    from optune_nemo.policy.hf_export import collect_hf_state_dict, commit_out_dir, prepare_out_dir, write_safetensors
-    from optune_nemo.policy.hf_import import unwrap_model
-    from optune_nemo.policy.reward_model import BackboneView
+    from optune_nemo.megatron.hf_export import collect_hf_state_dict, commit_out_dir, prepare_out_dir, write_safetensors
+    from optune_nemo.megatron.hf_import import unwrap_model
+    from optune_nemo.rm.model import BackboneView
 
     if meta.architecture not in SEQ_CLS_ARCHITECTURES.values():
         raise ConfigError("policy.hf_path: exporting a Hugging Face reward model needs a Llama, Mistral or Qwen2 "

@@ -3,7 +3,7 @@
 RMSNorm, SwiGLU MLP, RoPE (configurable base), grouped-query attention, no linear biases (optional
 QKV bias for Qwen2), tied or untied embeddings. Layer spec: the local (pure torch) spec, or the
 Transformer Engine spec when `model.transformer_impl=transformer_engine` and TE is installed; either
-with the project's core attention (policy/attention.py, `model.attention_backend`).
+with the project's core attention (megatron/attention.py, `model.attention_backend`).
 """
 
 from __future__ import annotations
@@ -16,7 +16,7 @@ import torch
 import torch.nn.functional as F
 
 from optune_nemo.config import ConfigError, ModelConfig
-from optune_nemo.seeding import mix_seed
+from optune_nemo.runtime.seeding import mix_seed
 
 try:
     import transformer_engine  # noqa: F401
@@ -81,7 +81,7 @@ def build_transformer_config(model_cfg: ModelConfig, *, tp_size: int, pp_size: i
         # SwiGLU and the residual add go through megatron's jit_fuser (torch.compile: Triton kernels) on a GPU;
         # on CPU each new row length would cost an inductor C++ compile, so the plain torch paths run there.
         # The masked-softmax, persistent-norm, RoPE and wgrad fusions need Apex / TE kernels; the core attention
-        # is policy/attention.py's (fused SDPA / FlexAttention kernels) and never uses megatron's softmax.
+        # is megatron/attention.py's (fused SDPA / FlexAttention kernels) and never uses megatron's softmax.
         bias_activation_fusion=on_gpu,
         bias_dropout_fusion=on_gpu,
         masked_softmax_fusion=False,
@@ -126,7 +126,7 @@ def with_core_attention(spec, backend: str):
     """`spec` (a TransformerLayer ModuleSpec) with its self-attention's core_attention replaced by
     `attention.PackedCoreAttention` running `backend`; every other submodule is kept (a copy: megatron's spec
     functions may hand out shared objects)."""
-    from optune_nemo.policy.attention import PackedCoreAttention
+    from optune_nemo.megatron.attention import PackedCoreAttention
 
     attention = spec.submodules.self_attention
     submodules = dataclasses.replace(attention.submodules,

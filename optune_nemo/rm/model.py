@@ -46,10 +46,10 @@ import torch
 import torch.nn.functional as F
 
 from optune_nemo.config import ModelConfig, OptimConfig
-from optune_nemo.distributed import DistEnv, broadcast_object, gather_shards, shard
 from optune_nemo.losses.bradley_terry import bradley_terry_per_pair
-from optune_nemo.policy.trainable import MegatronTrainable, wrap_for_training
-from optune_nemo.seeding import generator
+from optune_nemo.megatron.trainable import MegatronTrainable, wrap_for_training
+from optune_nemo.runtime.distributed import DistEnv, broadcast_object, gather_shards, shard
+from optune_nemo.runtime.seeding import generator
 
 HEAD_PREFIX = "output_layer."
 """Megatron parameter names of the head (it takes the LM output layer's place)."""
@@ -94,7 +94,7 @@ def build_reward_gpt(model_cfg: ModelConfig, *, vocab_size: int, tp_size: int, p
     """This rank's chunk of the reward model: a GPTModel (untied: no output weight shared with the embedding)
     whose output layer is a `ScalarHead` on the last stage, initialised per `head_init_` when `init_seed` is
     given (zeros otherwise: weights to be loaded)."""
-    from optune_nemo.policy.model import build_gpt_model
+    from optune_nemo.megatron.model import build_gpt_model
 
     gpt = build_gpt_model(replace(model_cfg, untie_embeddings_and_output_weights=True), vocab_size=vocab_size,
                           tp_size=tp_size, pp_size=pp_size, pre_process=pre_process, post_process=post_process,
@@ -178,7 +178,7 @@ def score_sequences(model_chunks: list, seqs: Sequence[Sequence[int]], *, pad_id
     batches of `rows`, each padded to its own longest; every rank gets every score."""
     from megatron.core.pipeline_parallel import get_forward_backward_func
 
-    from optune_nemo.policy.parallel import pipeline_last_rank
+    from optune_nemo.megatron.parallel import pipeline_last_rank
 
     order = sorted(range(len(seqs)), key=lambda i: len(seqs[i]))
     got: list[tuple[list[int], torch.Tensor]] = []
@@ -242,7 +242,7 @@ class RewardModelMeta:
 
     def save(self, directory: Path, tokenizer) -> None:
         """`reward_model.json` and the tokenizer (`tokenizer/`) into `directory`."""
-        from optune_nemo.fileio import write_text_atomic
+        from optune_nemo.runtime.fileio import write_text_atomic
 
         write_text_atomic(Path(directory) / META_FILE, self.to_json())
         tokenizer.save(Path(directory) / TOKENIZER_DIR)
@@ -251,9 +251,9 @@ class RewardModelMeta:
 def find_rm_checkpoint(path: str | Path, *, key: str) -> Path:
     """The train_rm checkpoint `path` names: a checkpoint directory (it holds `reward_model.json`) or a
     train_rm exp_dir (its newest complete checkpoint). Raises ConfigError naming `key`."""
-    from optune_nemo.checkpoint import CheckpointManager, verify_manifest
     from optune_nemo.config import ConfigError
-    from optune_nemo.policy.hf_rm import is_reward_model_dir, read_rm_config
+    from optune_nemo.rm.hf import is_reward_model_dir, read_rm_config
+    from optune_nemo.runtime.checkpoint import CheckpointManager, verify_manifest
 
     p = Path(path).expanduser()
     if (p / META_FILE).is_file():
@@ -291,7 +291,7 @@ def load_model_weights(model, directory: str | Path) -> None:
     model, at any TP / PP (dist checkpointing reshards). Collective."""
     from megatron.core import dist_checkpointing
 
-    from optune_nemo.policy.safe_unpickle import check_dist_checkpoint, load_dist_checkpoint
+    from optune_nemo.runtime.safe_unpickle import check_dist_checkpoint, load_dist_checkpoint
 
     check_dist_checkpoint(str(directory))
     with torch.no_grad():
@@ -385,7 +385,7 @@ class MegatronRewardModel(MegatronTrainable):
         """A causal LM's weights into the backbone (its LM head is not read; the head keeps its
         initialisation). With bf16 the optimizer's fp32 main parameters are refreshed from the new weights,
         or its first step would write the random initialisation back into the model."""
-        from optune_nemo.policy.hf_import import load_hf_weights_into
+        from optune_nemo.megatron.hf_import import load_hf_weights_into
 
         d = self.dist
         load_hf_weights_into(BackboneView(self.unwrapped_model()), hf_dir, model_cfg=self.meta.model,
@@ -394,7 +394,7 @@ class MegatronRewardModel(MegatronTrainable):
 
     def load_hf_reward_model(self, hf_dir: Path) -> None:
         """An HF sequence-classification reward model (backbone and `score.weight`), exactly."""
-        from optune_nemo.policy.hf_rm import load_hf_rm_into
+        from optune_nemo.rm.hf import load_hf_rm_into
 
         load_hf_rm_into(self.unwrapped_model(), hf_dir, model_cfg=self.meta.model, dist=self.dist)
         self.optimizer.reload_model_params()
@@ -406,7 +406,7 @@ class MegatronRewardModel(MegatronTrainable):
     def export_hf(self, out_dir: str | Path, *, tokenizer) -> Path | None:
         """A `*ForSequenceClassification` directory (num_labels 1), written atomically by global rank 0, which
         returns its path; None elsewhere. Collective."""
-        from optune_nemo.policy.hf_rm import export_hf_rm
+        from optune_nemo.rm.hf import export_hf_rm
 
         return export_hf_rm(self.model, self.meta, out_dir, tokenizer=tokenizer, dist=self.dist, overwrite=True)
 
@@ -418,7 +418,7 @@ def build_reward_model(meta: RewardModelMeta, *, dist: DistEnv, optim: OptimConf
     from megatron.core import parallel_state as ps
 
     assert precision in ("fp32", "bf16"), f"precision {precision!r} is not resolved"
-    from optune_nemo.policy.cpu_compat import model_parallel_seed
+    from optune_nemo.megatron.cpu_compat import model_parallel_seed
 
     model_parallel_seed(seed)
     gpt = build_reward_gpt(meta.model, vocab_size=meta.vocab_size, tp_size=dist.tp_size, pp_size=dist.pp_size,
@@ -439,7 +439,7 @@ def _rng_untouched():
     RNG, megatron's model-parallel tracker): they are restored afterwards."""
     from megatron.core.tensor_parallel.random import get_cuda_rng_tracker
 
-    from optune_nemo.policy.cpu_compat import model_parallel_seed
+    from optune_nemo.megatron.cpu_compat import model_parallel_seed
 
     devices = [torch.cuda.current_device()] if torch.cuda.is_available() else []
     with torch.random.fork_rng(devices=devices):

@@ -15,7 +15,7 @@ import sys
 import typing
 
 from optune_nemo.errors import EXIT_CHECKPOINT, EXIT_USER, CheckpointError, ConfigError, RunDirBusy, StorageError
-from optune_nemo.rundir import rank_from_env
+from optune_nemo.runtime.rundir import rank_from_env
 
 
 def _fields_under(schema, dotted: str) -> list[str] | None:
@@ -67,7 +67,7 @@ def run_hydra_main(task, *, prog: str, schema=None) -> int:
     """Run a `@hydra.main` function (its body wrapped in `captured`); returns the exit code (0, 2 for the
     user's input, 1 otherwise)."""
     os.environ["HYDRA_FULL_ERROR"] = "1"      # errors reach us instead of Hydra's multi-line report
-    from optune_nemo.console import hold_early_records
+    from optune_nemo.runtime.console import hold_early_records
 
     hold_early_records()                      # log records and warnings before the logging set-up: kept
     say = (lambda line: print(line, file=sys.stderr, flush=True)) if rank_from_env() == 0 else (lambda line: None)

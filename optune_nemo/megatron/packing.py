@@ -25,7 +25,7 @@ Worked example, groups ([5, 6], [[7, 8], [9]]) and ([4], [[3]]), padded to 8:
 
 `attend[i, j]` (token i may see token j) = same group, j <= i, and (j in the prompt or same branch);
 padding sees itself only. The batch carries the per-token ids (`SegmentIds`: group, branch), not an S x S
-mask: the core attention (policy/attention.py) builds its mask from them on the device, once per
+mask: the core attention (megatron/attention.py) builds its mask from them on the device, once per
 micro-batch. `PackedBatch.mask_B1SS` is megatron's dense form (True = masked), built on demand.
 """
 

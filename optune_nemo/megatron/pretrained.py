@@ -36,7 +36,7 @@ class ModelSource:
 
 def inspect_source(hf_path: str) -> ModelSource:
     """Read `policy.hf_path`'s config (config.json, or the GGUF header). Raises ConfigError naming the key."""
-    from optune_nemo.policy.hf_import import read_gguf_config, read_hf_config, smollm2_gguf_path
+    from optune_nemo.megatron.hf_import import read_gguf_config, read_hf_config, smollm2_gguf_path
 
     try:
         if hf_path == "smollm2":
@@ -58,7 +58,7 @@ def inspect_source(hf_path: str) -> ModelSource:
 
 def source_model_config(source: ModelSource, cfg: OptuneNemoConfig) -> ModelConfig:
     """model.* from the pretrained config; model.seq_length and the non-shape keys stay the run's."""
-    from optune_nemo.policy.hf_import import hf_config_to_model_config
+    from optune_nemo.megatron.hf_import import hf_config_to_model_config
 
     try:
         return hf_config_to_model_config(source.info, seq_length=cfg.model.seq_length, base=cfg.model)
@@ -83,7 +83,7 @@ def materialise(source: ModelSource, cache_dir: str | Path) -> Path:
     """The HF directory to load weights and tokenizer from. A GGUF is dequantised into
     `cache_dir/<stem>-<key>` once (written aside and renamed: a kill never leaves a half-written model,
     and concurrent writers on a shared file system each finish their own copy and keep the first)."""
-    from optune_nemo.policy.hf_import import gguf_to_hf_dir
+    from optune_nemo.megatron.hf_import import gguf_to_hf_dir
 
     if source.gguf is None:
         return source.hf_dir

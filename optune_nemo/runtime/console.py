@@ -167,7 +167,7 @@ def setup_logging(rank: int, level: str = "INFO", *, run_log: bool = True) -> No
     A process without a run directory (the reward server, the sweep driver) has no log file
     (`run_log=False`): its console shows other libraries' warnings too (Python warnings aside), or nothing
     would keep them."""
-    from optune_nemo.rundir import world_size_from_env
+    from optune_nemo.runtime.rundir import world_size_from_env
 
     global _RANK
     _RANK = rank

@@ -34,7 +34,7 @@ import torch
 import torch.nn.functional as F
 from megatron.core.transformer.module import MegatronModule
 
-from optune_nemo.policy.packing import SegmentIds
+from optune_nemo.megatron.packing import SegmentIds
 
 BACKENDS = ("auto", "flex", "sdpa", "local")
 """The values of `model.attention_backend`."""

@@ -47,7 +47,7 @@ FORMAT_VERSION = 1
 
 def _resolve_source(args) -> tuple[Path, Path | None]:
     """(HF directory, temporary directory to delete) for --hf or --gguf."""
-    from optune_nemo.policy.hf_import import gguf_to_hf_dir
+    from optune_nemo.megatron.hf_import import gguf_to_hf_dir
 
     if bool(args.hf) == bool(args.gguf):
         raise ValueError("hf-to-mcore: give exactly one of --hf DIR or --gguf FILE")
@@ -61,7 +61,7 @@ def _resolve_source(args) -> tuple[Path, Path | None]:
 
 def _validate_hf(hf_dir: Path, args):
     """Everything that can be checked without building the model; returns the ModelConfig."""
-    from optune_nemo.policy.hf_import import SafetensorsReader, check_parallel_sizes, hf_config_to_model_config
+    from optune_nemo.megatron.hf_import import SafetensorsReader, check_parallel_sizes, hf_config_to_model_config
 
     model_cfg = hf_config_to_model_config(hf_dir, seq_length=args.seq_length)
     check_parallel_sizes(model_cfg, tp_size=args.tp, pp_size=args.pp)
@@ -80,7 +80,7 @@ def _write_metadata(tmp: Path, hf_dir: Path, model_cfg, args, source: str) -> No
     from omegaconf import OmegaConf
 
     from optune_nemo.data.hf_tokenizer import HFTokenizer
-    from optune_nemo.policy.hf_import import read_hf_config
+    from optune_nemo.megatron.hf_import import read_hf_config
 
     info = read_hf_config(hf_dir)
     (tmp / "model_config.yaml").write_text(OmegaConf.to_yaml(OmegaConf.create(asdict(model_cfg))))
@@ -105,11 +105,11 @@ def _load_and_save(hf_dir: Path, model_cfg, tmp: Path, args) -> None:
     from megatron.core import dist_checkpointing
     from megatron.core import parallel_state as ps
 
-    from optune_nemo.distributed import all_gather_object
-    from optune_nemo.policy.cpu_compat import model_parallel_seed
-    from optune_nemo.policy.hf_import import load_hf_weights_into, read_hf_config
-    from optune_nemo.policy.model import build_gpt_model
-    from optune_nemo.policy.parallel import init_distributed
+    from optune_nemo.megatron.cpu_compat import model_parallel_seed
+    from optune_nemo.megatron.hf_import import load_hf_weights_into, read_hf_config
+    from optune_nemo.megatron.model import build_gpt_model
+    from optune_nemo.megatron.parallel import init_distributed
+    from optune_nemo.runtime.distributed import all_gather_object
 
     d = init_distributed(args.tp, args.pp)
     if d.world_size != args.tp * args.pp:
@@ -172,7 +172,7 @@ def _tmp_sibling(out: str) -> Path:
 
 def _spawn_ranks(args, hf_dir: Path, model_cfg) -> Path:
     """Run this command on tp*pp local ranks into one temporary directory, rename it on success."""
-    from optune_nemo.distributed import _free_port
+    from optune_nemo.runtime.distributed import _free_port
 
     n, tmp = args.tp * args.pp, _tmp_sibling(args.out)
     argv = [sys.executable, "-m", "optune_nemo.convert", "hf-to-mcore", "--hf", str(hf_dir), "--out",
@@ -260,10 +260,10 @@ def mcore_to_hf(args) -> Path:
     from megatron.core import dist_checkpointing
 
     from optune_nemo.data.hf_tokenizer import HFTokenizer
-    from optune_nemo.policy.cpu_compat import model_parallel_seed
-    from optune_nemo.policy.hf_export import export_hf
-    from optune_nemo.policy.model import build_gpt_model
-    from optune_nemo.policy.parallel import init_distributed
+    from optune_nemo.megatron.cpu_compat import model_parallel_seed
+    from optune_nemo.megatron.hf_export import export_hf
+    from optune_nemo.megatron.model import build_gpt_model
+    from optune_nemo.megatron.parallel import init_distributed
 
     weights, base = _meta_dirs(args)
     _check_out(args.out)

@@ -1,7 +1,7 @@
 """Typed configuration of `python -m optune_nemo.serve_rm`, the reward model server: the reward it serves
 (the run's own `RewardConfig`, any type but `remote`), how the processes split a model-parallel reward
 model, and the inference server's knobs. `conf/serve_rm.yaml` is generated from this schema
-(`python -m optune_nemo.config_serve > conf/serve_rm.yaml`).
+(`python -m optune_nemo.rm.serve_config > conf/serve_rm.yaml`).
 """
 
 from __future__ import annotations
@@ -121,8 +121,8 @@ def validate_serve(cfg: ServeRMConfig, *, world_size: int) -> None:
 def render_yaml() -> str:
     """conf/serve_rm.yaml as it must read: the schema's defaults with their docstrings as comments."""
     return render_schema_yaml(ServeRMConfig, name="serve_rm", schema_name="serve_rm_schema",
-                              title="Reward model server configuration", source="optune_nemo/config_serve.py",
-                              module="optune_nemo.config_serve",
+                              title="Reward model server configuration", source="optune_nemo/rm/serve_config.py",
+                              module="optune_nemo.rm.serve_config",
                               example="python -m optune_nemo.serve_rm reward.type=hf reward.path=/models/rm "
                                       "server.http_port=8000")
 

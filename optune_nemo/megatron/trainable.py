@@ -18,8 +18,8 @@ import torch
 import torch.distributed as tdist
 
 from optune_nemo.config import OptimConfig
-from optune_nemo.distributed import DistEnv
-from optune_nemo.policy.dist_ckpt_helper import install_results_queue
+from optune_nemo.megatron.dist_ckpt_helper import install_results_queue
+from optune_nemo.runtime.distributed import DistEnv
 
 _DIST_OPT_METADATA = {"distrib_optim_sharding_type": "dp_reshardable"}
 
@@ -194,7 +194,7 @@ class MegatronTrainable:
         run's or an imported model). Collective."""
         from megatron.core import dist_checkpointing
 
-        from optune_nemo.policy.safe_unpickle import check_dist_checkpoint, load_dist_checkpoint
+        from optune_nemo.runtime.safe_unpickle import check_dist_checkpoint, load_dist_checkpoint
 
         check_dist_checkpoint(directory)
         if load_optimizer:

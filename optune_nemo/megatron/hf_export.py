@@ -24,7 +24,7 @@ import torch
 import torch.distributed as tdist
 
 from optune_nemo.config import ModelConfig
-from optune_nemo.policy.hf_import import (
+from optune_nemo.megatron.hf_import import (
     LAYER_PATTERN,
     SUPPORTED_ARCHITECTURES,
     global_layer_numbers,

@@ -4,7 +4,7 @@ Logits stay sharded over the vocabulary on tensor-parallel ranks; the log-softma
 all-reduces of the max and the sum (megatron's vocab_parallel_cross_entropy), never gathering the
 vocabulary on one rank. Entries of the padded vocabulary (ids >= the tokenizer's vocab size) are masked
 out of the softmax, so the numbers equal those of the unpadded model. The batches these logits come from
-are packed and prefix-shared (policy/packing.py); only positions that predict a response token reach
+are packed and prefix-shared (megatron/packing.py); only positions that predict a response token reach
 the LM head.
 """
 

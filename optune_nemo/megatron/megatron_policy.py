@@ -2,11 +2,11 @@
 
 Training batches: the pairs of D_t are cut into global batches of `train.global_batch_size`; a
 global batch is dealt round-robin over data-parallel ranks, and each rank's share is split into
-micro-batches of `train.micro_batch_size` pairs. A micro-batch is ONE packed row (policy/packing.py):
+micro-batches of `train.micro_batch_size` pairs. A micro-batch is ONE packed row (megatron/packing.py):
 each pair as [prompt | chosen | rejected], the prompt run once for both responses, no padding, and the
 LM head and log-softmax only at the positions that predict a response token. Rows are packed when the
 schedule asks for them (`LazyMicrobatches`), and carry per-token segment ids, not an S x S mask (the core
-attention, policy/attention.py, builds its mask from them on the device). An empty share becomes a
+attention, megatron/attention.py, builds its mask from them on the device). An empty share becomes a
 masked dummy pair so every rank runs the same number of micro-batches. The loss is the MEAN over the
 real pairs of the global batch: each micro-batch returns the SUM of its per-pair losses and its count
 of real pairs, and with `calculate_per_token_loss` megatron's finalize_model_grads divides the summed
@@ -35,16 +35,16 @@ from pathlib import Path
 import torch
 
 from optune_nemo.config import ConfigError, OptuneNemoConfig
-from optune_nemo.distributed import DistEnv, all_gather_object, broadcast_object, gather_shards, shard
 from optune_nemo.interfaces import PreferenceBatch
 from optune_nemo.losses import PairLoss, PairTensors
-from optune_nemo.policy.cpu_compat import model_parallel_seed
-from optune_nemo.policy.logprobs import vocab_parallel_token_logprobs
-from optune_nemo.policy.model import build_gpt_model, padded_vocab_size
-from optune_nemo.policy.packing import PackedBatch, group_length, pack_groups, sum_per_output
-from optune_nemo.policy.parallel import pipeline_last_rank
-from optune_nemo.policy.trainable import MegatronTrainable, wrap_for_training
-from optune_nemo.seeding import generator
+from optune_nemo.megatron.cpu_compat import model_parallel_seed
+from optune_nemo.megatron.logprobs import vocab_parallel_token_logprobs
+from optune_nemo.megatron.model import build_gpt_model, padded_vocab_size
+from optune_nemo.megatron.packing import PackedBatch, group_length, pack_groups, sum_per_output
+from optune_nemo.megatron.parallel import pipeline_last_rank
+from optune_nemo.megatron.trainable import MegatronTrainable, wrap_for_training
+from optune_nemo.runtime.distributed import DistEnv, all_gather_object, broadcast_object, gather_shards, shard
+from optune_nemo.runtime.seeding import generator
 
 log = logging.getLogger(__name__)
 
@@ -71,7 +71,7 @@ class MegatronPolicy(MegatronTrainable):
     def inference_model(self):
         """The KV-cached incremental forward the torch engine runs on (the training weights, no copy)."""
         if self._decoder is None:
-            from optune_nemo.policy.inference import MegatronDecoder
+            from optune_nemo.megatron.inference import MegatronDecoder
 
             self._decoder = MegatronDecoder(self.unwrapped_model(), dist=self.dist, vocab_size=self.vocab_size,
                                             max_sequence_length=self.cfg.model.seq_length)
@@ -83,7 +83,7 @@ class MegatronPolicy(MegatronTrainable):
         """Copy the HF model's weights into this rank's chunk (its slices only). With bf16 the optimizer
         keeps fp32 main parameters of its own: they are refreshed from the new weights, or the first
         step would write the random initialisation back into the model."""
-        from optune_nemo.policy.hf_import import load_hf_weights_into
+        from optune_nemo.megatron.hf_import import load_hf_weights_into
 
         d = self.dist
         load_hf_weights_into(self.unwrapped_model(), hf_dir, model_cfg=self.cfg.model, tp_rank=d.tp_rank,
@@ -92,7 +92,7 @@ class MegatronPolicy(MegatronTrainable):
 
     def hf_weights(self, dtype: torch.dtype | None = None):
         """`interfaces.Policy.hf_weights`: HF-named whole tensors, on the policy's device."""
-        from optune_nemo.policy.hf_export import iter_hf_tensors
+        from optune_nemo.megatron.hf_export import iter_hf_tensors
 
         return iter_hf_tensors(self.model, self.cfg.model, vocab_size=self._hf_vocab_size(), dist=self.dist,
                                dtype=dtype)
@@ -100,14 +100,14 @@ class MegatronPolicy(MegatronTrainable):
     def _hf_vocab_size(self) -> int:
         if self.hf_dir is None:
             return self.vocab_size
-        from optune_nemo.policy.hf_import import read_hf_config
+        from optune_nemo.megatron.hf_import import read_hf_config
 
         return read_hf_config(self.hf_dir).vocab_size
 
     def export_hf(self, out_dir: str | Path, *, tokenizer) -> Path | None:
         """`interfaces.Policy.export_hf`: the source model's architecture and config, these weights."""
-        from optune_nemo.policy.hf_export import export_hf
-        from optune_nemo.policy.hf_import import read_hf_config
+        from optune_nemo.megatron.hf_export import export_hf
+        from optune_nemo.megatron.hf_import import read_hf_config
 
         if self.hf_dir is None:
             raise ConfigError("policy.hf_path: exporting a Hugging Face directory needs a pretrained source "
@@ -130,7 +130,7 @@ class MegatronPolicy(MegatronTrainable):
         that predict a response token. Other stages return their hidden states for the next stage."""
         m = model.module
         emb = m.embedding(input_ids=mb.tokens_BS, position_ids=mb.positions_BS) if m.pre_process else None
-        # the segment ids are the mask (policy/attention.py builds it on the device); megatron's own
+        # the segment ids are the mask (megatron/attention.py builds it on the device); megatron's own
         # DotProductAttention (attention_backend=local) takes the dense form
         mask = mb.mask_B1SS if self.cfg.model.attention_backend == "local" else mb.segments
         hidden = m.decoder(hidden_states=emb, attention_mask=mask, rotary_pos_emb=self._rotary(mb.positions_BS))

@@ -5,7 +5,7 @@ Launchers set, in order of precedence:
   Slurm:    SLURM_PROCID, SLURM_NTASKS, SLURM_LOCALID (MASTER_ADDR: first host of the job,
             MASTER_PORT: derived from SLURM_JOB_ID, unless exported by the batch script)
   neither:  a single process on a free local port.
-Megatron's model-parallel groups are made on top of this in `policy/parallel.py` (the only
+Megatron's model-parallel groups are made on top of this in `megatron/parallel.py` (the only
 package that imports megatron.core). Also here: the collectives the system uses on plain objects, and
 the round-robin sharding of a list over data-parallel ranks.
 """

@@ -7,7 +7,7 @@ Each evaluation answers the held-out prompts greedily and reports
   - `accuracy`: the exact-answer rate, where the task defines it;
   - `response_tokens_mean`: the mean answer length;
   - the paper's win score (eq. 7) of these answers against the baseline answers (by default the starting
-    policy's, generated once and kept), judged by `eval.judge` (optune_nemo/judge.py).
+    policy's, generated once and kept), judged by `eval.judge` (optune_nemo/evaluation/judge.py).
 Results go into the iteration's metrics record (`eval_*` keys, hence TensorBoard), every prompt's
 answer, gold reward, success flag, length and judge outcome into `exp_dir/eval/iter_NNNNNN.parquet` (so two
 runs that share held-out prompts can be compared prompt by prompt), and the means into
@@ -22,9 +22,9 @@ import json
 import logging
 from pathlib import Path
 
-from optune_nemo.distributed import broadcast_object, global_rank
-from optune_nemo.fileio import write_json_atomic
 from optune_nemo.interfaces import Prompt, SamplingParams
+from optune_nemo.runtime.distributed import broadcast_object, global_rank
+from optune_nemo.runtime.fileio import write_json_atomic
 
 log = logging.getLogger(__name__)
 
@@ -156,7 +156,7 @@ class Evaluator:
         import pyarrow as pa
         import pyarrow.parquet as pq
 
-        from optune_nemo.fileio import atomic_file
+        from optune_nemo.runtime.fileio import atomic_file
 
         name = "baseline" if t is None else f"iter_{t:06d}"
         path = Path(self.cfg.exp_dir) / PROMPT_RECORDS_DIR / f"{name}.parquet"
