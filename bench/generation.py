@@ -117,10 +117,11 @@ def _matmul_share(fn) -> dict:
 def run_one(dtype: str, n_prompts: int, args) -> dict:
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    from optune_nemo.build import build_policy_parts, resolve
     from optune_nemo.config import load_config
     from optune_nemo.generation.torch_engine import TorchEngine
     from optune_nemo.interfaces import SamplingParams
+    from optune_nemo.runner import resolve
+    from optune_nemo.train import build_policy_parts
 
     precision = {"float32": "fp32", "bfloat16": "bf16"}[dtype]
     cfg = resolve(load_config([f"policy.hf_path={args.hf_path}", f"model.seq_length={args.seq_length}",

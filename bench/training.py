@@ -99,12 +99,13 @@ def main(argv=None) -> dict:
 
     import torch
 
-    from optune_nemo.build import build_policy_parts, resolve
     from optune_nemo.config import load_config
     from optune_nemo.interfaces import PreferenceBatch
     from optune_nemo.losses.wdpo import WDPO
     from optune_nemo.megatron.model import HAVE_TE
+    from optune_nemo.runner import resolve
     from optune_nemo.runtime.hardware import machine_info
+    from optune_nemo.train import build_policy_parts
 
     if args.precision == "fp8" and not (torch.cuda.is_available() and HAVE_TE):
         print("bench/training.py: --precision fp8 needs a CUDA GPU with Transformer Engine", file=sys.stderr)

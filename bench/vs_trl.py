@@ -58,10 +58,11 @@ def load_pairs(path: str, limit: int | None) -> list[dict]:
 def run_ours(pairs: list[dict], args) -> float:
     import torch
 
-    from optune_nemo.build import build_policy_parts, resolve
     from optune_nemo.config import load_config
     from optune_nemo.interfaces import PreferenceBatch
     from optune_nemo.losses.dpo import DPO
+    from optune_nemo.runner import resolve
+    from optune_nemo.train import build_policy_parts
 
     cfg = resolve(load_config([f"policy.hf_path={args.hf_path}", f"precision={args.precision}",
                                f"train.global_batch_size={args.batch}", f"train.micro_batch_size={args.micro_batch}",
@@ -85,8 +86,8 @@ def run_trl(pairs: list[dict], args) -> tuple[float, int]:
     from transformers import AutoModelForCausalLM, AutoTokenizer
     from trl import DPOConfig, DPOTrainer
 
-    from optune_nemo.build import prepare_source, resolve
     from optune_nemo.config import load_config
+    from optune_nemo.runner import prepare_source, resolve
 
     hf_dir = prepare_source(resolve(load_config([f"policy.hf_path={args.hf_path}"])))
     tok = AutoTokenizer.from_pretrained(hf_dir)

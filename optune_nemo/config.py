@@ -2,18 +2,21 @@
 
 Every section is a dataclass registered with Hydra's ConfigStore, so `conf/optune.yaml` and
 command-line overrides are type-checked and unknown keys are rejected by Hydra itself. Value
-checks that types cannot express (ranges, choices, divisibility) live in `validate`, which the
-entry point runs once before any work and which raises `ConfigError` naming the key.
+checks that types cannot express (ranges, choices, divisibility) live in `validate`, one function
+per section, which the entry point runs once before any work and which raises `ConfigError` naming
+the key. What a plugin family decides (which losses, selection strategies, reward types, engines and
+tasks exist, and what each member needs) is that family's check (`optune_nemo.train.check_plugins`):
+this module imports nothing of the project but `errors`.
 """
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 from optune_nemo.errors import ConfigError
-from optune_nemo.selection import check_selection, num_regenerated  # noqa: F401  (num_regenerated: re-exported)
 
 CONF_DIR = Path(__file__).resolve().parents[1] / "conf"
 
@@ -285,7 +288,7 @@ class DataConfig:
 
 @dataclass
 class OptuneConfig:
-    """The OPTune loop (SPEC.md)."""
+    """The OPTune loop (docs/algorithm.md)."""
 
     iterations: int = 3
     """Total iterations, iteration 0 (fully online) included."""
@@ -299,9 +302,15 @@ class OptuneConfig:
     """Pairs with |r_w - r_l| <= this carry no preference and are left out of the loss."""
 
 
+def num_regenerated(rho: float, num_prompts: int) -> int:
+    """K = ceil(rho * N), the prompts optune.rho regenerates at t >= 1, guarded against float noise
+    (0.3 * 10 = 3.0000000000000004)."""
+    return min(num_prompts, math.ceil(round(rho * num_prompts, 9)))
+
+
 @dataclass
 class LossConfig:
-    """Preference loss (SPEC.md; optune_nemo/losses/, one module per loss)."""
+    """Preference loss (docs/algorithm.md; optune_nemo/losses/, one module per loss)."""
 
     name: str = "wdpo"
     """`wdpo` (reward-gap weighted, paper eq. 6), `dpo` (eq. 5), `ipo`, `cdpo` (conservative, label-smoothed
@@ -450,9 +459,6 @@ class OptuneNemoConfig:
     logging: LoggingConfig = field(default_factory=LoggingConfig)
 
 
-REWARD_TYPES = ("rule", "hf", "megatron", "remote")
-
-
 def register_schema() -> None:
     """Register the schema with Hydra's ConfigStore as `optune_schema`."""
     from hydra.core.config_store import ConfigStore
@@ -487,6 +493,10 @@ def load_config(overrides: list[str] | tuple[str, ...] = ()) -> OptuneNemoConfig
 
 
 # --------------------------------------------------------------------------- validation
+#
+# `validate` checks what a section's own values (and arithmetic across sections: the world size against
+# tp * pp, sequence lengths) decide. What needs a plugin family (a loss, selection, reward type, engine or
+# task name and what that member needs) is the family's own check: optune_nemo/train.py (check_plugins) runs them.
 
 
 def _choice(key: str, value: Any, allowed: tuple) -> None:
@@ -499,10 +509,19 @@ def _positive(key: str, value: float) -> None:
         raise ConfigError(f"{key}: must be > 0 (got {value!r})")
 
 
+def _at_least_zero(key: str, value: float) -> None:
+    if value < 0:
+        raise ConfigError(f"{key}: must be >= 0 (got {value})")
+
+
 def _divides(key: str, value: int, what: str, total: int) -> None:
     if value < 1 or total % value != 0:
         raise ConfigError(f"{key}: must be a positive divisor of {what} = {total} (got {value!r})")
 
+
+def _prompt_file(key: str, path: str | None) -> None:
+    if path is not None and Path(path).suffix not in (".jsonl", ".parquet"):
+        raise ConfigError(f"{key}: must end in .jsonl or .parquet (got {path!r})")
 
 
 def check_attention_backend(m: ModelConfig) -> None:
@@ -513,24 +532,45 @@ def check_attention_backend(m: ModelConfig) -> None:
         raise ConfigError("model.attention_backend: local keeps the spec's own core attention, and Transformer "
                           "Engine's (causal mask type) ignores the packed pairs' mask; use auto, flex or sdpa")
 
+
 def validate(cfg: OptuneNemoConfig, world_size: int = 1) -> None:
-    """Check every value the types cannot. Raises ConfigError naming the first bad key."""
-    o, m, p, t, g, lo = cfg.optune, cfg.model, cfg.parallel, cfg.train, cfg.generation, cfg.loss
+    """Check every value the types cannot, section by section (the plugin families' checks are
+    `optune_nemo.train.check_plugins`). Raises ConfigError naming the first bad key."""
+    validate_optune(cfg.optune)
+    validate_loss(cfg.loss)
+    validate_precision(cfg)
+    validate_run(cfg)
+    validate_model(cfg.model)
+    dp = validate_layout(cfg, world_size)
+    validate_optim(cfg)
+    validate_train(cfg.train, dp)
+    validate_generation(cfg.generation)
+    validate_reward(cfg.reward)
+    validate_data(cfg)
+    validate_policy(cfg.policy)
+    validate_eval(cfg)
+    _at_least_zero("checkpoint.keep_last", cfg.checkpoint.keep_last)
+    validate_logging(cfg.logging)
+
+
+def validate_optune(o: OptuneConfig) -> None:
     if not (isinstance(o.rho, (int, float)) and 0 < o.rho <= 1):
         raise ConfigError(f"optune.rho: must be in (0, 1] (got {o.rho!r})")
     if o.iterations < 1:
         raise ConfigError(f"optune.iterations: must be >= 1 (got {o.iterations})")
-    check_selection(o.selection, o.rho)
-    if o.min_reward_gap < 0:
-        raise ConfigError(f"optune.min_reward_gap: must be >= 0 (got {o.min_reward_gap})")
-    if ":" not in lo.name:
-        from optune_nemo.losses import loss_names
+    _at_least_zero("optune.min_reward_gap", o.min_reward_gap)
 
-        _choice("loss.name", lo.name, loss_names())
+
+def validate_loss(lo: LossConfig) -> None:
+    """The loss's knobs, whichever loss `loss.name` picks (the name is the losses family's check)."""
     if not 0 <= lo.label_smoothing < 0.5:
         raise ConfigError(f"loss.label_smoothing: must be in [0, 0.5) (got {lo.label_smoothing})")
     _positive("loss.beta1", lo.beta1)
     _positive("loss.beta2", lo.beta2)
+
+
+def validate_precision(cfg: OptuneNemoConfig) -> None:
+    """precision, the fp8.* recipe, and what they ask of the optimizer and the layer spec."""
     _choice("precision", cfg.precision, ("fp32", "bf16", "fp8", "auto"))
     _choice("fp8.format", cfg.fp8.format, ("hybrid", "e4m3"))
     _choice("fp8.recipe", cfg.fp8.recipe, ("delayed", "tensorwise", "mxfp8", "blockwise"))
@@ -544,6 +584,10 @@ def validate(cfg: OptuneNemoConfig, world_size: int = 1) -> None:
     if cfg.precision == "fp8" and cfg.model.transformer_impl != "transformer_engine":
         raise ConfigError("precision: fp8 runs through Transformer Engine; "
                           "set model.transformer_impl=transformer_engine")
+
+
+def validate_run(cfg: OptuneNemoConfig) -> None:
+    """Where the run writes and where it starts from: resume, exp_dir, init_from."""
     if cfg.resume not in ("auto", "never") and not Path(cfg.resume).is_dir():
         raise ConfigError(f"resume: must be auto, never or an existing checkpoint directory (got {cfg.resume!r})")
     if not cfg.exp_dir:
@@ -552,6 +596,8 @@ def validate(cfg: OptuneNemoConfig, world_size: int = 1) -> None:
         raise ConfigError(f"init_from: must be a checkpoint directory (exp_dir/checkpoints/iter_NNNNNN, with its "
                           f"manifest.json) (got {cfg.init_from!r})")
 
+
+def validate_model(m: ModelConfig) -> None:
     for key in ("num_layers", "hidden_size", "ffn_hidden_size", "num_attention_heads",
                 "num_query_groups", "seq_length", "rotary_base", "make_vocab_size_divisible_by"):
         _positive(f"model.{key}", getattr(m, key))
@@ -565,6 +611,10 @@ def validate(cfg: OptuneNemoConfig, world_size: int = 1) -> None:
     _choice("model.transformer_impl", m.transformer_impl, ("local", "transformer_engine"))
     check_attention_backend(m)
 
+
+def validate_layout(cfg: OptuneNemoConfig, world_size: int) -> int:
+    """tp and pp against the model's shape and the world size; returns the data-parallel size."""
+    m, p = cfg.model, cfg.parallel
     tp, pp = p.tensor_model_parallel_size, p.pipeline_model_parallel_size
     # with a pretrained source, model.* is its shape (train.check_inputs reads it before validating)
     of = f" of policy.hf_path={cfg.policy.hf_path}" if cfg.policy.hf_path is not None else ""
@@ -577,101 +627,97 @@ def validate(cfg: OptuneNemoConfig, world_size: int = 1) -> None:
         raise ConfigError(
             f"parallel: tensor_model_parallel_size * pipeline_model_parallel_size = {tp * pp} "
             f"must divide the world size {world_size}")
-    dp = world_size // (tp * pp)
+    return world_size // (tp * pp)
 
-    _choice("optim.optimizer", cfg.optim.optimizer, ("adam", "sgd", "rmsprop"))
-    if cfg.optim.optimizer == "rmsprop":
+
+def validate_optim(cfg: OptuneNemoConfig) -> None:
+    o = cfg.optim
+    _choice("optim.optimizer", o.optimizer, ("adam", "sgd", "rmsprop"))
+    if o.optimizer == "rmsprop":
         if cfg.precision not in ("fp32", "auto") or cfg.parallel.use_distributed_optimizer:
             raise ConfigError("optim.optimizer: rmsprop runs with precision=fp32 and "
                               "parallel.use_distributed_optimizer=false (megatron-core 0.16's distributed "
                               f"optimizer checkpoints Adam state only; got precision={cfg.precision})")
-        if not 0 < cfg.optim.rmsprop_alpha < 1:
-            raise ConfigError(f"optim.rmsprop_alpha: must be in (0, 1) (got {cfg.optim.rmsprop_alpha})")
-        _positive("optim.rmsprop_eps", cfg.optim.rmsprop_eps)
-    _positive("optim.lr", cfg.optim.lr)
-    if not 0 <= cfg.optim.warmup_ratio < 1:
-        raise ConfigError(f"optim.warmup_ratio: must be in [0, 1) (got {cfg.optim.warmup_ratio})")
-    _choice("optim.lr_decay_style", cfg.optim.lr_decay_style, ("constant", "linear", "cosine"))
-    if cfg.optim.clip_grad < 0:
-        raise ConfigError(f"optim.clip_grad: must be >= 0 (got {cfg.optim.clip_grad})")
+        if not 0 < o.rmsprop_alpha < 1:
+            raise ConfigError(f"optim.rmsprop_alpha: must be in (0, 1) (got {o.rmsprop_alpha})")
+        _positive("optim.rmsprop_eps", o.rmsprop_eps)
+    _positive("optim.lr", o.lr)
+    if not 0 <= o.warmup_ratio < 1:
+        raise ConfigError(f"optim.warmup_ratio: must be in [0, 1) (got {o.warmup_ratio})")
+    _choice("optim.lr_decay_style", o.lr_decay_style, ("constant", "linear", "cosine"))
+    _at_least_zero("optim.clip_grad", o.clip_grad)
 
+
+def validate_train(t: TrainConfig, dp: int) -> None:
     _positive("train.micro_batch_size", t.micro_batch_size)
-    if t.epochs_per_iteration < 0:
-        raise ConfigError(f"train.epochs_per_iteration: must be >= 0 (got {t.epochs_per_iteration})")
+    _at_least_zero("train.epochs_per_iteration", t.epochs_per_iteration)
     if t.global_batch_size % (t.micro_batch_size * dp):
         raise ConfigError(
             f"train.global_batch_size: must be a multiple of train.micro_batch_size * data-parallel "
             f"size = {t.micro_batch_size * dp} (got {t.global_batch_size})")
 
-    _choice("generation.engine", g.engine, ("torch", "trtllm"))
+
+def validate_generation(g: GenerationConfig) -> None:
+    """The sampling and engine knobs (the engine's name and what it needs: the generation family)."""
     _choice("generation.refit", g.refit, ("in_memory", "rebuild"))
     _choice("generation.cuda_graphs", g.cuda_graphs, ("auto", "on", "off"))
     _positive("generation.tensor_parallel_size", g.tensor_parallel_size)
     if not 0 < g.kv_cache_fraction < 1:
         raise ConfigError(f"generation.kv_cache_fraction: must be in (0, 1) (got {g.kv_cache_fraction})")
-    if g.engine == "trtllm" and cfg.policy.hf_path is None:
-        raise ConfigError("generation.engine: trtllm serves a Hugging Face model; set policy.hf_path")
-    if g.temperature < 0:
-        raise ConfigError(f"generation.temperature: must be >= 0 (got {g.temperature})")
+    _at_least_zero("generation.temperature", g.temperature)
     if not 0 < g.top_p <= 1:
         raise ConfigError(f"generation.top_p: must be in (0, 1] (got {g.top_p})")
-    if g.top_k < 0:
-        raise ConfigError(f"generation.top_k: must be >= 0 (got {g.top_k})")
+    _at_least_zero("generation.top_k", g.top_k)
     _positive("generation.max_new_tokens", g.max_new_tokens)
     _positive("generation.batch_size", g.batch_size)
     _positive("generation.chunk_size", g.chunk_size)
     if g.num_samples < 2:
         raise ConfigError(f"generation.num_samples: must be >= 2 (a pair needs two samples; got {g.num_samples})")
 
-    r = cfg.reward
-    _choice("reward.type", r.type, REWARD_TYPES)
+
+def validate_reward(r: RewardConfig) -> None:
+    """The knobs every reward type has (the type and what it needs: the reward family)."""
     _positive("reward.batch_size", r.batch_size)
     _positive("reward.timeout_s", r.timeout_s)
-    if r.max_retries < 0:
-        raise ConfigError(f"reward.max_retries: must be >= 0 (got {r.max_retries})")
-    if r.type == "rule" and not (hasattr(r.function, "get") and r.function.get("_target_")):
-        raise ConfigError("reward.function: must be a node with a `_target_` naming a callable")
-    if r.type in ("hf", "megatron") and not (r.path and Path(r.path).expanduser().is_dir()):
-        raise ConfigError(f"reward.path: reward.type={r.type} needs an existing reward model directory "
-                          f"(got {r.path!r})")
-    if r.type == "remote" and not (r.url and r.url.startswith(("http://", "grpc://"))):
-        raise ConfigError(f"reward.url: reward.type=remote needs the server's URL, http://host:port or "
-                          f"grpc://host:port (got {r.url!r})")
+    _at_least_zero("reward.max_retries", r.max_retries)
 
-    _positive("data.num_prompts", cfg.data.num_prompts)
-    _positive("data.max_prompt_length", cfg.data.max_prompt_length)
-    _choice("data.overlong_prompts", cfg.data.overlong_prompts, ("truncate", "reject"))
-    from optune_nemo.data.tasks import TASKS
 
-    _choice("data.task", cfg.data.task, TASKS)
-    if cfg.data.path is not None and Path(cfg.data.path).suffix not in (".jsonl", ".parquet"):
-        raise ConfigError(f"data.path: must end in .jsonl or .parquet (got {cfg.data.path!r})")
-    if cfg.data.max_prompt_length + g.max_new_tokens > m.seq_length:
+def validate_data(cfg: OptuneNemoConfig) -> None:
+    """The prompt source, and its room in model.seq_length next to the longest response."""
+    d, g, m = cfg.data, cfg.generation, cfg.model
+    _positive("data.num_prompts", d.num_prompts)
+    _positive("data.max_prompt_length", d.max_prompt_length)
+    _choice("data.overlong_prompts", d.overlong_prompts, ("truncate", "reject"))
+    _prompt_file("data.path", d.path)
+    if d.max_prompt_length + g.max_new_tokens > m.seq_length:
         raise ConfigError(
             f"model.seq_length: must be >= data.max_prompt_length + generation.max_new_tokens = "
-            f"{cfg.data.max_prompt_length + g.max_new_tokens} (got {m.seq_length})")
+            f"{d.max_prompt_length + g.max_new_tokens} (got {m.seq_length})")
 
-    hf = cfg.policy.hf_path
+
+def validate_policy(p: PolicyConfig) -> None:
+    hf = p.hf_path
     if hf is not None and hf != "smollm2" and not (Path(hf).expanduser().is_dir()
                                                    or (Path(hf).expanduser().is_file() and hf.endswith(".gguf"))):
         raise ConfigError(f"policy.hf_path: must be a Hugging Face directory, a .gguf file or smollm2 (got {hf!r})")
-    if cfg.eval.num_prompts and cfg.data.max_prompt_length + cfg.eval.max_new_tokens > m.seq_length:
+
+
+def validate_eval(cfg: OptuneNemoConfig) -> None:
+    """The held-out evaluation: its prompts, their room in model.seq_length, the judge and its baseline."""
+    e, d = cfg.eval, cfg.data
+    if e.num_prompts and d.max_prompt_length + e.max_new_tokens > cfg.model.seq_length:
         raise ConfigError(
             f"model.seq_length: must be >= data.max_prompt_length + eval.max_new_tokens = "
-            f"{cfg.data.max_prompt_length + cfg.eval.max_new_tokens} (got {m.seq_length})")
-    if cfg.eval.num_prompts < 0:
-        raise ConfigError(f"eval.num_prompts: must be >= 0 (got {cfg.eval.num_prompts})")
-    e = cfg.eval
-    if e.num_prompts and cfg.data.path is not None and e.path is None:
+            f"{d.max_prompt_length + e.max_new_tokens} (got {cfg.model.seq_length})")
+    _at_least_zero("eval.num_prompts", e.num_prompts)
+    if e.num_prompts and d.path is not None and e.path is None:
         raise ConfigError("eval.path: with data.path set, the held-out evaluation needs its own prompt file "
                           "(eval.path), or set eval.num_prompts=0")
-    if e.path is not None and Path(e.path).suffix not in (".jsonl", ".parquet"):
-        raise ConfigError(f"eval.path: must end in .jsonl or .parquet (got {e.path!r})")
+    _prompt_file("eval.path", e.path)
     _positive("eval.max_new_tokens", e.max_new_tokens)
     _positive("eval.every", e.every)
     _choice("eval.judge", e.judge, ("reward", "llm"))
-    if e.tie_margin < 0:
-        raise ConfigError(f"eval.tie_margin: must be >= 0 (got {e.tie_margin})")
+    _at_least_zero("eval.tie_margin", e.tie_margin)
     if e.baseline != "start" and not Path(e.baseline).expanduser().is_file():
         raise ConfigError(f"eval.baseline: must be start or an existing JSONL file of answers (got {e.baseline!r})")
     if e.num_prompts and e.judge == "llm" and not (e.judge_url and e.judge_model):
@@ -679,9 +725,6 @@ def validate(cfg: OptuneNemoConfig, world_size: int = 1) -> None:
                           "and eval.judge_model")
     _positive("eval.judge_max_tokens", e.judge_max_tokens)
     _positive("eval.judge_timeout_s", e.judge_timeout_s)
-    if cfg.checkpoint.keep_last < 0:
-        raise ConfigError(f"checkpoint.keep_last: must be >= 0 (got {cfg.checkpoint.keep_last})")
-    validate_logging(cfg.logging)
 
 
 MXFP8_MIN_CAPABILITY = (10, 0)
@@ -699,27 +742,6 @@ def _cuda_capability() -> tuple[int, int] | None:
     import torch
 
     return torch.cuda.get_device_capability() if torch.cuda.is_available() else None
-
-
-def resolve_precision(cfg: OptuneNemoConfig) -> OptuneNemoConfig:
-    """`cfg` with precision=auto and use_distributed_optimizer=null decided for this machine (logged)."""
-    import dataclasses
-    import logging
-
-    from optune_nemo.runtime.hardware import fast_bf16
-
-    precision = cfg.precision
-    if precision == "auto":
-        fast, why = fast_bf16()
-        if cfg.optim.optimizer == "rmsprop":
-            fast, why = False, "optim.optimizer=rmsprop runs in fp32"
-        precision = "bf16" if fast else "fp32"
-        logging.getLogger(__name__).info("precision: auto -> %s (%s)", precision, why)
-    dist_opt = cfg.parallel.use_distributed_optimizer
-    if dist_opt is None:
-        dist_opt = precision in ("bf16", "fp8")
-    return dataclasses.replace(cfg, precision=precision,
-                               parallel=dataclasses.replace(cfg.parallel, use_distributed_optimizer=dist_opt))
 
 
 # --------------------------------------------------------------------------- conf/optune.yaml

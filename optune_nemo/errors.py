@@ -42,3 +42,11 @@ def first_line(e: BaseException) -> str:
     """`Type: first line of the message`, for one-line reports of a caught exception."""
     text = str(e).splitlines()[0] if str(e) else ""
     return f"{type(e).__name__}: {text}" if text else type(e).__name__
+
+
+class RewardError(RuntimeError):
+    """A reward could not be computed (an error inside a reward model, on some rank)."""
+
+
+class RewardUnavailable(RewardError):
+    """A reward service cannot be reached or did not answer in time; nothing generated is lost."""

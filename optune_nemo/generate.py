@@ -43,7 +43,7 @@ def _parse(argv):
 
 
 def _config(args):
-    from optune_nemo.build import resolve
+    from optune_nemo.runner import resolve
 
     if args.ckpt:
         from optune_nemo.algorithm.optune import read_trainer_state
@@ -60,9 +60,9 @@ def _config(args):
 
 
 def run(args) -> list[dict]:
-    from optune_nemo.build import build_policy_parts
     from optune_nemo.generation.torch_engine import TorchEngine
     from optune_nemo.interfaces import SamplingParams
+    from optune_nemo.train import build_policy_parts
 
     cfg = _config(args)
     parts = build_policy_parts(cfg, load_weights=not args.ckpt)

@@ -1,6 +1,6 @@
-"""The seams of the system: data exchanged between the algorithm and its components, and the protocols
-the components implement (policy, generation engine, reward). Losses have their own protocol in
-`optune_nemo.losses`.
+"""The seams of the system: data exchanged between the algorithm and its components, the protocols the
+components implement (policy, generation engine, reward), and how a trainer's run ends (`Outcome`). Losses
+have their own protocol in `optune_nemo.losses`.
 
 Token sequences are plain `list[int]`, unpadded: padding is the business of whoever batches them
 (the policy and the engines), so no padding convention leaks across an interface.
@@ -10,6 +10,7 @@ from __future__ import annotations
 
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
+from enum import Enum
 from pathlib import Path
 from typing import TYPE_CHECKING, Protocol
 
@@ -17,6 +18,15 @@ if TYPE_CHECKING:
     from optune_nemo.losses import PairLoss
 
 import torch
+
+
+class Outcome(Enum):
+    """How a trainer's `fit` ended; `OPTune.iteration` also returns `PREEMPTED` when it stopped early."""
+
+    COMPLETED = "completed"
+    """Every iteration (optimizer step, for train_rm) done: the run is finished."""
+    PREEMPTED = "preempted"
+    """Stopped cleanly at a pre-emption request; the same command resumes from the last checkpoint."""
 
 
 @dataclass(frozen=True)
@@ -119,12 +129,8 @@ class PreferenceBatch:
 
 
 class Policy(Protocol):
-    """The trainable policy. Collective: every rank calls every method with the same arguments."""
-
-    def sequence_logprobs(self, prompts: Sequence[Sequence[int]],
-                          responses: Sequence[Sequence[int]]) -> torch.Tensor:
-        """[P] float32: sum of log pi(response token | prefix) over response tokens, on every rank."""
-        ...
+    """The trainable policy, as its callers use it (the loop, the entry points, the engines). Collective:
+    every rank calls every method with the same arguments."""
 
     def pair_logprobs(self, prompts: Sequence[Sequence[int]], chosen: Sequence[Sequence[int]],
                       rejected: Sequence[Sequence[int]], *, seed: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -138,6 +144,21 @@ class Policy(Protocol):
         """Optimizer steps over `batch` (global batches of train.global_batch_size pairs, the last
         one possibly smaller). Returns one dict per optimizer step: `loss`, `grad_norm`, `lr`,
         `num_pairs` and the mean over the step's pairs of every metric the loss reports."""
+        ...
+
+    def inference_model(self):
+        """The KV-cached incremental forward the torch engine generates with (`generation.torch_engine`), on
+        the training weights themselves: no copy, so it always samples from the current policy."""
+        ...
+
+    def materialise_optimizer_state(self) -> None:
+        """Allocate the optimizer's state now (what its first step would create; training is unchanged), so
+        that free memory measured from here on (an engine sizing its KV cache) already counts it."""
+        ...
+
+    def load_hf_weights(self, hf_dir: Path) -> None:
+        """Copy a Hugging Face model's weights (the source of `policy.hf_path`) into the policy, each rank its
+        own slices; the optimizer's main parameters follow."""
         ...
 
     def hf_weights(self, dtype: torch.dtype | None = None) -> Iterator[tuple[str, torch.Tensor]]:

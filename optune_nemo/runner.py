@@ -1,4 +1,14 @@
-"""Exit codes and one-line errors for the Hydra entry points (train, train_rm, serve_rm).
+"""What every trainer shares (OPTune, `train.py`; the reward model, `rm/train.py`): the Hydra entry point's
+exit codes and one-line errors, the run itself (guard, logging, run directory, checkpoint parts, resume,
+the end of a run), and the model source both read.
+
+A run, as `run_training` drives it for a trainer-specific `Recipe`:
+
+    PreemptionGuard -> logging -> recipe.prepare()   every input read and checked; nothing written
+    -> exp_dir's lock, exp_dir/config.yaml, exp_dir/logs   the first write (`open_run_dir`)
+    -> metrics, checkpoints -> recipe.assemble()      the trainer and its checkpoint parts
+    -> resume (or recipe.fork(), or a fresh start) -> recipe.begin()
+    -> trainer.fit() -> when completed: recipe.finish(), exp_dir/COMPLETED, recipe.summarize()
 
 Hydra reports its own errors (an unknown key, a value of the wrong type, a malformed override) on
 several lines and exits with 1. `run_hydra_main` makes them propagate (HYDRA_FULL_ERROR) and turns
@@ -8,14 +18,28 @@ the other error kinds of `optune_nemo.errors` get their own one line and exit co
 
 from __future__ import annotations
 
+import abc
 import dataclasses
 import functools
+import logging
 import os
 import sys
 import typing
+from pathlib import Path
 
 from optune_nemo.errors import EXIT_CHECKPOINT, EXIT_USER, CheckpointError, ConfigError, RunDirBusy, StorageError
-from optune_nemo.runtime.rundir import rank_from_env
+from optune_nemo.runtime.rundir import RunDir, hold_run_dir, rank_from_env
+
+if typing.TYPE_CHECKING:     # imported where used: `--help` and a refused configuration stay quick (no torch)
+    from optune_nemo.interfaces import Outcome
+    from optune_nemo.runtime.checkpoint import CheckpointManager, CheckpointPart
+    from optune_nemo.runtime.metrics import MetricsWriter
+    from optune_nemo.runtime.preemption import PreemptionGuard
+
+log = logging.getLogger(__name__)
+
+
+# --------------------------------------------------------------------------- exit codes and one-line errors
 
 
 def _fields_under(schema, dotted: str) -> list[str] | None:
@@ -105,7 +129,7 @@ def _close_process_group() -> None:
 
 def _run(task, say, schema, prog: str) -> int:
     from optune_nemo.config import OptuneNemoConfig
-    from optune_nemo.reward.base import RewardError
+    from optune_nemo.errors import RewardError
 
     try:
         task()
@@ -140,3 +164,227 @@ def _run(task, say, schema, prog: str) -> int:
         say(f"{prog}: configuration error: {line}")
         return 2
     return 0
+
+
+def to_config(dcfg, schema: type):
+    """The typed configuration (an instance of the `schema` dataclass) of Hydra's DictConfig."""
+    from omegaconf import OmegaConf
+
+    cfg = OmegaConf.to_object(dcfg)
+    assert isinstance(cfg, schema)
+    return cfg
+
+
+# --------------------------------------------------------------------------- the run
+
+COMPLETED = "COMPLETED"
+"""exp_dir/COMPLETED: written (on rank 0) when a run finished; absent after a pre-emption."""
+
+
+class Trainer(typing.Protocol):
+    """What the runner drives: `fit`, and the trainer's own state as the `trainer` checkpoint part."""
+
+    def fit(self) -> Outcome:
+        """Train from where the checkpoint left off until done, or until a pre-emption request."""
+        ...
+
+    def save(self, directory: Path) -> None: ...
+
+    def load(self, directory: Path) -> None: ...
+
+
+@dataclasses.dataclass
+class Assembly:
+    """What a recipe builds after the first write: the trainer and its checkpoint parts. Parts are saved and
+    restored in this order: `parts` (the model first), the trainer, the RNG states, the metrics records, then
+    `later_parts` (the held-out evaluation, whose restore rewrites exp_dir/eval.json after the records')."""
+
+    trainer: Trainer
+    parts: dict[str, CheckpointPart]
+    later_parts: dict[str, CheckpointPart] = dataclasses.field(default_factory=dict)
+
+
+class Recipe(abc.ABC):
+    """The trainer-specific part of a run; `build` and `run_training` call its hooks in the order of the
+    module docstring. `cfg` is the run's configuration: any schema with exp_dir, resume, logging and
+    checkpoint sections (OptuneNemoConfig, TrainRMConfig)."""
+
+    cfg: typing.Any
+    log: logging.Logger = log
+    """Where the runner logs the checkpoint a run resumes from (the trainer's own logger)."""
+
+    @abc.abstractmethod
+    def prepare(self) -> int:
+        """Read and check every input, set up the process groups and build what needs no run directory (the
+        model). Nothing is written. Returns this process's global rank."""
+
+    @abc.abstractmethod
+    def assemble(self, *, guard: PreemptionGuard, metrics: MetricsWriter,
+                 checkpoints: CheckpointManager) -> Assembly:
+        """After the first write: the trainer on the run's guard, metrics and checkpoints (nothing registered
+        yet: the runner registers the assembly's parts)."""
+
+    def fork(self, checkpoints: CheckpointManager) -> Path | None:
+        """With no checkpoint of this run's own to resume: another run's checkpoint restored instead, or None
+        to start fresh."""
+        return None
+
+    @abc.abstractmethod
+    def begin(self, restored: Path | None) -> None:
+        """After the restore (`restored` None: nothing restored, the metrics start fresh): the source model's
+        weights when nothing was restored, and whatever else must precede `fit`."""
+
+    @abc.abstractmethod
+    def finish(self) -> None:
+        """After a completed `fit` (collective), before exp_dir/COMPLETED: the final exports."""
+
+    @abc.abstractmethod
+    def summarize(self) -> None:
+        """On rank 0, after exp_dir/COMPLETED: the end-of-run summary."""
+
+
+@dataclasses.dataclass
+class Run:
+    """A run as `build` leaves it: the trainer ready to `fit`, checkpoint restored."""
+
+    exp_dir: Path
+    rank: int
+    trainer: Trainer
+    metrics: MetricsWriter
+
+
+class ModelPart:
+    """A trainable model as a checkpoint part: weights and optimizer, sharded, under `model/` (the model's own
+    `save_checkpoint` / `load_checkpoint`: the policy, the reward model)."""
+
+    def __init__(self, model):
+        self.model = model
+
+    def save(self, directory: Path) -> None:
+        self.model.save_checkpoint(str(Path(directory) / "model"))
+
+    def load(self, directory: Path) -> None:
+        self.model.load_checkpoint(str(Path(directory) / "model"))
+
+
+def build(recipe: Recipe) -> Run:
+    """Every component, and resume (module docstring): the run ready to `fit`. `recipe.cfg` has passed its
+    trainer's `check_inputs`."""
+    from optune_nemo.runtime.checkpoint import CheckpointManager
+    from optune_nemo.runtime.console import setup_logging
+    from optune_nemo.runtime.metrics import MetricsWriter
+    from optune_nemo.runtime.preemption import PreemptionGuard
+
+    cfg = recipe.cfg
+    guard = PreemptionGuard()   # first: a signal during start-up must not kill the job
+    setup_logging(rank_from_env(), cfg.logging.level)
+    rank = recipe.prepare()
+    exp_dir = open_run_dir(cfg, rank=rank)
+    metrics = MetricsWriter.from_config(cfg, enabled=rank == 0)
+    checkpoints = CheckpointManager(exp_dir, keep_last=cfg.checkpoint.keep_last)
+    assembly = recipe.assemble(guard=guard, metrics=metrics, checkpoints=checkpoints)
+    register_parts(checkpoints, assembly, metrics)
+    restored = resume(cfg, checkpoints, log=recipe.log) or recipe.fork(checkpoints)
+    if restored is None:
+        metrics.start_fresh()
+    recipe.begin(restored)
+    return Run(exp_dir, rank, assembly.trainer, metrics)
+
+
+def open_run_dir(cfg, *, rank: int) -> Path:
+    """The run's first write: exp_dir's lock (one writer per exp_dir, taken before anything is written),
+    exp_dir/config.yaml, and exp_dir/logs/rank<R>.log (libraries' output, from process start)."""
+    from omegaconf import OmegaConf
+
+    from optune_nemo.runtime.console import log_to
+
+    exp_dir = Path(cfg.exp_dir)
+    hold_run_dir(exp_dir, rank=rank)
+    if rank == 0:
+        exp_dir.mkdir(parents=True, exist_ok=True)
+        # the whole configuration, as `config.config_to_yaml` (and rm.config's) writes it
+        (exp_dir / "config.yaml").write_text(OmegaConf.to_yaml(OmegaConf.structured(cfg)))
+    log_to(exp_dir / "logs")
+    return exp_dir
+
+
+def register_parts(checkpoints: CheckpointManager, assembly: Assembly, metrics: MetricsWriter) -> None:
+    """The checkpoint parts of a run, in the order of `Assembly`."""
+    from optune_nemo.runtime.checkpoint import RngStates
+
+    parts = {**assembly.parts, "trainer": assembly.trainer, "rng": RngStates(), "metrics": metrics,
+             **assembly.later_parts}
+    for name, part in parts.items():
+        checkpoints.register(name, part)
+
+
+def resume(cfg, checkpoints: CheckpointManager, *, log: logging.Logger = log) -> Path | None:
+    """Restore the newest complete checkpoint (per `resume`: auto, never, or a checkpoint directory); returns
+    the checkpoint restored, or None. Every checkpoint is screened before anything is loaded from it
+    (`checkpoint.checkpoint_problem`): with resume=auto a damaged newest one is skipped with a warning, a named
+    one stops the run with a CheckpointError naming the file."""
+    if cfg.resume == "never":
+        if checkpoints.complete_checkpoints():
+            raise ConfigError(f"resume: never, but {checkpoints.root} already holds checkpoints; "
+                              "use resume=auto or another exp_dir")
+        return None
+    directory = checkpoints.checked(cfg.resume) if cfg.resume != "auto" else checkpoints.latest_valid()
+    if directory is not None:
+        log.info("resuming from %s", directory)
+        checkpoints.restore(directory)
+    return directory
+
+
+def run_training(recipe: Recipe) -> Outcome:
+    """Everything after validation: `build`, `fit`, and the end of a completed run."""
+    from optune_nemo.interfaces import Outcome
+
+    run = build(recipe)
+    outcome = run.trainer.fit()
+    run.metrics.close()
+    if outcome is Outcome.COMPLETED:
+        recipe.finish()
+        if run.rank == 0:
+            (run.exp_dir / COMPLETED).write_text("ok\n")
+            recipe.summarize()
+    return outcome
+
+
+def run_in_run_dir(recipe: Recipe) -> Outcome:
+    """`run_training` inside exp_dir's `RunDir`: a configuration or checkpoint error removes what this
+    invocation wrote, and exp_dir's lock is given up at the end."""
+    with RunDir(recipe.cfg.exp_dir, rank=rank_from_env()):
+        return run_training(recipe)
+
+
+# --------------------------------------------------------------------------- the model source
+
+
+def resolve(cfg):
+    """`cfg` with model.* replaced by the shape of `policy.hf_path` (read from config.json or a GGUF header;
+    nothing is written) and precision=auto decided for this machine, ready for `config.validate`."""
+    from optune_nemo.megatron.pretrained import with_source_shape
+    from optune_nemo.runtime.hardware import resolve_precision
+
+    return resolve_precision(with_source_shape(cfg))
+
+
+def prepare_source(cfg) -> Path | None:
+    """The HF directory of `policy.hf_path` (a GGUF dequantised once into `policy.cache_dir`), or None."""
+    if cfg.policy.hf_path is None:
+        return None
+    from optune_nemo.megatron.pretrained import inspect_source, materialise
+
+    return materialise(inspect_source(cfg.policy.hf_path), cfg.policy.cache_dir)
+
+
+def load_tokenizer(cfg, hf_dir: Path | None):
+    """The source model's tokenizer with the configured overrides, or the byte tokenizer of the tiny model."""
+    if hf_dir is None:
+        from optune_nemo.data import ByteTokenizer
+
+        return ByteTokenizer()
+    from optune_nemo.data.hf_tokenizer import HFTokenizer
+
+    return HFTokenizer.from_pretrained(hf_dir, chat_template=cfg.policy.chat_template,
+                                       stop_tokens=cfg.policy.stop_tokens)

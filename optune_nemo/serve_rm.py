@@ -3,4 +3,4 @@
 from optune_nemo.rm.serve import main
 
 if __name__ == "__main__":
-    main()
+    raise SystemExit(main())

@@ -1,7 +1,13 @@
-"""Hydra entry point: `python -m optune_nemo.train key=value ...`.
+"""Hydra entry point: `python -m optune_nemo.train key=value ...`, and the OPTune builders.
 
-config -> resolve the model source -> validate -> check inputs -> (first write) -> distributed ->
-builders -> resume -> OPTune.fit() -> summary.
+config -> resolve the model source -> validate -> check inputs (`check_inputs`) -> the runner
+(`runner.run_training`: guard, distributed, builders, first write, resume) -> OPTune.fit() -> summary.
+The builders: `build_policy_parts` (process groups, tokenizer, policy: also what `generate`, the benchmarks
+and the GPU tests build), `engine_for` (the engine on them) and `OptuneRun` (the rest, `runner.Recipe`):
+
+    cfg = runner.resolve(cfg)                          # model.* from policy.hf_path; no file written
+    parts = build_policy_parts(cfg, load_weights=True) # dist, hf_dir, tokenizer, policy
+    engine = engine_for(cfg, parts)                    # generation.engine on the policy
 
 Exit codes:
   0  finished, or stopped cleanly for pre-emption (then `exp_dir/COMPLETED` is absent);
@@ -26,41 +32,60 @@ import dataclasses
 import logging
 import sys
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import hydra
-from omegaconf import DictConfig, OmegaConf
+from omegaconf import DictConfig
 
-from optune_nemo.config import (
-    CONF_DIR,
-    ConfigError,
-    OptuneNemoConfig,
-    config_to_yaml,
-    register_schema,
-    validate,
+from optune_nemo import runner
+from optune_nemo.config import CONF_DIR, ConfigError, OptuneNemoConfig, register_schema, validate
+from optune_nemo.runner import (
+    Assembly,
+    ModelPart,
+    Recipe,
+    captured,
+    load_tokenizer,
+    prepare_source,
+    resolve,
+    run_hydra_main,
+    run_in_run_dir,
+    to_config,
 )
-from optune_nemo.runner import captured, run_hydra_main
-from optune_nemo.runtime.rundir import RunDir, hold_run_dir, rank_from_env, world_size_from_env
+from optune_nemo.runtime.rundir import rank_from_env, world_size_from_env
+
+if TYPE_CHECKING:
+    from optune_nemo.algorithm.optune import OPTune
+    from optune_nemo.evaluation.heldout import Evaluator
+    from optune_nemo.interfaces import Outcome, Policy
 
 log = logging.getLogger("optune_nemo.train")
 
-COMPLETED = "COMPLETED"
 
+def check_plugins(cfg: OptuneNemoConfig) -> None:
+    """The plugin families' checks, section by section (optune, loss, generation, reward, data): which selection
+    strategies, losses, engines, reward types and tasks exist, and what a chosen member needs of the rest of
+    the configuration. `config.validate` checks what each section decides on its own, so config.py imports no
+    family. Raises ConfigError naming the key and the allowed values (a `module:attribute` selection strategy is
+    imported here; a `module:Class` loss when the loss is built)."""
+    from optune_nemo import generation, losses, reward, selection
+    from optune_nemo.data import tasks
 
-def to_config(dcfg: DictConfig) -> OptuneNemoConfig:
-    cfg = OmegaConf.to_object(dcfg)
-    assert isinstance(cfg, OptuneNemoConfig)
-    return cfg
+    selection.check(cfg.optune)
+    losses.check(cfg.loss)
+    generation.check(cfg.generation, hf_path=cfg.policy.hf_path)
+    reward.check(cfg.reward)
+    tasks.check(cfg.data)
 
 
 def check_inputs(cfg: OptuneNemoConfig, *, world_size: int) -> OptuneNemoConfig:
     """Everything about the configuration that can be checked before any file is written: the model
     source's shape (read from its config.json or GGUF header), every value, the engine's availability.
     Returns the configuration with model.* taken from the source. Raises ConfigError."""
-    from optune_nemo.build import resolve
     from optune_nemo.generation import check_engine_available
 
     cfg = resolve(cfg)
     validate(cfg, world_size=world_size)
+    check_plugins(cfg)
     check_engine_available(cfg.generation, world_size=world_size)
     if cfg.eval.num_prompts and cfg.eval.judge == "llm":
         from optune_nemo.evaluation.judge import build_judge
@@ -73,110 +98,48 @@ def check_inputs(cfg: OptuneNemoConfig, *, world_size: int) -> OptuneNemoConfig:
     return cfg
 
 
-def build_loop(cfg: OptuneNemoConfig):
-    """Every component, and resume: the OPTune loop ready to `fit()`. `cfg` has passed `check_inputs`.
-    Prompt files and the reward are checked before exp_dir is first written."""
-    from optune_nemo.algorithm.optune import OPTune
-    from optune_nemo.algorithm.store import RolloutStore
-    from optune_nemo.build import build_engine, build_policy_parts, load_tokenizer, prepare_source
-    from optune_nemo.data import load_prompts
-    from optune_nemo.reward import build_reward
-    from optune_nemo.runtime.checkpoint import CheckpointManager, RngStates
-    from optune_nemo.runtime.console import log_to, setup_logging
-    from optune_nemo.runtime.metrics import MetricsWriter
-    from optune_nemo.runtime.preemption import PreemptionGuard
-
-    guard = PreemptionGuard()   # first: a signal during start-up must not kill the job
-    setup_logging(rank_from_env(), cfg.logging.level)
-    hf_dir = prepare_source(cfg)
-    tokenizer = load_tokenizer(cfg, hf_dir)
-    prompts = load_prompts(cfg.data, tokenizer)
-    heldout = heldout_prompts(cfg, tokenizer)
-    exp_dir = Path(cfg.exp_dir)
-    parts = build_policy_parts(cfg, hf_dir=hf_dir, tokenizer=tokenizer, load_weights=False)
-    reward = build_reward(cfg.reward, dist=parts.dist)
-    hold_run_dir(exp_dir, rank=parts.dist.rank)   # one writer per exp_dir, before the first write
-    if parts.dist.rank == 0:                 # the first write of the run
-        exp_dir.mkdir(parents=True, exist_ok=True)
-        (exp_dir / "config.yaml").write_text(config_to_yaml(cfg))
-    log_to(exp_dir / "logs")                 # exp_dir/logs/rank<R>.log: libraries' output, from process start
-    engine = build_engine(cfg, parts)
-    store = RolloutStore(prompts)
-    metrics = MetricsWriter.from_config(cfg, enabled=parts.dist.rank == 0)
-    checkpoints = CheckpointManager(exp_dir, keep_last=cfg.checkpoint.keep_last)
-    loop = OPTune(cfg, prompts=prompts, policy=parts.policy, engine=engine, reward=reward, store=store,
-                  checkpoints=checkpoints, metrics=metrics, guard=guard, stop_token_ids=tokenizer.stop_token_ids)
-    checkpoints.register("model", ModelState(parts.policy))
-    checkpoints.register("rollouts", store)
-    checkpoints.register("trainer", loop)
-    checkpoints.register("rng", RngStates())
-    checkpoints.register("metrics", metrics)
-    evaluator = None
-    if heldout:
-        from optune_nemo.data.tasks import get_task
-        from optune_nemo.evaluation.heldout import Evaluator, gold_reward
-        from optune_nemo.evaluation.judge import build_judge
-
-        builtin = cfg.data.path is None and cfg.eval.path is None
-        evaluator = Evaluator(cfg, engine=engine, reward=gold_reward(cfg, parts.dist), judge=build_judge(cfg.eval),
-                              prompts=heldout, stop_token_ids=tokenizer.stop_token_ids,
-                              task=get_task(cfg.data.task) if builtin else None)
-        checkpoints.register("eval", evaluator)
-        loop.after_iteration.append(evaluator)
-    resumed = resume(cfg, checkpoints)
-    if not resumed:
-        metrics.start_fresh()
-        if hf_dir is not None:
-            parts.policy.load_hf_weights(hf_dir)
-    loop.tokenizer, loop.hf_dir, loop.evaluator = tokenizer, hf_dir, evaluator
-    if hf_dir is not None and cfg.policy.export_hf_every_iteration:
-        loop.after_iteration.append(
-            lambda t: parts.policy.export_hf(exp_dir / "hf" / f"iter_{t:06d}", tokenizer=tokenizer) and None)
-    return loop
+# --------------------------------------------------------------------------- the policy and its engine
 
 
-class ModelState:
-    """The policy as a checkpoint part: model and optimizer, sharded, under `model/`."""
+@dataclasses.dataclass
+class PolicyParts:
+    """The policy and what it is built on: the process groups, the source's HF directory (None: the tiny
+    random model of model.*) and the tokenizer."""
 
-    def __init__(self, policy):
-        self.policy = policy
-
-    def save(self, directory: Path) -> None:
-        self.policy.save_checkpoint(str(directory / "model"))
-
-    def load(self, directory: Path) -> None:
-        self.policy.load_checkpoint(str(directory / "model"))
+    dist: object
+    hf_dir: Path | None
+    tokenizer: object
+    policy: Policy
+    """A `megatron.megatron_policy.MegatronPolicy`."""
 
 
-def resume(cfg: OptuneNemoConfig, checkpoints) -> Path | None:
-    """Restore the newest complete checkpoint (per `resume`), else the `init_from` checkpoint of another run
-    (recorded in exp_dir/fork.json); returns the checkpoint restored, or None to start fresh. Every
-    checkpoint is screened before anything is loaded from it (`checkpoint.checkpoint_problem`): with
-    resume=auto a damaged newest one is skipped with a warning, a named one (resume=<path>, init_from)
-    stops the run with a CheckpointError naming the file."""
-    if cfg.resume == "never":
-        if checkpoints.complete_checkpoints():
-            raise ConfigError(f"resume: never, but {checkpoints.root} already holds checkpoints; "
-                              "use resume=auto or another exp_dir")
-        directory = None
-    else:
-        directory = checkpoints.checked(cfg.resume) if cfg.resume != "auto" else checkpoints.latest_valid()
-    if directory is not None:
-        log.info("resuming from %s", directory)
-        checkpoints.restore(directory)
-        return directory
-    if cfg.init_from is None:
-        return None
-    source = checkpoints.checked(Path(cfg.init_from).expanduser().resolve())
-    log.info("starting from %s (init_from)", source)
-    checkpoints.restore(source)
-    if rank_from_env() == 0:
-        from optune_nemo.algorithm.optune import read_trainer_state
-        from optune_nemo.runtime.fileio import write_json_atomic
+def build_policy_parts(cfg: OptuneNemoConfig, *, hf_dir: Path | None = None, tokenizer=None,
+                       load_weights: bool = True) -> PolicyParts:
+    """Process groups, then the megatron policy on `cfg.model` (already `runner.resolve`d); with
+    `load_weights` the source model's weights are loaded (a resumed run loads its checkpoint instead)."""
+    from optune_nemo.megatron.megatron_policy import build_policy
+    from optune_nemo.megatron.parallel import init_distributed
 
-        write_json_atomic(Path(cfg.exp_dir) / "fork.json",
-                          {"init_from": str(source), "iteration": read_trainer_state(source)[0] - 1})
-    return source
+    p = cfg.parallel
+    dist = init_distributed(p.tensor_model_parallel_size, p.pipeline_model_parallel_size,
+                            timeout_minutes=p.distributed_timeout_minutes)
+    if hf_dir is None:
+        hf_dir = prepare_source(cfg)
+    if tokenizer is None:
+        tokenizer = load_tokenizer(cfg, hf_dir)
+    policy = build_policy(cfg, vocab_size=tokenizer.vocab_size, pad_token_id=tokenizer.pad_token_id, dist=dist,
+                          hf_dir=hf_dir)
+    if load_weights and hf_dir is not None:
+        policy.load_hf_weights(hf_dir)
+    return PolicyParts(dist, hf_dir, tokenizer, policy)
+
+
+def engine_for(cfg: OptuneNemoConfig, parts: PolicyParts):
+    """The engine `generation.engine` names, on the parts' policy (`generation.build_engine`)."""
+    from optune_nemo.generation import build_engine
+
+    return build_engine(cfg.generation, policy=parts.policy, tokenizer=parts.tokenizer, dist=parts.dist,
+                        hf_dir=parts.hf_dir, max_sequence_length=cfg.model.seq_length)
 
 
 def heldout_prompts(cfg: OptuneNemoConfig, tokenizer):
@@ -192,22 +155,128 @@ def heldout_prompts(cfg: OptuneNemoConfig, tokenizer):
         raise ConfigError(str(e).replace("data.path", "eval.path", 1) if cfg.eval.path else str(e)) from None
 
 
-def run_training(cfg: OptuneNemoConfig) -> str:
-    """Everything after validation. Returns `completed` or `preempted`."""
-    loop = build_loop(cfg)
-    exp_dir, rank = Path(cfg.exp_dir), loop.policy.dist.rank
-    if loop.evaluator is not None:
-        loop.evaluator.ensure_baseline()        # the starting policy's answers, once
-    outcome = loop.fit()
-    loop.metrics.close()
-    if outcome != "completed":
-        return outcome
-    if loop.hf_dir is not None and cfg.policy.export_hf_final:
-        loop.policy.export_hf(exp_dir / "hf" / "final", tokenizer=loop.tokenizer)
-    if rank == 0:
-        (exp_dir / COMPLETED).write_text("ok\n")
-        summarize(exp_dir)
-    return outcome
+@dataclasses.dataclass
+class ExportEachIteration:
+    """After-iteration hook (`policy.export_hf_every_iteration`): the policy as exp_dir/hf/iter_NNNNNN."""
+
+    policy: Policy
+    out_dir: Path
+    tokenizer: object
+
+    def __call__(self, t: int) -> None:
+        self.policy.export_hf(self.out_dir / f"iter_{t:06d}", tokenizer=self.tokenizer)
+
+
+# --------------------------------------------------------------------------- the run
+
+
+@dataclasses.dataclass
+class OptuneRun(Recipe):
+    """An OPTune run: the trainer-specific part the runner builds (`runner.Recipe`), and once built what the
+    entry point needs of it: `loop` (ready to `fit`), the policy's `parts` and the held-out `evaluator`.
+    `cfg` has passed `check_inputs`; the prompt files and the reward are read before exp_dir is first written."""
+
+    cfg: OptuneNemoConfig
+    parts: PolicyParts | None = None
+    loop: OPTune | None = None
+    evaluator: Evaluator | None = None
+    """None without held-out prompts (eval.num_prompts=0)."""
+    prompts: list = dataclasses.field(default_factory=list)
+    """The training prompts, the held-out ones and the reward: read in `prepare`, used in `assemble`."""
+    heldout: list = dataclasses.field(default_factory=list)
+    reward: object = None
+    log = log
+
+    def prepare(self) -> int:
+        from optune_nemo.data import load_prompts
+        from optune_nemo.reward import build_reward
+
+        cfg = self.cfg
+        hf_dir = prepare_source(cfg)
+        tokenizer = load_tokenizer(cfg, hf_dir)
+        self.prompts = load_prompts(cfg.data, tokenizer)
+        self.heldout = heldout_prompts(cfg, tokenizer)
+        self.parts = build_policy_parts(cfg, hf_dir=hf_dir, tokenizer=tokenizer, load_weights=False)
+        self.reward = build_reward(cfg.reward, dist=self.parts.dist)
+        return self.parts.dist.rank
+
+    def assemble(self, *, guard, metrics, checkpoints) -> Assembly:
+        from optune_nemo.algorithm.optune import OPTune
+        from optune_nemo.algorithm.store import RolloutStore
+        from optune_nemo.losses import build_loss
+        from optune_nemo.runtime.checkpoint import GenerationChunks
+
+        cfg, parts = self.cfg, self.parts
+        engine = engine_for(cfg, parts)
+        store = RolloutStore(self.prompts)
+        self.loop = OPTune(cfg, prompts=self.prompts, policy=parts.policy, engine=engine, reward=self.reward,
+                           loss=build_loss(cfg.loss), store=store, chunks=GenerationChunks(cfg.exp_dir),
+                           checkpoints=checkpoints, metrics=metrics, guard=guard,
+                           stop_token_ids=parts.tokenizer.stop_token_ids)
+        later = {}
+        if self.heldout:
+            self.evaluator = self._evaluator(engine)
+            self.loop.after_iteration.append(self.evaluator)
+            later["eval"] = self.evaluator
+        if parts.hf_dir is not None and cfg.policy.export_hf_every_iteration:
+            self.loop.after_iteration.append(
+                ExportEachIteration(parts.policy, Path(cfg.exp_dir) / "hf", parts.tokenizer))
+        return Assembly(self.loop, {"model": ModelPart(parts.policy), "rollouts": store}, later)
+
+    def _evaluator(self, engine):
+        from optune_nemo.data.tasks import get_task
+        from optune_nemo.evaluation.heldout import Evaluator, gold_reward
+        from optune_nemo.evaluation.judge import build_judge
+
+        cfg, parts = self.cfg, self.parts
+        builtin = cfg.data.path is None and cfg.eval.path is None
+        return Evaluator(cfg, engine=engine, reward=gold_reward(cfg, parts.dist), judge=build_judge(cfg.eval),
+                         prompts=self.heldout, stop_token_ids=parts.tokenizer.stop_token_ids,
+                         task=get_task(cfg.data.task) if builtin else None)
+
+    def fork(self, checkpoints) -> Path | None:
+        """`init_from`: another run's checkpoint restored into this exp_dir (recorded in exp_dir/fork.json),
+        screened like any named checkpoint (a damaged one stops the run with a CheckpointError naming it)."""
+        if self.cfg.init_from is None:
+            return None
+        source = checkpoints.checked(Path(self.cfg.init_from).expanduser().resolve())
+        log.info("starting from %s (init_from)", source)
+        checkpoints.restore(source)
+        if rank_from_env() == 0:
+            from optune_nemo.algorithm.optune import read_trainer_state
+            from optune_nemo.runtime.fileio import write_json_atomic
+
+            write_json_atomic(Path(self.cfg.exp_dir) / "fork.json",
+                              {"init_from": str(source), "iteration": read_trainer_state(source)[0] - 1})
+        return source
+
+    def begin(self, restored: Path | None) -> None:
+        """A fresh start takes the source model's weights; the held-out baseline (the starting policy's
+        answers) is generated once, before the first iteration."""
+        if restored is None and self.parts.hf_dir is not None:
+            self.parts.policy.load_hf_weights(self.parts.hf_dir)
+        if self.evaluator is not None:
+            self.evaluator.ensure_baseline()
+
+    def finish(self) -> None:
+        if self.parts.hf_dir is not None and self.cfg.policy.export_hf_final:
+            self.parts.policy.export_hf(Path(self.cfg.exp_dir) / "hf" / "final", tokenizer=self.parts.tokenizer)
+
+    def summarize(self) -> None:
+        summarize(Path(self.cfg.exp_dir))
+
+
+def build_loop(cfg: OptuneNemoConfig) -> OptuneRun:
+    """Every component, and resume (`runner.build`): the run, its `loop` ready to `fit()`. `cfg` has passed
+    `check_inputs`."""
+    run = OptuneRun(cfg)
+    runner.build(run)
+    return run
+
+
+def run_training(cfg: OptuneNemoConfig) -> Outcome:
+    """Everything after validation (`runner.run_training`): COMPLETED or PREEMPTED."""
+    return runner.run_training(OptuneRun(cfg))
 
 
 def summarize(exp_dir: Path) -> None:
@@ -257,9 +326,8 @@ register_schema()
 @hydra.main(config_path=str(CONF_DIR), config_name="optune", version_base=None)
 @captured
 def _hydra_main(dcfg: DictConfig) -> None:
-    cfg = check_inputs(to_config(dcfg), world_size=world_size_from_env())
-    with RunDir(cfg.exp_dir, rank=rank_from_env()):
-        run_training(cfg)
+    cfg = check_inputs(to_config(dcfg, OptuneNemoConfig), world_size=world_size_from_env())
+    run_in_run_dir(OptuneRun(cfg))
 
 
 def main() -> int:

@@ -1,6 +1,7 @@
-"""The OPTune loop (SPEC.md; the paper's Algorithm 1). It talks to interfaces only: a Policy, a
-GenerationEngine, a Reward, a PairLoss and the rollout store. Every rank runs the same loop on the
-same data; parallelism lives behind the interfaces.
+"""The OPTune loop: the paper's Algorithm 1 (docs/algorithm.md states it precisely, with the choices the
+paper leaves open). It talks to interfaces only: a Policy, a GenerationEngine, a Reward, a PairLoss, the
+rollout store and the store of generation chunks, all handed in by the builder (`train.py`). Every rank
+runs the same loop on the same data; parallelism lives behind the interfaces.
 
 Iteration t:
   1. choose prompts to regenerate   (t = 0: all; else K = ceil(rho*N) by the selection strategy)
@@ -18,13 +19,16 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import torch
 
 from optune_nemo.algorithm.store import RolloutStore
 from optune_nemo.config import ConfigError, OptuneNemoConfig, config_from_yaml, config_to_yaml
+from optune_nemo.errors import CheckpointError
 from optune_nemo.interfaces import (
     GenerationEngine,
+    Outcome,
     Policy,
     PreferenceBatch,
     Prompt,
@@ -32,15 +36,17 @@ from optune_nemo.interfaces import (
     Sample,
     SamplingParams,
 )
-from optune_nemo.losses import build_loss
-from optune_nemo.runtime.checkpoint import CheckpointManager, GenerationChunks
 from optune_nemo.runtime.console import bar_shown, progress
 from optune_nemo.runtime.distributed import global_rank
 from optune_nemo.runtime.fileio import write_text_atomic
-from optune_nemo.runtime.metrics import MetricsWriter
-from optune_nemo.runtime.preemption import PreemptionGuard
 from optune_nemo.runtime.seeding import mix_seed
 from optune_nemo.selection import select_prompts, view_of
+
+if TYPE_CHECKING:       # the run's plumbing, handed in: the loop only calls it
+    from optune_nemo.losses import PairLoss
+    from optune_nemo.runtime.checkpoint import CheckpointManager, GenerationChunks
+    from optune_nemo.runtime.metrics import MetricsWriter
+    from optune_nemo.runtime.preemption import PreemptionGuard
 
 log = logging.getLogger(__name__)
 
@@ -69,18 +75,19 @@ class PhaseTimes:
 
 
 class OPTune:
-    """Runs iterations [next_iteration, cfg.optune.iterations) and checkpoints after each."""
+    """Runs iterations [next_iteration, cfg.optune.iterations) and checkpoints after each. `loss` is the
+    pair loss of step 5 (`losses.build_loss(cfg.loss)`); `chunks` keeps an iteration's generated and scored
+    chunks until its checkpoint (`runtime.checkpoint.GenerationChunks`)."""
 
     def __init__(self, cfg: OptuneNemoConfig, *, prompts: list[Prompt], policy: Policy,
-                 engine: GenerationEngine, reward: Reward, store: RolloutStore,
-                 checkpoints: CheckpointManager, metrics: MetricsWriter, guard: PreemptionGuard,
-                 stop_token_ids: tuple[int, ...]):
+                 engine: GenerationEngine, reward: Reward, loss: PairLoss, store: RolloutStore,
+                 chunks: GenerationChunks, checkpoints: CheckpointManager, metrics: MetricsWriter,
+                 guard: PreemptionGuard, stop_token_ids: tuple[int, ...]):
         self.cfg = cfg
         self.prompts = {p.prompt_id: p for p in prompts}
-        self.policy, self.engine, self.reward, self.store = policy, engine, reward, store
+        self.policy, self.engine, self.reward, self.loss = policy, engine, reward, loss
+        self.store, self.chunks = store, chunks
         self.checkpoints, self.metrics, self.guard = checkpoints, metrics, guard
-        self.chunks = GenerationChunks(cfg.exp_dir)
-        self.loss = build_loss(cfg.loss)
         self.next_iteration = 0
         self.after_iteration: list[Callable[[int], dict | None]] = []
         """f(t) after iteration t's training, before its checkpoint; a returned dict joins the record
@@ -95,14 +102,14 @@ class OPTune:
 
     # ------------------------------------------------------------------ the loop
 
-    def fit(self) -> str:
-        """Returns `completed` or `preempted`."""
+    def fit(self) -> Outcome:
+        """Iterations until cfg.optune.iterations (COMPLETED), or until a pre-emption request (PREEMPTED)."""
         self.chunks.reset_except(self.next_iteration)
         while self.next_iteration < self.cfg.optune.iterations:
             t = self.next_iteration
             record = self.iteration(t)
-            if record is None:
-                return "preempted"
+            if record is Outcome.PREEMPTED:
+                return Outcome.PREEMPTED
             log.info("iteration %d: done in %.1f s (generation %.1f s, reference %.1f s, train %.1f s), "
                      "chosen reward %.3f%s", t, record["time_total_s"], record["time_generation_s"],
                      record["time_reference_s"], record["time_train_s"], record["reward_chosen_mean"],
@@ -116,24 +123,25 @@ class OPTune:
             self.metrics.flush()
             self.chunks.reset_except(self.next_iteration)
             if self.next_iteration < self.cfg.optune.iterations and self.guard.requested():
-                return "preempted"
-        return "completed"
+                return Outcome.PREEMPTED
+        return Outcome.COMPLETED
 
-    def iteration(self, t: int) -> dict | None:
-        """One iteration of Algorithm 1; None when stopped early for pre-emption."""
+    def iteration(self, t: int) -> dict | Outcome:
+        """One iteration of Algorithm 1: its metrics record, or Outcome.PREEMPTED when stopped early (between
+        generation chunks, or before training)."""
         start, times = time.perf_counter(), PhaseTimes()
         regenerate = self.select(t)                                          # step 1
         log.info("iteration %d: phase=generation, regenerating %d of %d prompts",
                  t, len(regenerate), len(self.prompts))
         new_pairs = self.sample_and_score(t, regenerate, times)              # step 2
-        if new_pairs is None:
-            return None
+        if new_pairs is Outcome.PREEMPTED:
+            return Outcome.PREEMPTED
         for pid, (samples, rewards) in new_pairs.items():                     # step 3
             self.store.set_samples(pid, samples, rewards, t)
         log.info("iteration %d: phase=reference", t)
         batch, n_ties = self.training_set(t, times)                          # step 4
         if self.guard.requested():
-            return None
+            return Outcome.PREEMPTED
         log.info("iteration %d: phase=train on %d pairs (%d ties left out)", t, len(batch), n_ties)
         tic = time.perf_counter()
         epochs = self.cfg.train.epochs_per_iteration
@@ -145,15 +153,15 @@ class OPTune:
     # ------------------------------------------------------------------ steps
 
     def select(self, t: int) -> list[int]:
-        """Step 1. Iteration 0 is fully online for every strategy (SPEC.md)."""
+        """Step 1. Iteration 0 is fully online for every strategy (docs/algorithm.md)."""
         if t == 0:
             return sorted(self.prompts)
         o = self.cfg.optune
         return select_prompts(o.selection, view_of(self.store), rho=o.rho, seed=self.cfg.seed, iteration=t)
 
-    def sample_and_score(self, t: int, prompt_ids: list[int], times: PhaseTimes):
-        """Step 2, in persisted chunks. Returns {prompt_id: (n samples, their n rewards)}, or None when a stop
-        was requested between chunks."""
+    def sample_and_score(self, t: int, prompt_ids: list[int], times: PhaseTimes) -> dict | Outcome:
+        """Step 2, in persisted chunks. Returns {prompt_id: (n samples, their n rewards)}, or Outcome.PREEMPTED
+        when a stop was requested between chunks."""
         size = self.cfg.generation.chunk_size
         chunks = [prompt_ids[i:i + size] for i in range(0, len(prompt_ids), size)]
         done = self.chunks.existing(t)
@@ -181,7 +189,7 @@ class OPTune:
                     times.reward_calls += len(rewards)
                     times.sample_rewards += rewards
                 if index + 1 < len(chunks) and self.guard.requested():
-                    return None
+                    return Outcome.PREEMPTED
         finally:
             self.reward.release()
             self.engine.end_generation()
@@ -284,8 +292,6 @@ class OPTune:
 def read_trainer_state(directory: Path) -> tuple[int, OptuneNemoConfig]:
     """(next iteration, configuration) of a checkpoint directory, from its YAML (nothing unpickled)."""
     from omegaconf import OmegaConf
-
-    from optune_nemo.runtime.checkpoint import CheckpointError
 
     path = Path(directory) / TRAINER_STATE
     try:

@@ -19,11 +19,6 @@ def _view(scores: Sequence[float], prompt_ids: Sequence[int]) -> StoreView:
     return StoreView(tuple(prompt_ids), tuple(scores), tuple(scores), tuple(-1 for _ in prompt_ids))
 
 
-def ranking_scores(reward_a: Sequence[float], reward_b: Sequence[float]) -> list[float]:
-    """A prompt's ranking score: the reward of its chosen response, max(r_a, r_b)."""
-    return [max(a, b) for a, b in zip(reward_a, reward_b)]
-
-
 def select_lowest(scores: Sequence[float], prompt_ids: Sequence[int], k: int) -> list[int]:
     """The k prompts with the lowest scores; equal scores are broken by the smaller prompt id."""
     return sorted(lowest_reward(_view(scores, prompt_ids), k, seed=0, iteration=0))

@@ -1,5 +1,5 @@
-"""The rollout store: for every prompt exactly one pair (y_a, y_b) with its rewards (SPEC.md), and the
-rewards and lengths of all `generation.num_samples` samples the pair was picked from.
+"""The rollout store: for every prompt exactly one pair (y_a, y_b) with its rewards (docs/algorithm.md), and
+the rewards and lengths of all `generation.num_samples` samples the pair was picked from.
 
 Persisted as `rollouts.parquet` inside each checkpoint, one row per prompt (schema version 2, in the
 Parquet schema's metadata under `optune_nemo.rollouts_version`):
@@ -56,6 +56,9 @@ def pair_indices(rewards: Sequence[float]) -> tuple[int, int]:
 
 @dataclass
 class PairRecord:
+    """A prompt's slot in the store: its pair as sampled (response_a / response_b in sample order, not yet
+    oriented into chosen and rejected: `PreferencePair` is that), or no pair before its first sampling."""
+
     prompt: Prompt
     response_a: Sample | None = None
     response_b: Sample | None = None

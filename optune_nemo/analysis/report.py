@@ -201,7 +201,8 @@ def store_path(run_dir: Path, t: int, _depth: int = 0) -> Path | None:
 
 
 def ranking_scores(path: Path) -> dict[int, float]:
-    """{prompt_id: max(r_a, r_b)} of a stored rollout store, over prompts that have a pair."""
+    """{prompt_id: max(r_a, r_b)} of a stored rollout store, over prompts that have a pair: the rule of
+    `RolloutStore.ranking_scores` (docs/algorithm.md), read from the file's two reward columns alone."""
     import pyarrow.parquet as pq
 
     cols = pq.read_table(path, columns=["prompt_id", "reward_a", "reward_b"]).to_pydict()
@@ -218,6 +219,32 @@ def spread(values: list[float]) -> dict:
     if not vals:
         return {"mean": None, "min": None, "max": None, "n": 0}
     return {"mean": sum(vals) / len(vals), "min": min(vals), "max": max(vals), "n": len(vals)}
+
+
+def seed_spread(values: list[float]) -> dict:
+    """The seed-to-seed spread of one setting's values (one per seed): mean, sample SD (n - 1), n and the values;
+    sd is None below two values."""
+    vals = [v for v in values if v is not None]
+    n = len(vals)
+    mean = sum(vals) / n if n else None
+    sd = (sum((v - mean) ** 2 for v in vals) / (n - 1)) ** 0.5 if n >= 2 else None
+    return {"mean": mean, "sd": sd, "n": n, "values": vals}
+
+
+FINAL_KEYS = ("eval_accuracy", "eval_reward_mean")
+
+
+def finals(runs: list[Run]) -> dict:
+    """Per key of FINAL_KEYS, the seed spread at the last iteration that every run of the setting evaluated
+    (the pilot's measure of trajectory noise: the held-out prompts are the same for every seed)."""
+    out = {}
+    for key in FINAL_KEYS:
+        common = set.intersection(*({r["iteration"] for r in run.records if _num(r.get(key)) is not None}
+                                    for run in runs)) if runs else set()
+        if common:
+            t = max(common)
+            out[key] = {"iteration": t, **seed_spread([run.value(t, key) for run in runs])}
+    return out
 
 
 def group_settings(runs: list[Run]) -> dict[Setting, list[Run]]:
@@ -431,13 +458,14 @@ class Report:
     speedup: list[dict] = field(default_factory=list)
     fig2: dict = field(default_factory=dict)
     paired: list[dict] = field(default_factory=list)
+    finals: dict = field(default_factory=dict)
     margin: float = 0.05
     figures: list[str] = field(default_factory=list)
     notes: list[str] = field(default_factory=list)
 
     def to_json(self) -> dict:
         return {k: getattr(self, k) for k in ("runs", "settings", "baseline", "curves", "speedup", "fig2", "paired",
-                                              "margin", "figures", "notes")}
+                                              "finals", "margin", "figures", "notes")}
 
 
 ENDPOINTS = (("success", "exact accuracy"), ("gold_reward", "gold reward"))
@@ -486,7 +514,8 @@ def analyse(runs: list[Run], *, margin: float = 0.05, reps: int = 4000) -> Repor
     for s, rs in groups.items():
         rep.settings.append({"label": s.label, "rho": s.rho, "selection": s.selection, "loss": s.loss,
                              "trained": s.trained, "seeds": [r.seed for r in rs], "runs": [str(r.path) for r in rs]})
-        rep.curves[s.label] = {key: curve(rs, key) for key in ("eval_reward_mean", "eval_win_score")}
+        rep.curves[s.label] = {key: curve(rs, key) for key in ("eval_accuracy", "eval_reward_mean", "eval_win_score")}
+        rep.finals[s.label] = finals(rs)
     rep.baseline = spread([_num(r.evals.get("baseline", {}).get("reward_mean")) for rs in groups.values() for r in rs])
     rep.speedup = speedups(groups)
     if not any(s.rho == 1.0 for s in groups):
@@ -522,12 +551,12 @@ def _cell(s: dict) -> str:
 
 
 def _curve_table(rep: Report, key: str) -> list[str]:
-    its = sorted({p["iteration"] for c in rep.curves.values() for p in c[key]})
+    its = sorted({p["iteration"] for c in rep.curves.values() for p in c.get(key, [])})
     if not its:
         return ["(not evaluated in these runs)", ""]
     lines = ["| setting | " + " | ".join(f"t={t}" for t in its) + " |", "|---" * (len(its) + 1) + "|"]
     for label, c in rep.curves.items():
-        by_t = {p["iteration"]: p for p in c[key]}
+        by_t = {p["iteration"]: p for p in c.get(key, [])}
         lines.append(f"| {label} | " + " | ".join(_cell(by_t.get(t, {})) for t in its) + " |")
     return lines + [""]
 
@@ -541,6 +570,8 @@ def render_markdown(rep: Report) -> str:
     out += ["", "## Held-out gold reward per iteration (eval_reward_mean)", "",
             f"Starting policy (the baseline of the win score): {_cell(rep.baseline)}.", ""]
     out += _curve_table(rep, "eval_reward_mean")
+    out += ["## Held-out exact accuracy per iteration (eval_accuracy: the task's success flag)", ""]
+    out += _curve_table(rep, "eval_accuracy")
     out += ["## Win score per iteration (eq. 7: 50 + 100 (n_win - n_lose) / n, range [-50, 150])", ""]
     out += _curve_table(rep, "eval_win_score")
     out += ["## Cost at the last evaluated iteration", "",
@@ -570,6 +601,7 @@ def render_markdown(rep: Report) -> str:
                    f"{_cell(r['speedup_per_seed'])} | {_f(r.get('speedup_end_to_end'))} | "
                    f"{_f(r.get('predicted_speedup'))} | {_f(r['generation_share'])} | {_f(r['amdahl_bound'])} | "
                    f"{_f(r['generation_reward_share'])} | {_f(r['amdahl_bound_generation_reward'])} |")
+    out += _finals_table(rep)
     out += _paired_tables(rep)
     out += ["", "## Fig. 2: where the gain in ranking score comes from (rho = 1)", "",
             "Change of the mean ranking score max(r_a, r_b) from store t-1 to store t, split between the prompts "
@@ -606,6 +638,22 @@ def render_markdown(rep: Report) -> str:
     if rep.notes:
         out += ["", "## Notes", ""] + [f"- {n}" for n in rep.notes]
     return "\n".join(out) + "\n"
+
+
+def _finals_table(rep: Report) -> list[str]:
+    """The seed-to-seed spread at the last iteration every run of a setting reached."""
+    rows = [(label, f) for label, f in rep.finals.items() if f]
+    if not rows:
+        return []
+    out = ["", "## Seed-to-seed spread at the last iteration (mean, sample SD over seeds)", "",
+           "| setting | t | seeds | accuracy mean | accuracy SD | gold reward mean | gold reward SD |",
+           "|---|---|---|---|---|---|---|"]
+    for label, f in rows:
+        acc, rew = f.get("eval_accuracy", {}), f.get("eval_reward_mean", {})
+        t = (acc or rew)["iteration"]
+        out.append(f"| {label} | {t} | {(acc or rew)['n']} | {_f(acc.get('mean'))} | {_f(acc.get('sd'))} | "
+                   f"{_f(rew.get('mean'))} | {_f(rew.get('sd'))} |")
+    return out
 
 
 def _paired_tables(rep: Report) -> list[str]:

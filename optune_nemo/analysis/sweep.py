@@ -44,8 +44,8 @@ from optune_nemo.runtime.rundir import hold_run_dir
 
 log = logging.getLogger(__name__)
 
-REPO = Path(__file__).resolve().parents[1]
-COMPLETED = "COMPLETED"      # written by optune_nemo.train when a run finished (train.COMPLETED)
+REPO = Path(__file__).resolve().parents[2]
+COMPLETED = "COMPLETED"      # written by optune_nemo.train when a run finished (runner.COMPLETED)
 SWEEP_KEYS = ("seed", "exp_dir", "optune.rho", "optune.selection", "loss.name", "optune.iterations", "init_from")
 """Keys the sweep sets on every run; a fixed override may not set them too."""
 

@@ -9,14 +9,13 @@ same pairs, without knowing the metrics' names. Losses are pure tensor math: any
 
 from __future__ import annotations
 
-import importlib
-from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Protocol
 
 import torch
 
-from optune_nemo.config import ConfigError, LossConfig
+from optune_nemo.config import LossConfig
+from optune_nemo.registry import Registry
 
 
 @dataclass
@@ -33,56 +32,34 @@ class PairTensors:
 
 
 LossOutput = tuple[torch.Tensor, dict[str, torch.Tensor]]
-"""(per-pair loss [B], {metric name: per-pair values [B]})."""
+"""(per-pair loss [B], {reported metric name: per-pair values [B]}). A metric's name is the name of what the
+policy reports, the mean of the per-pair values over the batch's pairs (it lands in metrics.jsonl under
+that name): hence `margin_mean` for per-pair margins."""
 
 
 class PairLoss(Protocol):
-    name: str
-
     def __call__(self, pairs: PairTensors) -> LossOutput:
         ...
 
 
-_REGISTRY: dict[str, Callable[[LossConfig], PairLoss]] = {}
+LOSSES: Registry[type] = Registry("loss.name", "optune_nemo.losses", outside="module:Class")
+"""`@LOSSES.register("name")` on a class with `from_config(cfg: LossConfig)` and `__call__(PairTensors)`."""
 
 
-def register_loss(name: str):
-    """Class decorator: `@register_loss("ipo")` makes `loss.name=ipo` build `cls.from_config(cfg.loss)`."""
-    def decorate(cls):
-        if name in _REGISTRY:
-            raise ValueError(f"loss {name!r} is registered twice")
-        cls.name = name
-        _REGISTRY[name] = cls.from_config
-        return cls
-    return decorate
-
-
-def loss_names() -> tuple[str, ...]:
-    return tuple(sorted(_REGISTRY))
-
-
-def _import_path(name: str):
-    module, _, attr = name.partition(":")
-    try:
-        return getattr(importlib.import_module(module), attr)
-    except (ImportError, AttributeError) as e:
-        raise ConfigError(f"loss.name: cannot import {name!r} ({e})") from None
+def check(cfg: LossConfig) -> None:
+    """The family's check of the `loss` section: `loss.name` is a registered loss (a `module:Class` is
+    imported when the loss is built). ConfigError naming loss.name and the registered names."""
+    LOSSES.check(cfg.name)
 
 
 def build_loss(cfg: LossConfig) -> PairLoss:
     """The loss `loss.name` names: a registered name, or `module:Class` (a class with `from_config`)."""
-    if ":" in cfg.name:
-        return _import_path(cfg.name).from_config(cfg)
-    if cfg.name not in _REGISTRY:
-        raise ConfigError(f"loss.name: must be one of {', '.join(loss_names())} or module:Class (got {cfg.name!r})")
-    return _REGISTRY[cfg.name](cfg)
+    return LOSSES.get(cfg.name).from_config(cfg)
 
 
-def preference_metrics(margin: torch.Tensor, weight: torch.Tensor | None = None) -> dict[str, torch.Tensor]:
-    """The per-pair metrics every DPO-family loss reports: the margin beta1 * (delta_w - delta_l), whether
-    the implicit reward prefers the chosen response, and the pair's weight in the loss (when it has one)."""
+def preference_metrics(margin: torch.Tensor) -> dict[str, torch.Tensor]:
+    """The per-pair metrics every DPO-family loss reports: the margin beta1 * (delta_w - delta_l) (reported
+    as its mean, `margin_mean`) and whether the implicit reward prefers the chosen response (reported as the
+    fraction that does, `implicit_reward_accuracy`). A loss adds its own (wDPO: its weight)."""
     m = margin.detach()
-    out = {"margin_mean": m, "implicit_reward_accuracy": (m > 0).to(m.dtype)}
-    if weight is not None:
-        out["wdpo_weight_mean"] = weight.detach().to(m.dtype)
-    return out
+    return {"margin_mean": m, "implicit_reward_accuracy": (m > 0).to(m.dtype)}

@@ -9,11 +9,11 @@ from dataclasses import dataclass
 
 import torch.nn.functional as F
 
-from optune_nemo.losses.base import LossOutput, PairTensors, preference_metrics, register_loss
+from optune_nemo.losses.base import LOSSES, LossOutput, PairTensors, preference_metrics
 from optune_nemo.losses.dpo import implicit_margin
 
 
-@register_loss("cdpo")
+@LOSSES.register("cdpo")
 @dataclass(frozen=True)
 class ConservativeDPO:
     beta1: float

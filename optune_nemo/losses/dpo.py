@@ -8,7 +8,7 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
-from optune_nemo.losses.base import LossOutput, PairTensors, preference_metrics, register_loss
+from optune_nemo.losses.base import LOSSES, LossOutput, PairTensors, preference_metrics
 
 
 def implicit_margin(policy_chosen_logps, policy_rejected_logps, ref_chosen_logps, ref_rejected_logps,
@@ -35,7 +35,7 @@ def dpo_loss(policy_chosen_logps, policy_rejected_logps, ref_chosen_logps, ref_r
                                                    for k, v in preference_metrics(margin).items()}}
 
 
-@register_loss("dpo")
+@LOSSES.register("dpo")
 @dataclass(frozen=True)
 class DPO:
     beta1: float

@@ -7,10 +7,10 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from optune_nemo.losses.base import LossOutput, PairTensors, preference_metrics, register_loss
+from optune_nemo.losses.base import LOSSES, LossOutput, PairTensors, preference_metrics
 
 
-@register_loss("ipo")
+@LOSSES.register("ipo")
 @dataclass(frozen=True)
 class IPO:
     tau: float

@@ -8,7 +8,7 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
-from optune_nemo.losses.base import LossOutput, PairTensors, preference_metrics, register_loss
+from optune_nemo.losses.base import LOSSES, LossOutput, PairTensors, preference_metrics
 from optune_nemo.losses.dpo import implicit_margin
 
 
@@ -26,6 +26,12 @@ def wdpo_per_pair(policy_chosen_logps, policy_rejected_logps, ref_chosen_logps, 
     return -weight * F.logsigmoid(margin), margin, weight
 
 
+def wdpo_metrics(margin: torch.Tensor, weight: torch.Tensor) -> dict[str, torch.Tensor]:
+    """The DPO family's per-pair metrics and the pair's weight W in the loss (reported as its mean,
+    `wdpo_weight_mean`)."""
+    return {**preference_metrics(margin), "wdpo_weight_mean": weight.detach().to(margin.dtype)}
+
+
 def wdpo_loss(policy_chosen_logps, policy_rejected_logps, ref_chosen_logps, ref_rejected_logps,
               chosen_rewards, rejected_rewards, *, beta1: float, beta2: float):
     """L_wDPO = -mean(W * log sigmoid(beta1 * (delta_w - delta_l))). Returns (loss, metrics)."""
@@ -34,10 +40,10 @@ def wdpo_loss(policy_chosen_logps, policy_rejected_logps, ref_chosen_logps, ref_
         chosen_rewards, rejected_rewards, beta1=beta1, beta2=beta2)
     loss = per_pair.mean()
     return loss, {"loss": float(loss.detach()), **{k: float(v.double().mean())
-                                                   for k, v in preference_metrics(margin, weight).items()}}
+                                                   for k, v in wdpo_metrics(margin, weight).items()}}
 
 
-@register_loss("wdpo")
+@LOSSES.register("wdpo")
 @dataclass(frozen=True)
 class WDPO:
     beta1: float
@@ -51,4 +57,4 @@ class WDPO:
         per_pair, margin, weight = wdpo_per_pair(
             p.policy_chosen_logps, p.policy_rejected_logps, p.ref_chosen_logps, p.ref_rejected_logps,
             p.chosen_rewards, p.rejected_rewards, beta1=self.beta1, beta2=self.beta2)
-        return per_pair, preference_metrics(margin, weight)
+        return per_pair, wdpo_metrics(margin, weight)

@@ -9,15 +9,15 @@ parallel rank 0, and gathered to global rank 0, which writes (peak memory there:
     model.safetensors                or model-0000k-of-0000n.safetensors + model.safetensors.index.json
     tokenizer files                  whatever `tokenizer.save(dir)` writes
 
-Written into `<out_dir>.tmp-<pid>` and renamed at the end: `out_dir` appears complete or not at all.
+Written into a staging sibling and renamed at the end (`runtime.fileio.staged_dir`): `out_dir` appears
+complete or not at all.
 """
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
-import os
-import shutil
 from pathlib import Path
 
 import torch
@@ -30,6 +30,7 @@ from optune_nemo.megatron.hf_import import (
     global_layer_numbers,
     unwrap_model,
 )
+from optune_nemo.runtime.fileio import staged_dir
 
 log = logging.getLogger(__name__)
 
@@ -212,29 +213,6 @@ def _generation_config(tokenizer, base: dict | None) -> dict:
     return cfg
 
 
-def prepare_out_dir(out_dir: str | Path, *, overwrite: bool = False) -> Path:
-    """A fresh temporary sibling of `out_dir` to write into; refuses a non-empty `out_dir`. Staging
-    directories that an interrupted export left beside `out_dir` are removed (one writer per out_dir: the
-    run directory's lock, or the user's own --out)."""
-    out = Path(out_dir)
-    if out.exists() and (not out.is_dir() or any(out.iterdir())) and not overwrite:
-        raise ValueError(f"--out: {out} exists and is not empty; choose a new directory")
-    if out.parent.is_dir():
-        for stale in out.parent.glob(f".{out.name}.tmp-*"):
-            shutil.rmtree(stale, ignore_errors=True)
-    tmp = out.parent / f".{out.name}.tmp-{os.getpid()}"
-    tmp.mkdir(parents=True)
-    return tmp
-
-
-def commit_out_dir(tmp: Path, out_dir: str | Path) -> Path:
-    out = Path(out_dir)
-    if out.exists():
-        shutil.rmtree(out)
-    os.replace(tmp, out)
-    return out
-
-
 def export_hf(model_chunks, model_cfg: ModelConfig, out_dir: str | Path, *, tokenizer, architecture: str,
               dist=None, vocab_size: int | None = None, hf_config: dict | None = None,
               generation_config: dict | None = None, dtype: torch.dtype = torch.float32,
@@ -250,8 +228,8 @@ def export_hf(model_chunks, model_cfg: ModelConfig, out_dir: str | Path, *, toke
                          f"(got {architecture!r})")
     vocab = vocab_size or (hf_config or {}).get("vocab_size") or tokenizer.vocab_size
     rank0 = dist is None or dist.rank == 0
-    tmp = prepare_out_dir(out_dir, overwrite=overwrite) if rank0 else None
-    try:
+    # rank 0 stages before the collective, so a refused out_dir costs no gather
+    with staged_dir(out_dir, overwrite=overwrite) if rank0 else contextlib.nullcontext() as tmp:
         state = collect_hf_state_dict(model_chunks, model_cfg, vocab_size=vocab, dist=dist, dtype=dtype)
         if not rank0:
             return None
@@ -263,9 +241,5 @@ def export_hf(model_chunks, model_cfg: ModelConfig, out_dir: str | Path, *, toke
         files = write_safetensors(state, tmp, max_shard_bytes=max_shard_bytes)
         if tokenizer is not None:
             tokenizer.save(tmp)
-    except BaseException:
-        if tmp is not None:
-            shutil.rmtree(tmp, ignore_errors=True)
-        raise
-    log.info("exported %d tensors (%d files) to %s", len(state), len(files), out_dir)
-    return commit_out_dir(tmp, out_dir)
+        log.info("exported %d tensors (%d files) to %s", len(state), len(files), out_dir)
+    return Path(out_dir)

@@ -304,9 +304,9 @@ def build_policy(cfg: OptuneNemoConfig, *, vocab_size: int, pad_token_id: int, d
     (module docstring)."""
     from megatron.core import parallel_state as ps
 
-    from optune_nemo.config import resolve_precision
+    from optune_nemo.runtime.hardware import resolve_precision
 
-    cfg = resolve_precision(cfg)         # idempotent: callers that skipped build.resolve get the same choice
+    cfg = resolve_precision(cfg)         # idempotent: callers that skipped runner.resolve get the same choice
     model_parallel_seed(cfg.seed)
     gpt = build_gpt_model(cfg.model, vocab_size=vocab_size, tp_size=dist.tp_size, pp_size=dist.pp_size,
                           pre_process=ps.is_pipeline_first_stage(), post_process=ps.is_pipeline_last_stage(),

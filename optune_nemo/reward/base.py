@@ -25,18 +25,17 @@ from abc import ABC, abstractmethod
 from collections.abc import Sequence
 
 from optune_nemo.config import ConfigError, RewardConfig
+from optune_nemo.errors import RewardError, RewardUnavailable  # noqa: F401  (re-exported: the reward types raise them)
 from optune_nemo.interfaces import Prompt
+from optune_nemo.registry import Registry
 from optune_nemo.runtime.distributed import DistEnv, all_gather_object, shard
 
 log = logging.getLogger(__name__)
 
+REWARD_TYPES = Registry("reward.type", "optune_nemo.reward", sort=False)
+"""`reward.type` -> `build(cfg: RewardConfig, *, dist) -> ShardedReward`, registered by the type's module."""
 
-class RewardError(RuntimeError):
-    """A reward could not be computed (an error inside a reward model, on some rank)."""
 
-
-class RewardUnavailable(RewardError):
-    """A reward service cannot be reached or did not answer in time; nothing generated is lost."""
 
 
 _KINDS = {"config": ConfigError, "unavailable": RewardUnavailable, "error": RewardError}
@@ -178,6 +177,7 @@ def rule_function(cfg: RewardConfig):
     return fn, target
 
 
+@REWARD_TYPES.register("rule")
 def build(cfg: RewardConfig, *, dist: DistEnv | None = None) -> RuleReward:
     """`reward.type=rule`."""
     fn, target = rule_function(cfg)

@@ -28,7 +28,7 @@ import torch
 
 from optune_nemo.config import ConfigError, RewardConfig
 from optune_nemo.interfaces import Prompt
-from optune_nemo.reward.base import ShardedReward
+from optune_nemo.reward.base import REWARD_TYPES, ShardedReward
 from optune_nemo.runtime.distributed import DistEnv, local_device
 
 log = logging.getLogger(__name__)
@@ -121,11 +121,12 @@ class HFReward(RenderedReward):
         return logits[:, 0].float().cpu().tolist()
 
 
+@REWARD_TYPES.register("hf")
 def build(cfg: RewardConfig, *, dist: DistEnv | None = None) -> HFReward:
     """`reward.type=hf`: loads the model on the host (checked: a *ForSequenceClassification with num_labels 1)."""
     from transformers import AutoModelForSequenceClassification
 
-    from optune_nemo.rm.hf import read_rm_config
+    from optune_nemo.megatron.hf_rm import read_rm_config
 
     path = Path(cfg.path).expanduser()
     read_rm_config(path, key="reward.path", any_architecture=True)

@@ -1,4 +1,4 @@
-"""`reward.type=megatron`: the Megatron reward model (`rm/model.py`) co-located with the policy.
+"""`reward.type=megatron`: the Megatron reward model (`megatron/reward_model.py`) co-located with the policy.
 
 `reward.path` is a train_rm run (its exp_dir: the newest complete checkpoint; or one checkpoint directory)
 or a Hugging Face sequence-classification directory (Llama / Mistral / Qwen2, num_labels 1), imported
@@ -22,6 +22,7 @@ from pathlib import Path
 import torch
 
 from optune_nemo.config import ConfigError, RewardConfig
+from optune_nemo.reward.base import REWARD_TYPES
 from optune_nemo.reward.hf import RenderedReward, load_rm_tokenizer
 from optune_nemo.runtime.distributed import DistEnv
 
@@ -46,7 +47,7 @@ class MegatronReward(RenderedReward):
             torch.cuda.empty_cache()
 
     def score_sequences(self, seqs: list[list[int]]) -> list[float]:
-        from optune_nemo.rm.model import score_sequences
+        from optune_nemo.megatron.reward_model import score_sequences
 
         return score_sequences([self.model], seqs, pad_id=self.meta.pad_token_id, rows=self.batch_size,
                                dist=self.dist)
@@ -54,8 +55,8 @@ class MegatronReward(RenderedReward):
 
 def describe(path: Path):
     """(meta, tokenizer, where the weights are, `hf` or `checkpoint`) of `reward.path`; ConfigError naming it."""
-    from optune_nemo.rm.hf import SEQ_CLS_ARCHITECTURES, read_rm_config, rm_model_config
-    from optune_nemo.rm.model import (
+    from optune_nemo.megatron.hf_rm import SEQ_CLS_ARCHITECTURES, read_rm_config, rm_model_config
+    from optune_nemo.megatron.reward_model import (
         META_FILE,
         TOKENIZER_DIR,
         RewardModelMeta,
@@ -85,11 +86,12 @@ def _check_layout(meta, dist: DistEnv, path: Path) -> None:
                           f"parallel.pipeline_model_parallel_size = {dist.pp_size} does not divide")
 
 
+@REWARD_TYPES.register("megatron")
 def build(cfg: RewardConfig, *, dist: DistEnv | None = None) -> MegatronReward:
     """`reward.type=megatron`: builds and loads the model in `dist`'s process groups (a single process when
     None), then releases it until the first `prepare()`. Collective."""
-    from optune_nemo.rm.hf import load_hf_rm_into
-    from optune_nemo.rm.model import build_scoring_model, load_model_weights
+    from optune_nemo.megatron.hf_rm import load_hf_rm_into
+    from optune_nemo.megatron.reward_model import build_scoring_model, load_model_weights
 
     if dist is None:
         from optune_nemo.megatron.parallel import init_distributed

@@ -34,7 +34,7 @@ from collections.abc import Callable, Sequence
 
 from optune_nemo.config import ConfigError, RewardConfig
 from optune_nemo.interfaces import Prompt
-from optune_nemo.reward.base import RewardError, RewardUnavailable, ShardedReward
+from optune_nemo.reward.base import REWARD_TYPES, RewardError, RewardUnavailable, ShardedReward
 from optune_nemo.runtime.distributed import DistEnv, all_gather_object
 
 log = logging.getLogger(__name__)
@@ -320,6 +320,7 @@ def check_reachable(cfg: RewardConfig) -> None:
         client.close()
 
 
+@REWARD_TYPES.register("remote")
 def build(cfg: RewardConfig, *, dist: DistEnv | None = None) -> RemoteReward:
     """`reward.type=remote`. Connects lazily (at `prepare` or the first batch)."""
     _check_url(cfg)

@@ -9,14 +9,8 @@ from __future__ import annotations
 import re
 from dataclasses import dataclass, field
 
-from optune_nemo.config import (
-    ConfigError,
-    OptuneNemoConfig,
-    ParallelConfig,
-    RewardConfig,
-    render_schema_yaml,
-    validate,
-)
+from optune_nemo import reward
+from optune_nemo.config import ConfigError, ParallelConfig, RewardConfig, render_schema_yaml, validate_reward
 
 
 @dataclass
@@ -71,8 +65,6 @@ class ServeRMConfig:
     """DEBUG, INFO, WARNING or ERROR (rank 0; other ranks log warnings only)."""
 
 
-SERVED_TYPES = ("rule", "hf", "megatron")
-
 _MODEL_NAME = re.compile(r"[A-Za-z0-9_.-]+")
 
 
@@ -83,13 +75,19 @@ def register_schema() -> None:
     ConfigStore.instance().store(name="serve_rm_schema", node=ServeRMConfig)
 
 
+def served_types() -> tuple[str, ...]:
+    """The reward types serve_rm serves: every registered type but `remote` (a server in front of a server)."""
+    return tuple(t for t in reward.REWARD_TYPES.names() if t != "remote")
+
+
 def validate_serve(cfg: ServeRMConfig, *, world_size: int) -> None:
     """Check every value the types cannot. Raises ConfigError naming the first bad key."""
     r, s, p = cfg.reward, cfg.server, cfg.parallel
-    if r.type not in SERVED_TYPES:
-        raise ConfigError(f"reward.type: serve_rm serves one of {', '.join(SERVED_TYPES)} (got {r.type!r})")
-    # the reward's own checks are the training run's: one place for them (config.validate)
-    validate(OptuneNemoConfig(reward=r))
+    if r.type not in served_types():
+        raise ConfigError(f"reward.type: serve_rm serves one of {', '.join(served_types())} (got {r.type!r})")
+    # the reward's own checks are the training run's: one place for them (its section's, then its family's)
+    validate_reward(r)
+    reward.check(r)
     if not s.host:
         raise ConfigError("server.host: must be an address to listen on, e.g. 127.0.0.1 or 0.0.0.0")
     ports = {"server.http_port": s.http_port, "server.grpc_port": s.grpc_port, "server.metrics_port": s.metrics_port}

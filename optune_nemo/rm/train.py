@@ -1,6 +1,6 @@
 """Hydra entry point: `python -m optune_nemo.train_rm data.path=prefs.jsonl key=value ...`.
 
-Trains a Bradley-Terry reward model (paper eq. 1; `rm/model.py`) on preference pairs
+Trains a Bradley-Terry reward model (paper eq. 1; `megatron/reward_model.py`) on preference pairs
 (`data/preferences.py`), starting from a causal LM (`policy.hf_path`: HF directory, .gguf, smollm2; a fresh
 scalar head), an HF sequence-classification reward model (`policy.hf_path`, imported exactly) or another
 train_rm run (`rm.init_from`). Every `rm.eval_every` optimizer steps a record (held-out pairwise accuracy
@@ -42,21 +42,25 @@ import hydra
 import torch
 from omegaconf import DictConfig, OmegaConf
 
+from optune_nemo import runner
 from optune_nemo.config import CONF_DIR, ConfigError
-from optune_nemo.rm.config import TrainRMConfig, check_one_source, config_to_yaml, register_schema, validate
-from optune_nemo.runner import captured, run_hydra_main
-from optune_nemo.runtime.rundir import RunDir, hold_run_dir, rank_from_env, world_size_from_env
+from optune_nemo.interfaces import Outcome
+from optune_nemo.rm.config import TrainRMConfig, check_one_source, register_schema, validate
+from optune_nemo.runner import (
+    Assembly,
+    ModelPart,
+    Recipe,
+    captured,
+    load_tokenizer,
+    run_hydra_main,
+    run_in_run_dir,
+    to_config,
+)
+from optune_nemo.runtime.rundir import world_size_from_env
 
 log = logging.getLogger("optune_nemo.rm.train")
 
-COMPLETED = "COMPLETED"
 TRAINER_STATE = "trainer_state.yaml"
-
-
-def to_config(dcfg: DictConfig) -> TrainRMConfig:
-    cfg = OmegaConf.to_object(dcfg)
-    assert isinstance(cfg, TrainRMConfig)
-    return cfg
 
 
 # --------------------------------------------------------------------------- the source
@@ -67,9 +71,8 @@ def resolve(cfg: TrainRMConfig) -> TrainRMConfig:
     checkpoint (`rm.init_from`), an HF reward model or a causal LM (`policy.hf_path`); and precision=auto
     and parallel.use_distributed_optimizer=null decided for this machine, whatever the source. Nothing is
     written."""
-    from optune_nemo.build import resolve as resolve_policy_source
-    from optune_nemo.config import resolve_precision
-    from optune_nemo.rm.hf import is_reward_model_dir, rm_model_config
+    from optune_nemo.megatron.hf_rm import is_reward_model_dir, rm_model_config
+    from optune_nemo.runtime.hardware import resolve_precision
 
     hf = cfg.policy.hf_path
     check_one_source(cfg)
@@ -79,11 +82,11 @@ def resolve(cfg: TrainRMConfig) -> TrainRMConfig:
     if hf is not None and is_reward_model_dir(hf):
         return resolve_precision(replace(cfg, model=rm_model_config(hf, key="policy.hf_path",
                                                                     seq_length=cfg.model.seq_length, base=cfg.model)))
-    return resolve_policy_source(cfg)
+    return runner.resolve(cfg)
 
 
 def _checkpoint_meta(init_from: str):
-    from optune_nemo.rm.model import META_FILE, RewardModelMeta, find_rm_checkpoint
+    from optune_nemo.megatron.reward_model import META_FILE, RewardModelMeta, find_rm_checkpoint
 
     ckpt = find_rm_checkpoint(init_from, key="rm.init_from")
     return RewardModelMeta.from_json((ckpt / META_FILE).read_text())
@@ -113,8 +116,12 @@ class Source:
 
 def prepare_source(cfg: TrainRMConfig) -> Source:
     """The source's tokenizer and description (a GGUF is dequantised into policy.cache_dir, never exp_dir)."""
-    from optune_nemo.build import load_tokenizer
-    from optune_nemo.rm.model import TOKENIZER_DIR, RewardModelMeta, find_rm_checkpoint, load_saved_tokenizer
+    from optune_nemo.megatron.reward_model import (
+        TOKENIZER_DIR,
+        RewardModelMeta,
+        find_rm_checkpoint,
+        load_saved_tokenizer,
+    )
 
     if cfg.rm.init_from is not None:
         ckpt = find_rm_checkpoint(cfg.rm.init_from, key="rm.init_from")
@@ -137,16 +144,15 @@ def prepare_source(cfg: TrainRMConfig) -> Source:
 
 def _hf_source(cfg: TrainRMConfig) -> tuple[Path, str, str, dict]:
     """(directory, kind, causal-LM architecture, config.json) of policy.hf_path."""
-    from optune_nemo.rm.hf import SEQ_CLS_ARCHITECTURES, is_reward_model_dir, read_rm_config
+    from optune_nemo.megatron.hf_rm import SEQ_CLS_ARCHITECTURES, is_reward_model_dir, read_rm_config
 
     if is_reward_model_dir(cfg.policy.hf_path):
         hf_dir = Path(cfg.policy.hf_path).expanduser()
         config = read_rm_config(hf_dir, key="policy.hf_path")
         return hf_dir, "hf_rm", SEQ_CLS_ARCHITECTURES[config["architectures"][0]], config
-    from optune_nemo.build import prepare_source as prepare_policy_source
     from optune_nemo.megatron.hf_import import read_hf_config
 
-    hf_dir = prepare_policy_source(cfg)
+    hf_dir = runner.prepare_source(cfg)
     info = read_hf_config(hf_dir)
     return hf_dir, "causal_lm", info.architecture, info.config
 
@@ -282,7 +288,7 @@ class Pending:
     grad_norm: float = 0.0
 
     def add(self, step: dict) -> None:
-        from optune_nemo.rm.model import TRAIN_METRICS
+        from optune_nemo.megatron.reward_model import TRAIN_METRICS
 
         n = step["num_pairs"]
         self.pairs, self.steps = self.pairs + n, self.steps + 1
@@ -329,15 +335,15 @@ class RMTrainer:
         G = self.cfg.rm.global_batch_size
         return self._orders[epoch][k * G:(k + 1) * G]
 
-    def fit(self) -> str:
-        """Returns `completed` (after rm.epochs, or early: rm.early_stopping_patience) or `preempted`."""
+    def fit(self) -> Outcome:
+        """COMPLETED (after rm.epochs, or early: rm.early_stopping_patience) or PREEMPTED."""
         from optune_nemo.runtime.console import progress
 
         r = self.cfg.rm
         if self.step == 0 and self.heldout:
             self._record()
         if r.early_stopping_patience and self.metrics.records and self.metrics.records[-1].get("early_stopped"):
-            return "completed"                            # resumed from the final checkpoint of a run stopped early
+            return Outcome.COMPLETED                      # resumed from the final checkpoint of a run stopped early
         steps = progress(range(self.step, self.total_steps), desc="train_rm", total=self.total_steps - self.step,
                          enabled=self.cfg.logging.progress)
         for _ in steps:
@@ -357,10 +363,10 @@ class RMTrainer:
             if recorded:
                 self.metrics.flush()
             if stop:
-                return "preempted"
+                return Outcome.PREEMPTED
             if last:
                 break
-        return "completed"
+        return Outcome.COMPLETED
 
     def _patience_spent(self) -> bool:
         losses = [rec["eval_loss"] for rec in self.metrics.records if "eval_loss" in rec]
@@ -472,7 +478,7 @@ class MetaPart:
             self.meta.save(directory, self.tokenizer)
 
     def load(self, directory: Path) -> None:
-        from optune_nemo.rm.model import META_FILE, RewardModelMeta
+        from optune_nemo.megatron.reward_model import META_FILE, RewardModelMeta
 
         saved = RewardModelMeta.from_json((Path(directory) / META_FILE).read_text())
         if _shape(saved) != _shape(self.meta):
@@ -487,35 +493,7 @@ def _shape(meta) -> tuple:
             m.kv_channels, m.add_qkv_bias, m.make_vocab_size_divisible_by, m.transformer_impl, meta.vocab_size)
 
 
-class ModelPart:
-    """The reward model's weights and optimizer, sharded, under `model/`."""
-
-    def __init__(self, model):
-        self.model = model
-
-    def save(self, directory: Path) -> None:
-        self.model.save_checkpoint(str(Path(directory) / "model"))
-
-    def load(self, directory: Path) -> None:
-        self.model.load_checkpoint(str(Path(directory) / "model"))
-
-
 # --------------------------------------------------------------------------- assembly
-
-
-def resume(cfg: TrainRMConfig, checkpoints) -> Path | None:
-    """Restore the newest complete checkpoint (per `resume`); returns it, or None to start fresh."""
-    if cfg.resume == "never":
-        if checkpoints.complete_checkpoints():
-            raise ConfigError(f"resume: never, but {checkpoints.root} already holds checkpoints; "
-                              "use resume=auto or another exp_dir")
-        return None
-    directory = checkpoints.checked(cfg.resume) if cfg.resume != "auto" else checkpoints.latest_valid()
-    if directory is None:
-        return None
-    log.info("resuming from %s", directory)
-    checkpoints.restore(directory)
-    return directory
 
 
 def load_source_weights(model, source: Source) -> None:
@@ -527,67 +505,76 @@ def load_source_weights(model, source: Source) -> None:
         model.load_weights(source.path)
 
 
-def build_trainer(cfg: TrainRMConfig) -> RMTrainer:
-    """Every component, and resume: the trainer ready to `fit()`. `cfg` has passed `check_inputs`; the
-    source and the pairs are read before exp_dir is first written."""
-    from optune_nemo.megatron.parallel import init_distributed
-    from optune_nemo.rm.model import build_reward_model
-    from optune_nemo.runtime.checkpoint import CheckpointManager, RngStates
-    from optune_nemo.runtime.console import log_to, setup_logging
-    from optune_nemo.runtime.metrics import MetricsWriter
-    from optune_nemo.runtime.preemption import PreemptionGuard
+@dataclass
+class RewardModelRun(Recipe):
+    """A train_rm run: the trainer-specific part the runner builds (`runner.Recipe`); once built, `trainer`
+    is ready to `fit`. `cfg` has passed `check_inputs`; the source and the pairs are read before exp_dir is
+    first written."""
 
-    guard = PreemptionGuard()   # first: a signal during start-up must not kill the job
-    setup_logging(rank_from_env(), cfg.logging.level)
-    source = prepare_source(cfg)
-    train, heldout, digest = load_pairs(cfg, source.tokenizer)
-    p = cfg.parallel
-    dist = init_distributed(p.tensor_model_parallel_size, p.pipeline_model_parallel_size,
-                            timeout_minutes=p.distributed_timeout_minutes)
-    model = build_reward_model(source.meta, dist=dist, optim=cfg.optim, precision=cfg.precision,
-                               use_distributed_optimizer=p.use_distributed_optimizer, seed=cfg.seed)
-    exp_dir = Path(cfg.exp_dir)
-    hold_run_dir(exp_dir, rank=dist.rank)   # one writer per exp_dir, before the first write
-    if dist.rank == 0:                 # the first write of the run
-        exp_dir.mkdir(parents=True, exist_ok=True)
-        (exp_dir / "config.yaml").write_text(config_to_yaml(cfg))
-    log_to(exp_dir / "logs")           # exp_dir/logs/rank<R>.log: libraries' output, from process start
-    metrics = MetricsWriter.from_config(cfg, enabled=dist.rank == 0)
-    checkpoints = CheckpointManager(exp_dir, keep_last=cfg.checkpoint.keep_last)
-    trainer = RMTrainer(cfg, model=model, tokenizer=source.tokenizer, train=train, heldout=heldout,
-                        data_digest=digest, metrics=metrics, checkpoints=checkpoints, guard=guard)
-    checkpoints.register("reward_model", MetaPart(source.meta, source.tokenizer))
-    checkpoints.register("model", ModelPart(model))
-    checkpoints.register("trainer", trainer)
-    checkpoints.register("rng", RngStates())
-    checkpoints.register("metrics", metrics)
-    if not resume(cfg, checkpoints):
-        metrics.start_fresh()
-        load_source_weights(model, source)
-    return trainer
+    cfg: TrainRMConfig
+    source: Source | None = None
+    pairs: tuple = ()
+    """(training pairs, held-out pairs, their fingerprint): `load_pairs`."""
+    model: object = None
+    """`megatron.reward_model.MegatronRewardModel`."""
+    trainer: RMTrainer | None = None
+    summary: dict = field(default_factory=dict)
+    """`verdict_summary` of the finished run."""
+    log = log
 
+    def prepare(self) -> int:
+        from optune_nemo.megatron.parallel import init_distributed
+        from optune_nemo.megatron.reward_model import build_reward_model
 
-def run_training(cfg: TrainRMConfig) -> str:
-    """Everything after validation. Returns `completed` or `preempted`."""
-    trainer = build_trainer(cfg)
-    exp_dir, rank = Path(cfg.exp_dir), trainer.model.dist.rank
-    outcome = trainer.fit()
-    trainer.metrics.close()
-    if outcome != "completed":
-        return outcome
-    summary = verdict_summary(trainer.metrics.records)
-    exported = cfg.policy.export_hf_final and trainer.model.meta.architecture is not None
-    if exported:
-        trainer.model.export_hf(exp_dir / "hf" / "final", tokenizer=trainer.tokenizer)
-    elif cfg.policy.export_hf_final:
-        log.info("no Hugging Face export: the tiny model with the byte tokenizer has no HF architecture")
-    if rank == 0:
+        cfg, p = self.cfg, self.cfg.parallel
+        self.source = prepare_source(cfg)
+        self.pairs = load_pairs(cfg, self.source.tokenizer)
+        dist = init_distributed(p.tensor_model_parallel_size, p.pipeline_model_parallel_size,
+                                timeout_minutes=p.distributed_timeout_minutes)
+        self.model = build_reward_model(self.source.meta, dist=dist, optim=cfg.optim, precision=cfg.precision,
+                                        use_distributed_optimizer=p.use_distributed_optimizer, seed=cfg.seed)
+        return dist.rank
+
+    def assemble(self, *, guard, metrics, checkpoints) -> Assembly:
+        train, heldout, digest = self.pairs
+        self.trainer = RMTrainer(self.cfg, model=self.model, tokenizer=self.source.tokenizer, train=train,
+                                 heldout=heldout, data_digest=digest, metrics=metrics, checkpoints=checkpoints,
+                                 guard=guard)
+        return Assembly(self.trainer, {"reward_model": MetaPart(self.source.meta, self.source.tokenizer),
+                                       "model": ModelPart(self.model)})
+
+    def begin(self, restored: Path | None) -> None:
+        if restored is None:
+            load_source_weights(self.model, self.source)
+
+    def finish(self) -> None:
+        """The export (hf/final, when the model has an HF architecture) and, beside it, the verdict."""
+        exp_dir = Path(self.cfg.exp_dir)
+        self.summary = verdict_summary(self.trainer.metrics.records)
+        exported = self.cfg.policy.export_hf_final and self.model.meta.architecture is not None
         if exported:
-            write_verdict(exp_dir / "hf" / "final", summary)
-        (exp_dir / COMPLETED).write_text("ok\n")
-        summarize(exp_dir)
-        warn_verdict(summary)
-    return outcome
+            self.model.export_hf(exp_dir / "hf" / "final", tokenizer=self.trainer.tokenizer)
+        elif self.cfg.policy.export_hf_final:
+            log.info("no Hugging Face export: the tiny model with the byte tokenizer has no HF architecture")
+        if exported and self.model.dist.rank == 0:
+            write_verdict(exp_dir / "hf" / "final", self.summary)
+
+    def summarize(self) -> None:
+        summarize(Path(self.cfg.exp_dir))
+        warn_verdict(self.summary)
+
+
+def build_trainer(cfg: TrainRMConfig) -> RMTrainer:
+    """Every component, and resume (`runner.build`): the trainer ready to `fit()`. `cfg` has passed
+    `check_inputs`."""
+    run = RewardModelRun(cfg)
+    runner.build(run)
+    return run.trainer
+
+
+def run_training(cfg: TrainRMConfig) -> Outcome:
+    """Everything after validation (`runner.run_training`): COMPLETED or PREEMPTED."""
+    return runner.run_training(RewardModelRun(cfg))
 
 
 def summarize(exp_dir: Path) -> None:
@@ -610,9 +597,8 @@ register_schema()
 @hydra.main(config_path=str(CONF_DIR), config_name="train_rm", version_base=None)
 @captured
 def _hydra_main(dcfg: DictConfig) -> None:
-    cfg = check_inputs(to_config(dcfg), world_size=world_size_from_env())
-    with RunDir(cfg.exp_dir, rank=rank_from_env()):
-        run_training(cfg)
+    cfg = check_inputs(to_config(dcfg, TrainRMConfig), world_size=world_size_from_env())
+    run_in_run_dir(RewardModelRun(cfg))
 
 
 def main() -> int:

@@ -51,3 +51,23 @@ def machine_info() -> dict:
     if torch.cuda.is_available():
         info["cuda"] = torch.version.cuda
     return info
+
+
+def resolve_precision(cfg):
+    """`cfg` (an OPTune or reward-model configuration) with precision=auto and use_distributed_optimizer=null
+    decided for this machine (logged)."""
+    import dataclasses
+    import logging
+
+    precision = cfg.precision
+    if precision == "auto":
+        fast, why = fast_bf16()
+        if cfg.optim.optimizer == "rmsprop":
+            fast, why = False, "optim.optimizer=rmsprop runs in fp32"
+        precision = "bf16" if fast else "fp32"
+        logging.getLogger(__name__).info("precision: auto -> %s (%s)", precision, why)
+    dist_opt = cfg.parallel.use_distributed_optimizer
+    if dist_opt is None:
+        dist_opt = precision in ("bf16", "fp8")
+    return dataclasses.replace(cfg, precision=precision,
+                               parallel=dataclasses.replace(cfg.parallel, use_distributed_optimizer=dist_opt))

@@ -17,10 +17,11 @@ ids; ties in its order are broken by documented rules so the choice is determini
 from optune_nemo.selection.base import (
     STRATEGIES,
     StoreView,
+    check,
     check_selection,
     num_regenerated,
     select_prompts,
     view_of,
 )
 
-__all__ = ["STRATEGIES", "StoreView", "check_selection", "num_regenerated", "select_prompts", "view_of"]
+__all__ = ["STRATEGIES", "StoreView", "check", "check_selection", "num_regenerated", "select_prompts", "view_of"]

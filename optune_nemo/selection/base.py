@@ -2,11 +2,11 @@
 
 from __future__ import annotations
 
-import math
 from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Protocol
 
+from optune_nemo.config import OptuneConfig, num_regenerated
 from optune_nemo.errors import ConfigError
 from optune_nemo.registry import Registry
 
@@ -36,12 +36,7 @@ class Strategy(Protocol):
         ...
 
 
-STRATEGIES: Registry[Strategy] = Registry("optune.selection", "optune_nemo.selection")
-
-
-def num_regenerated(rho: float, num_prompts: int) -> int:
-    """K = ceil(rho * N), guarded against float noise (0.3 * 10 = 3.0000000000000004)."""
-    return min(num_prompts, math.ceil(round(rho * num_prompts, 9)))
+STRATEGIES: Registry[Strategy] = Registry("optune.selection", "optune_nemo.selection", outside="module:attribute")
 
 
 def view_of(store) -> StoreView:
@@ -53,10 +48,16 @@ def view_of(store) -> StoreView:
 
 
 def check_selection(name: str, rho: float) -> None:
-    """ConfigError naming optune.selection / optune.rho when the pair cannot run."""
+    """ConfigError naming optune.selection / optune.rho when the pair cannot run (a `module:attribute`
+    strategy is imported here, so a typo stops the run before any work)."""
     STRATEGIES.get(name)
     if name == "all" and rho != 1:
         raise ConfigError(f"optune.rho: selection=all regenerates every prompt, set rho=1 (got {rho})")
+
+
+def check(optune: OptuneConfig) -> None:
+    """The family's check of the `optune` section: `check_selection` of its selection and rho."""
+    check_selection(optune.selection, optune.rho)
 
 
 def select_prompts(strategy: str, view: StoreView, *, rho: float, seed: int, iteration: int) -> list[int]:

@@ -1,23 +1,26 @@
 """Metric sinks: where each iteration's metrics record goes besides `exp_dir/metrics.jsonl` (the source of
 truth, written by `optune_nemo.runtime.metrics.MetricsWriter`, which drives the sinks on rank 0 only).
 
-One module per sink; `SINKS` is the one table from a name (its switch under `logging.*`) to its class,
-imported only when the sink is enabled (wandb and mlflow are optional packages, guarded by `HAVE_WANDB` /
-`HAVE_MLFLOW` in their modules; `config.validate_logging` refuses an enabled sink whose package is missing).
+One module per sink; `SINKS` is the registry from a name (its switch under `logging.*`) to its class. The
+sinks are registered here by import path rather than in their modules, so that a sink's module, and the
+optional package it imports when imported (wandb, mlflow: guarded by `HAVE_WANDB` / `HAVE_MLFLOW` there),
+is imported only when the sink is enabled (`config.validate_logging` refuses an enabled sink whose package
+is missing).
 """
 
 from __future__ import annotations
 
-import importlib
 from pathlib import Path
 from typing import Protocol
 
-SINKS = {
-    "tensorboard": "optune_nemo.sinks.tensorboard:TensorBoardSink",
-    "wandb": "optune_nemo.sinks.wandb:WandbSink",
-    "mlflow": "optune_nemo.sinks.mlflow:MlflowSink",
-}
-"""Sink name (its switch: logging.tensorboard, logging.wandb.enabled, logging.mlflow.enabled) -> class."""
+from optune_nemo.registry import Registry
+
+SINKS = Registry("logging", sort=False)
+"""Sink name (its switch: logging.tensorboard, logging.wandb.enabled, logging.mlflow.enabled) -> class, in the
+order the sinks are built and opened."""
+SINKS.register_path("tensorboard", "optune_nemo.sinks.tensorboard:TensorBoardSink")
+SINKS.register_path("wandb", "optune_nemo.sinks.wandb:WandbSink")
+SINKS.register_path("mlflow", "optune_nemo.sinks.mlflow:MlflowSink")
 
 TAG_KEYS = {"optune.rho": "rho", "optune.selection": "selection", "loss.name": "loss", "seed": "seed"}
 """Config keys every tracker run is tagged with (those the run's schema has), and the tag's name."""
@@ -46,14 +49,13 @@ class MetricSink(Protocol):
 
 
 def sink_class(name: str) -> type:
-    module, _, cls = SINKS[name].partition(":")
-    return getattr(importlib.import_module(module), cls)
+    return SINKS.get(name)
 
 
 def enabled_sinks(logging) -> list[str]:
     """The names of the sinks `logging` (a LoggingConfig) switches on, in SINKS order."""
     on = {"tensorboard": logging.tensorboard, "wandb": logging.wandb.enabled, "mlflow": logging.mlflow.enabled}
-    return [name for name in SINKS if on[name]]
+    return [name for name in SINKS.names() if on[name]]
 
 
 def build_sinks(logging, *, exp_dir: Path, config: dict) -> dict[str, MetricSink]:

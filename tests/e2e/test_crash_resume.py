@@ -27,7 +27,7 @@ _CRASHER = textwrap.dedent("""
     from optune_nemo import train
     where, exp_dir, overrides = sys.argv[1], sys.argv[2], sys.argv[3:]
     cfg = train.check_inputs(load_config([*overrides, f"exp_dir={exp_dir}"]), world_size=1)
-    loop = train.build_loop(cfg)
+    loop = train.build_loop(cfg).loop
     die = lambda: os.kill(os.getpid(), signal.SIGKILL)
     calls = {"generate": 0}
     if where == "generation":

@@ -10,7 +10,7 @@ import sys
 import pytest
 from dist_utils import run_ranks
 from test_crash_resume import _CRASHER, _run_in_session
-from test_optune_loop import E2E, _metrics, _store, _train_cli, _weights_pair
+from test_optune_loop import E2E, _metrics, _plain_run, _store, _train_cli, _weights_pair
 
 pytestmark = pytest.mark.slow
 
@@ -89,3 +89,55 @@ def test_fork_from_iteration_0_equals_the_run(three, tmp_path):
     _train_cli(fork, f"init_from={base}/checkpoints/iter_000000", *N)
     assert not (fork / "checkpoints" / "iter_000000").exists()
     _assert_same(three, fork)
+
+
+# --------------------------------------------------------------------------- n = 4 on two gloo ranks
+
+N4 = ["generation.num_samples=4"]
+
+
+@pytest.fixture(scope="module")
+def four_one_rank(tmp_path_factory):
+    exp = tmp_path_factory.mktemp("four_one")
+    run_ranks(_plain_run, 1, N4, str(exp))
+    return exp
+
+
+def _assert_close_records(one, two):
+    """test_two_ranks_equal_one's comparison: the same records, floats to 1e-5 (a different reduction order),
+    the sign-counting accuracy left out (a coin flip per pair at a step where the policy is the reference)."""
+    for ra, rb in zip(_metrics(one), _metrics(two), strict=True):
+        ra.pop("implicit_reward_accuracy"), rb.pop("implicit_reward_accuracy")
+        for key, va in ra.items():
+            if isinstance(va, float):
+                assert abs(va - rb[key]) < 1e-5, (key, va, rb[key])
+            else:
+                assert va == rb[key], key
+
+
+@pytest.mark.multiproc
+@pytest.mark.parametrize("layout", [["parallel.tensor_model_parallel_size=2"],
+                                    ["parallel.use_distributed_optimizer=true"]], ids=["tp2", "dp2"])
+def test_four_samples_on_two_ranks_equal_one(four_one_rank, tmp_path, layout):
+    """n = 4 under tensor and data parallelism: generation shards prompts (DP) or heads (TP), all four samples
+    are scored, and the best-versus-worst pairs, the four rewards and lengths, and the records equal one rank's."""
+    run_ranks(_plain_run, 2, [*layout, *N4], str(tmp_path / "two"))
+    one, two = _store(four_one_rank), _store(tmp_path / "two")
+    assert one == two
+    assert all(len(r) == 4 for r in one["rewards"]) and any(len(set(r)) >= 3 for r in one["rewards"])
+    for rewards, ra, rb in zip(one["rewards"], one["reward_a"], one["reward_b"]):
+        a, b = _extremes(rewards)
+        assert (ra, rb) == (rewards[a], rewards[b])
+    _assert_close_records(four_one_rank, tmp_path / "two")
+
+
+@pytest.mark.multiproc
+def test_four_samples_data_parallel_resume_is_identical(four_one_rank, tmp_path):
+    """Two data-parallel ranks stop after iteration 1 and a second job resumes the third iteration: the rollout
+    store and records equal the uninterrupted one-rank run."""
+    exp = str(tmp_path / "dp")
+    run_ranks(_plain_run, 2, ["parallel.use_distributed_optimizer=true", *N4, "optune.iterations=2"], exp)
+    assert not (tmp_path / "dp" / "checkpoints" / "iter_000002").exists()
+    run_ranks(_plain_run, 2, ["parallel.use_distributed_optimizer=true", *N4], exp)
+    assert _store(four_one_rank) == _store(tmp_path / "dp")
+    _assert_close_records(four_one_rank, tmp_path / "dp")

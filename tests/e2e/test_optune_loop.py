@@ -1,4 +1,4 @@
-"""Algorithm 1 on the tiny real Megatron model: the per-iteration invariants of SPEC.md, TP=2
+"""Algorithm 1 on the tiny real Megatron model: the per-iteration invariants of docs/algorithm.md, TP=2
 equal to TP=1, and exact resume."""
 
 import json
@@ -42,22 +42,32 @@ def _direct_logps(model, prompts, responses, vocab):
 
 
 def _instrumented_run(rank, overrides, exp_dir):
+    """`fit()` of the real loop, watched: before each iteration the store and the weights it starts from,
+    during it what the reward scored and the reference log-probs, after it what changed."""
     from optune_nemo.algorithm.selection import select_lowest
+    from optune_nemo.interfaces import Outcome
     from optune_nemo.train import build_loop
 
     cfg = load_config([*E2E, f"exp_dir={exp_dir}", *overrides])
-    loop = build_loop(cfg)
+    loop = build_loop(cfg).loop
     scored = []
     real_fn = loop.reward.fn
     loop.reward.fn = lambda prompts, responses, meta: (scored.extend(responses), real_fn(prompts, responses, meta))[1]
     checks = {"ref_max_err": 0.0, "weights_unchanged_before_train": True}
     real_train = loop.policy.train
     model = loop.policy.unwrapped_model()
+    start = {}
+
+    def remember_start():
+        """The state the next iteration starts from (after the previous one's training)."""
+        start["store"] = _snapshot(loop.store)
+        start["weights"] = {k: v.clone() for k, v in model.state_dict().items() if isinstance(v, torch.Tensor)}
+        scored.clear()
 
     def train(batch, loss_fn, **kw):
-        start = iteration_start_weights
         now = {k: v for k, v in model.state_dict().items() if isinstance(v, torch.Tensor)}
-        checks["weights_unchanged_before_train"] &= all(torch.equal(start[k], now[k]) for k in start)
+        checks["weights_unchanged_before_train"] &= all(torch.equal(start["weights"][k], now[k])
+                                                        for k in start["weights"])
         direct_c = _direct_logps(model, batch.prompts, batch.chosen, loop.policy.vocab_size)
         direct_r = _direct_logps(model, batch.prompts, batch.rejected, loop.policy.vocab_size)
         err = max((batch.ref_chosen_logps.double() - direct_c).abs().max().item(),
@@ -65,17 +75,11 @@ def _instrumented_run(rank, overrides, exp_dir):
         checks["ref_max_err"] = max(checks["ref_max_err"], err)
         return real_train(batch, loss_fn, **kw)
 
-    loop.policy.train = train
     per_iteration = []
-    for t in range(cfg.optune.iterations):
-        before = _snapshot(loop.store)
-        iteration_start_weights = {k: v.clone() for k, v in model.state_dict().items()
-                                   if isinstance(v, torch.Tensor)}
-        scored.clear()
-        record = loop.iteration(t)
-        loop.next_iteration = t + 1
-        loop.checkpoints.save(t)
-        after = _snapshot(loop.store)
+
+    def after_iteration(t):
+        """After iteration t's training (the loop's own hook): what it changed, against its start."""
+        before, after = start["store"], _snapshot(loop.store)
         regenerated = sorted(pid for pid, rec in after.items() if rec[4] == t)
         if t > 0:
             ids = sorted(before)
@@ -86,10 +90,20 @@ def _instrumented_run(rank, overrides, exp_dir):
         new_texts = [loop.store.pair(pid).response_a.text for pid in regenerated] + \
                     [loop.store.pair(pid).response_b.text for pid in regenerated]
         per_iteration.append({
-            "regenerated": regenerated, "expected": expected, "record": record,
+            "regenerated": regenerated, "expected": expected,
             "reused_identical": all(after[pid] == before[pid] for pid in before if pid not in regenerated),
             "scored_only_new": sorted(scored) == sorted(new_texts),
         })
+        remember_start()
+
+    loop.policy.train = train
+    loop.after_iteration.append(after_iteration)
+    remember_start()
+    assert loop.fit() is Outcome.COMPLETED
+    assert len(per_iteration) == cfg.optune.iterations
+    assert [r["iteration"] for r in loop.metrics.records] == list(range(cfg.optune.iterations))
+    for it, record in zip(per_iteration, loop.metrics.records):
+        it["record"] = record
     return per_iteration, checks
 
 
@@ -108,11 +122,12 @@ def test_iteration_invariants(tmp_path):
 
 
 def _plain_run(rank, overrides, exp_dir):
+    from optune_nemo.interfaces import Outcome
     from optune_nemo.runtime.rundir import world_size_from_env
     from optune_nemo.train import check_inputs, run_training
 
     cfg = check_inputs(load_config([*E2E, f"exp_dir={exp_dir}", *overrides]), world_size=world_size_from_env())
-    assert run_training(cfg) == "completed"
+    assert run_training(cfg) is Outcome.COMPLETED
 
 
 def _metrics(exp_dir):

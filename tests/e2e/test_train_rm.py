@@ -18,6 +18,8 @@ from dist_utils import run_ranks
 from hf_tiny import make_hf_model, tiny_tokenizer
 from rm_tiny import TINY_RM, hf_scores, save_hf_rm, separable_rows, write_jsonl
 
+from optune_nemo.interfaces import Outcome
+
 ROOT = Path(__file__).resolve().parents[2]
 
 
@@ -156,14 +158,14 @@ def test_two_steps_then_resume_equal_three_steps(tmp_path, precision, dtype):
     common = [*TINY_RM, f"data.path={data}", "rm.eval_fraction=0.2", "rm.eval_every=3", "rm.save_every=0",
               f"precision={precision}"]
     (outcome, steps, straight), = run_ranks(_run, 1, [*common, f"exp_dir={tmp_path}/a"], None)
-    assert (outcome, steps) == ("completed", 3)            # 24 training pairs / 8 per step
+    assert (outcome, steps) == (Outcome.COMPLETED, 3)            # 24 training pairs / 8 per step
     # the run trained in the precision asked for, the head included (not left in fp32 beside bf16 matrices)
     assert {straight[n].dtype for n in ("embedding.word_embeddings.weight", "output_layer.weight")} == {dtype}
     (outcome, steps, _), = run_ranks(_run, 1, [*common, f"exp_dir={tmp_path}/b"], 2)
-    assert (outcome, steps) == ("preempted", 2)
+    assert (outcome, steps) == (Outcome.PREEMPTED, 2)
     assert _checkpoints(tmp_path / "b") == ["iter_000002"]
     (outcome, steps, resumed), = run_ranks(_run, 1, [*common, f"exp_dir={tmp_path}/b"], None)
-    assert (outcome, steps) == ("completed", 3)
+    assert (outcome, steps) == (Outcome.COMPLETED, 3)
     assert straight.keys() == resumed.keys()
     for name in straight:
         assert torch.equal(straight[name], resumed[name]), name

@@ -217,8 +217,8 @@ def test_training_presets_and_flop_formula():
     ~20 s on a 2-core CPU) are too large for a smoke run: their overrides pass the run's own checks here, and
     bench/gpu_session.sh's commands with them parse (test_gpu_session_dry_run). The FLOP count against a
     first-principles count of the tiny shape."""
-    from optune_nemo.build import resolve
     from optune_nemo.config import load_config
+    from optune_nemo.runner import resolve
 
     training = _module("bench/training.py")
     for name, (shape, _) in training.PRESETS.items():
@@ -341,14 +341,15 @@ def test_small_scale_tiny(tmp_path):
     own rho < 1 forks run the same lines as rho = 1: left out to save a run) and random selection at 0.5.
     fp32: the no-training control's fork loads an optimizer that never stepped (it once failed there)."""
     root = tmp_path / "ss"
-    env = {"SEEDS": "1", "ITERATIONS": "2", "RHOS": "1.0", "RANDOM_RHOS": "0.5", "OPTUNE_PYTHON": sys.executable}
+    env = {"SEEDS": "1", "ITERATIONS": "2", "RHOS": "1.0", "RANDOM_RHOS": "0.5", "GAP_RHOS": "0.5",
+           "OPTUNE_PYTHON": sys.executable}
     _ok(_run("experiments/small_scale.sh", str(root), "--", *TINY_RUN, env=env))
     report = json.loads((root / "report" / "report.json").read_text())
     got = {(s["rho"], s["selection"], s["loss"], s["trained"]) for s in report["settings"]}
     assert got == {(1.0, "all", "wdpo", True), (0.5, "random", "wdpo", True), (0.5, "lowest_reward", "dpo", True),
-                   (1.0, "all", "wdpo", False)}, got
+                   (0.5, "smallest_gap", "wdpo", True), (1.0, "all", "wdpo", False)}, got
     runs = sorted((root / "runs").iterdir())
-    assert len(runs) == 4 and all((r / "COMPLETED").is_file() for r in runs)
+    assert len(runs) == 5 and all((r / "COMPLETED").is_file() for r in runs)
     for run in runs:
         base = "notrain-seed1" if "notrain" in run.name else "wdpo-seed1"
         fork = json.loads((run / "fork.json").read_text())
@@ -358,6 +359,103 @@ def test_small_scale_tiny(tmp_path):
         assert not list((run / "checkpoints").glob("iter_*/model")), f"{run} was not pruned"
     assert "loss:\n  name: dpo" in (root / "runs" / "rho0.5-lowest_reward-dpo-seed1" / "config.yaml").read_text()
     assert (root / "report" / "report.md").is_file()
+
+
+def _fake_python(tmp_path: Path) -> Path:
+    """A stand-in for OPTUNE_PYTHON that appends its argument list (one JSON line) to calls.jsonl and succeeds:
+    it shows what a driver script would run, in what order, without running it."""
+    fake = tmp_path / "fake_python"
+    fake.write_text(f"#!{sys.executable}\nimport json, sys\n"
+                    f"open({str(tmp_path / 'calls.jsonl')!r}, 'a').write(json.dumps(sys.argv[1:]) + '\\n')\n")
+    fake.chmod(0o755)
+    return fake
+
+
+def _calls(tmp_path: Path) -> list[list[str]]:
+    return [json.loads(x) for x in (tmp_path / "calls.jsonl").read_text().splitlines()]
+
+
+def _flag(argv: list[str], flag: str) -> list[str]:
+    """The values after `flag` up to the next flag or `--`."""
+    i = argv.index(flag) + 1
+    out = []
+    while i < len(argv) and not argv[i].startswith("--"):
+        out.append(argv[i])
+        i += 1
+    return out
+
+
+def test_decisive_runs_the_claims_settings_seed_by_seed(tmp_path):
+    """experiments/decisive.sh drives small_scale.sh: for each seed in turn the lowest_reward sweep (rho 0.3,
+    0.5, 1 and the control), random and smallest_gap at 0.5, the DPO fork from the seed's wDPO iteration 0;
+    the report last. The recipe's overrides and the user's reach every run. (The runs themselves are the
+    same lines as test_small_scale_tiny's.)"""
+    env = {"OPTUNE_PYTHON": str(_fake_python(tmp_path)), "SEEDS": "4 7"}
+    _ok(_run("experiments/decisive.sh", str(tmp_path / "d"), "--", "data.num_prompts=8", env=env))
+    calls = _calls(tmp_path)
+    sweeps = [c for c in calls if c[:2] == ["-m", "optune_nemo.sweep"]]
+    assert [(_flag(c, "--seeds"), _flag(c, "--rho"), _flag(c, "--selection"), "--control" in c) for c in sweeps] == [
+        (["4"], ["0.3", "0.5", "1.0"], ["lowest_reward"], True), (["4"], ["0.5"], ["random"], False),
+        (["4"], ["0.5"], ["smallest_gap"], False),
+        (["7"], ["0.3", "0.5", "1.0"], ["lowest_reward"], True), (["7"], ["0.5"], ["random"], False),
+        (["7"], ["0.5"], ["smallest_gap"], False)]
+    for c in sweeps:
+        assert _flag(c, "--iterations") == ["6"] and "--prune" in c
+        assert c[-2:] == ["eval.num_prompts=256", "data.num_prompts=8"], c
+    trains = [c for c in calls if c[:2] == ["-m", "optune_nemo.train"]]
+    assert [next(a for a in c if a.startswith("seed=")) for c in trains] == ["seed=4", "seed=7"]
+    assert all("loss.name=dpo" in c and "optune.iterations=6" in c and "data.num_prompts=8" in c for c in trains)
+    order = [c[1] if c[0] == "-m" else "prune" for c in calls]
+    assert order == ["optune_nemo.sweep"] * 3 + ["optune_nemo.train", "prune"] + ["optune_nemo.sweep"] * 3 + [
+        "optune_nemo.train", "prune", "optune_nemo.report"]
+
+
+def test_gpu_experiment_plumbing(tmp_path):
+    """experiments/gpu_experiment.sh needs a GPU: its dry run fits 10 minutes and names existing scripts whose
+    command lines parse; with a stand-in Python (nothing runs) each seed gets its own small_scale.sh with the
+    decisive settings, the report comes after them, and the timing calls follow at 256 and 512 tokens."""
+    script = "experiments/gpu_experiment.sh"
+    proc = _ok(_run(script, env={"DRY_RUN": "1", "OUT": str(tmp_path / "dry")}))
+    steps = [line.split() for line in proc.stdout.splitlines()]
+    assert not (tmp_path / "dry").exists()
+    assert [s[0] for s in steps] == ["quality", "quality-report", "timing-256-rho0.5", "timing-256-rho0.7",
+                                     "timing-512-rho0.5", "timing-512-rho0.7"]
+    assert sum(int(s[1]) for s in steps) <= 600
+    iteration = _module("bench/iteration.py").parser()
+    for s in steps[2:]:
+        assert s[3] == "bench/iteration.py"
+        assert iteration.parse_args(s[4:]) is not None          # argparse exits 2 on a flag it does not know
+    env = {"OPTUNE_PYTHON": str(_fake_python(tmp_path)), "SEEDS": "3 5", "PARALLEL": "2", "OUT": str(tmp_path / "o")}
+    _ok(_run(script, env=env))
+    calls = _calls(tmp_path)
+    sweeps = [c for c in calls if c[:2] == ["-m", "optune_nemo.sweep"]]
+    assert sorted((_flag(c, "--seeds")[0], tuple(_flag(c, "--selection"))) for c in sweeps) == sorted(
+        (s, sel) for s in ("3", "5") for sel in (("lowest_reward",), ("random",), ("smallest_gap",)))
+    assert all(str(tmp_path / "o" / "quality") == _flag(c, "--root")[0] for c in sweeps)
+    assert all("policy.hf_path=smollm2" in c and "eval.num_prompts=256" in c for c in sweeps)
+    rest = [c for c in calls if c not in sweeps and c[:2] != ["-m", "optune_nemo.train"] and c[0] != "-c"]
+    assert rest[0][:2] == ["-m", "optune_nemo.report"] and calls.index(rest[0]) > max(map(calls.index, sweeps))
+    assert [(c[0], c[c.index("--rho") + 1], next(a for a in c if a.startswith("generation.max_new_tokens")))
+            for c in rest[1:]] == [("bench/iteration.py", r, f"generation.max_new_tokens={n}")
+                                   for n in (256, 512) for r in ("0.5", "0.7")]
+
+
+@pytest.mark.slow
+def test_pilot_tiny(tmp_path):
+    """experiments/pilot.sh with one recipe and one seed, for real on the tiny model: the recipe's overrides
+    reach the runs' config, the first recipe's first seed gets the no-training control, and the report is
+    written; an unknown recipe is refused before anything runs."""
+    root = tmp_path / "pilot"
+    env = {"SEEDS": "1", "ITERATIONS": "2", "RECIPES": "r1", "OPTUNE_PYTHON": sys.executable}
+    _ok(_run("experiments/pilot.sh", str(root), "--", *TINY_RUN, env=env))
+    runs = sorted(p.name for p in (root / "r1" / "runs").iterdir())
+    assert runs == ["rho1-all-notrain-seed1", "rho1-all-wdpo-seed1"]
+    config = (root / "r1" / "runs" / "rho1-all-wdpo-seed1" / "config.yaml").read_text()
+    assert "lr: 1.0e-05" in config and "epochs_per_iteration: 2" in config
+    assert (root / "r1" / "report" / "report.json").is_file()
+    bad = _run("experiments/pilot.sh", str(tmp_path / "bad"), env={**env, "RECIPES": "r9"})
+    assert bad.returncode == 2 and bad.stderr.strip().startswith("pilot.sh: RECIPES: unknown recipe 'r9'")
+    assert not (tmp_path / "bad").exists()
 
 
 # --------------------------------------------------------------------------- scripts/
@@ -409,6 +507,9 @@ SMOKE_TESTS = {
     "bench/gpu_session.sh": [test_gpu_session_dry_run],
     "experiments/gold_proxy.py": [test_gold_proxy_tiny],
     "experiments/small_scale.sh": [test_small_scale_tiny],
+    "experiments/decisive.sh": [test_decisive_runs_the_claims_settings_seed_by_seed],
+    "experiments/pilot.sh": [test_pilot_tiny],
+    "experiments/gpu_experiment.sh": [test_gpu_experiment_plumbing],
     "scripts/record_run.py": [test_record_run],
     "scripts/render_docs.py": [test_render_docs_on_a_copy],
 }

@@ -15,8 +15,9 @@ ROOT = Path(__file__).resolve().parents[2]
 
 
 def _policy(hf_dir, precision):
-    from optune_nemo.build import build_policy_parts, resolve
     from optune_nemo.config import load_config
+    from optune_nemo.runner import resolve
+    from optune_nemo.train import build_policy_parts
 
     cfg = resolve(load_config([f"policy.hf_path={hf_dir}", "model.seq_length=64", f"precision={precision}",
                                "eval.num_prompts=0", "optim.warmup_ratio=0", "optim.lr=2e-4",

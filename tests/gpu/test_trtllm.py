@@ -1,6 +1,6 @@
 """TensorRT-LLM engine on a GPU (opt in: `pytest -m trtllm tests/gpu`, inside the container built from the
 Dockerfile; docs/generation.md). The reference is the torch engine on the same megatron policy, both bf16,
-built the way every entry point builds them (optune_nemo/build.py):
+built the way every entry point builds them (optune_nemo/train.py):
 
 - greedy responses score alike under the policy (teacher-forced log-probs; exact tokens differ at bf16
   near-ties), finish reasons are consistent, and stop tokens stay in the token ids; a prompt's n = 2
@@ -26,8 +26,8 @@ QUESTIONS = ("What is 17 + 25?", "Name a primary color.", "Compute 12 times 7.")
 
 
 def _config(cache_dir):
-    from optune_nemo.build import resolve
     from optune_nemo.config import load_config, validate
+    from optune_nemo.runner import resolve
 
     cfg = resolve(load_config([
         "policy.hf_path=smollm2", f"policy.cache_dir={cache_dir}", "model.seq_length=256", "generation.engine=trtllm",
@@ -43,14 +43,14 @@ def setup(tmp_path_factory):
     pytest.importorskip("tensorrt_llm")
     if not torch.cuda.is_available():
         pytest.skip("needs a CUDA GPU")
-    from optune_nemo.build import build_engine, build_policy_parts
     from optune_nemo.generation.torch_engine import TorchEngine
+    from optune_nemo.train import build_policy_parts, engine_for
 
     cfg = _config(tmp_path_factory.mktemp("trt"))
     parts = build_policy_parts(cfg, load_weights=True)
     reference = TorchEngine(parts.policy.inference_model(), decode=parts.tokenizer.decode, dist=parts.dist,
                             batch_size=8)
-    engine = build_engine(cfg, parts)
+    engine = engine_for(cfg, parts)
     prompts = [parts.tokenizer.apply_chat_template([{"role": "user", "content": q}]) for q in QUESTIONS]
     yield cfg, parts, reference, engine, prompts
     engine.shutdown()
@@ -164,12 +164,12 @@ def test_the_engine_follows_training_without_begin_generation(setup):
 
 
 def test_rebuild_mode_follows_training(setup):
-    from optune_nemo.build import build_engine
+    from optune_nemo.train import engine_for
 
     cfg, parts, reference, engine, prompts = setup
     engine.end_generation()                      # give the GPU to the second engine
     g = dataclasses.replace(cfg.generation, refit="rebuild")
-    rebuilt = build_engine(dataclasses.replace(cfg, generation=g), parts)
+    rebuilt = engine_for(dataclasses.replace(cfg, generation=g), parts)
     try:
         expected = _train_and_check_it_matters(cfg, parts, reference, prompts)
         rebuilt.end_generation()
@@ -179,14 +179,14 @@ def test_rebuild_mode_follows_training(setup):
 
 
 def test_tensor_parallel_2_engine_refitted_from_the_training_process(setup):
-    from optune_nemo.build import build_engine
+    from optune_nemo.train import engine_for
 
     cfg, parts, reference, engine, prompts = setup
     if torch.cuda.device_count() < 2:
         pytest.skip("needs two GPUs visible to the test process")
     engine.end_generation()
     g = dataclasses.replace(cfg.generation, tensor_parallel_size=2)
-    tp2 = build_engine(dataclasses.replace(cfg, generation=g), parts)
+    tp2 = engine_for(dataclasses.replace(cfg, generation=g), parts)
     try:
         expected = _train_and_check_it_matters(cfg, parts, reference, prompts)
         tp2.end_generation()

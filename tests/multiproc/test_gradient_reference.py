@@ -29,12 +29,13 @@ def _pairs(n: int, vocab: int, seed: int = 5):
 
 def _megatron_gradient(rank, hf_dir, overrides, n):
     """One optimizer step of the policy on n pairs; returns its applied gradient under HF names."""
-    from optune_nemo.build import build_policy_parts, resolve
     from optune_nemo.config import load_config
     from optune_nemo.interfaces import PreferenceBatch
     from optune_nemo.losses.wdpo import WDPO
     from optune_nemo.megatron.hf_export import megatron_to_hf_tensors
     from optune_nemo.megatron.hf_import import global_layer_numbers, read_hf_config
+    from optune_nemo.runner import resolve
+    from optune_nemo.train import build_policy_parts
 
     cfg = resolve(load_config([f"policy.hf_path={hf_dir}", "model.seq_length=64", "eval.num_prompts=0",
                                "train.shuffle=false", "optim.clip_grad=0", "optim.warmup_ratio=0",

@@ -18,8 +18,8 @@ pytestmark = pytest.mark.multiproc
 
 def _meta(src, kind):
     from optune_nemo.megatron.hf_import import hf_config_to_model_config, read_hf_config
-    from optune_nemo.rm.hf import SEQ_CLS_ARCHITECTURES, read_rm_config, rm_model_config
-    from optune_nemo.rm.model import RewardModelMeta
+    from optune_nemo.megatron.hf_rm import SEQ_CLS_ARCHITECTURES, read_rm_config, rm_model_config
+    from optune_nemo.megatron.reward_model import RewardModelMeta
 
     if kind == "hf_rm":
         cfg = read_rm_config(src, key="x")
@@ -32,7 +32,7 @@ def _meta(src, kind):
 def _build(src, kind, tp, pp, *, optim=None, dist_opt=False):
     from optune_nemo.config import OptimConfig
     from optune_nemo.megatron.parallel import init_distributed
-    from optune_nemo.rm.model import build_reward_model
+    from optune_nemo.megatron.reward_model import build_reward_model
 
     d = init_distributed(tp, pp)
     rm = build_reward_model(_meta(src, kind), dist=d, optim=optim or OptimConfig(), precision="fp32",

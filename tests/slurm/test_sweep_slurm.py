@@ -10,13 +10,13 @@ from __future__ import annotations
 import json
 import os
 import re
-import shutil
 import subprocess
 import sys
 import time
 from pathlib import Path
 
 import pytest
+from test_slurm import cluster  # noqa: F401  (the autouse skip/fail without a cluster)
 
 from optune_nemo.analysis.sweep import has_init_from, plan_sweep, submit_slurm
 
@@ -30,21 +30,6 @@ TINY = ["policy.hf_path=null", "eval.num_prompts=0", "optim.lr=5e-4", "data.num_
         "train.global_batch_size=4", "train.micro_batch_size=2", "logging.progress=false",
         "logging.tensorboard=false", "model.init_method_std=0.1",
         "reward.function._target_=optune_nemo.reward.rules.length_reward", "++reward.function.target_chars=6"]
-
-
-def _cluster_up() -> bool:
-    if not shutil.which("sinfo"):
-        return False
-    out = subprocess.run(["sinfo", "-h", "-o", "%t"], capture_output=True, text=True)
-    return out.returncode == 0 and any(state in out.stdout for state in ("idle", "mix", "alloc"))
-
-
-@pytest.fixture(scope="module", autouse=True)
-def cluster():
-    if not _cluster_up():
-        if os.environ.get("OPTUNE_REQUIRE_SLURM") == "1":
-            pytest.fail("OPTUNE_REQUIRE_SLURM=1 but no Slurm cluster is up (.ci/slurm/up.sh)")
-        pytest.skip("no Slurm cluster (start one with .ci/slurm/up.sh)")
 
 
 def _states(job_id: str) -> list[str] | None:

@@ -7,7 +7,7 @@ import torch
 from dist_utils import run_ranks
 from tiny import WDPO, build, inner_optimizer, preference_batch, tiny_config
 
-from optune_nemo.build import resolve
+from optune_nemo.runner import resolve
 
 LR, B1, B2, EPS = 1e-3, 0.8, 0.9, 1e-6
 

@@ -30,8 +30,9 @@ def test_packed_pair_logprobs_equal_transformers(hf_dir, backend):
     pair that saw an earlier one, changes its log-prob by far more than the tolerance."""
     from transformers import AutoModelForCausalLM
 
-    from optune_nemo.build import build_policy_parts, resolve
     from optune_nemo.megatron.attention import PackedCoreAttention
+    from optune_nemo.runner import resolve
+    from optune_nemo.train import build_policy_parts
 
     cfg = resolve(load_config([f"policy.hf_path={hf_dir}", "model.seq_length=64", "eval.num_prompts=0",
                                "precision=fp32", "train.micro_batch_size=3", "train.global_batch_size=6",

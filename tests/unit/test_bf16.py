@@ -10,8 +10,9 @@ pytestmark = pytest.mark.multiproc
 
 
 def _policy(hf_dir, seed=1, lr=3e-5):
-    from optune_nemo.build import build_policy_parts, resolve
     from optune_nemo.config import load_config
+    from optune_nemo.runner import resolve
+    from optune_nemo.train import build_policy_parts
 
     cfg = resolve(load_config([f"policy.hf_path={hf_dir}", "model.seq_length=64", "precision=bf16",
                                "eval.num_prompts=0", "optim.warmup_ratio=0", "train.global_batch_size=8",
@@ -86,10 +87,11 @@ def greedy_bf16(rank, hf_dir, device="cpu"):
     value's magnitude: a smaller gap can legitimately flip between two bf16 implementations)."""
     from transformers import AutoModelForCausalLM
 
-    from optune_nemo.build import build_policy_parts, resolve
     from optune_nemo.config import load_config
     from optune_nemo.generation.torch_engine import TorchEngine
     from optune_nemo.interfaces import SamplingParams
+    from optune_nemo.runner import resolve
+    from optune_nemo.train import build_policy_parts
 
     parts = build_policy_parts(resolve(load_config([f"policy.hf_path={hf_dir}", "model.seq_length=64",
                                                     "precision=bf16", "eval.num_prompts=0"])))

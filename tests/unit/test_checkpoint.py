@@ -178,8 +178,8 @@ def test_keep_last(tmp_path):
 def test_no_room_for_the_next_checkpoint_is_refused_before_writing(tmp_path, monkeypatch):
     from collections import namedtuple
 
-    from optune_nemo import checkpoint as ckpt
     from optune_nemo.runner import _run
+    from optune_nemo.runtime import checkpoint as ckpt
 
     mgr = _manager(tmp_path, payload=b"w" * 100_000)
     first = mgr.save(0)

@@ -1,11 +1,20 @@
-"""The config schema, conf/optune.yaml and the validation of bad values."""
+"""The config schema, conf/optune.yaml and the validation of bad values (the sections' own checks,
+`config.validate`, and the plugin families', `plugins.check_plugins`)."""
 
 import subprocess
 import sys
 
 import pytest
 
-from optune_nemo.config import CONF_DIR, ConfigError, OptuneNemoConfig, load_config, render_yaml, validate
+from optune_nemo.config import CONF_DIR, ConfigError, OptuneNemoConfig, load_config, render_yaml
+from optune_nemo.config import validate as validate_sections
+from optune_nemo.train import check_plugins
+
+
+def validate(cfg: OptuneNemoConfig, world_size: int = 1) -> None:
+    """What the entry point checks before any work: every section, then every plugin family."""
+    validate_sections(cfg, world_size=world_size)
+    check_plugins(cfg)
 
 
 def test_yaml_is_the_schema_rendered():
@@ -114,3 +123,22 @@ def test_cli_unknown_key_exits_nonzero(tmp_path):
     proc = subprocess.run([sys.executable, "-m", "optune_nemo.train", f"exp_dir={tmp_path}/r", "optune.foo=1"],
                           capture_output=True, text=True, timeout=120)
     assert proc.returncode != 0 and "optune.foo" in proc.stderr
+
+
+def test_config_imports_nothing_of_the_project_but_errors():
+    """config.py is the ground the rest stands on: importing it (and validating) loads no plugin family."""
+    code = ("import sys; from optune_nemo.config import OptuneNemoConfig, validate; validate(OptuneNemoConfig()); "
+            "print(' '.join(sorted(m for m in sys.modules if m.startswith('optune_nemo'))))")
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0, proc.stderr
+    assert proc.stdout.split() == ["optune_nemo", "optune_nemo.config", "optune_nemo.errors"]
+
+
+@pytest.mark.parametrize("overrides", [["loss.name=simpo"], ["reward.type=mystery"], ["generation.engine=vllm"],
+                                       ["data.task=poetry"], ["optune.selection=best"]])
+def test_family_names_are_the_families_checks(overrides):
+    """A member's name is checked by its family (plugins.check_plugins), not by the sections' validate."""
+    cfg = load_config(overrides)
+    validate_sections(cfg)
+    with pytest.raises(ConfigError, match=overrides[0].split("=")[0]):
+        check_plugins(cfg)

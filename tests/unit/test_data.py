@@ -3,6 +3,8 @@
 import json
 import logging
 import re
+import subprocess
+import sys
 
 import pyarrow as pa
 import pyarrow.parquet as pq
@@ -317,6 +319,23 @@ def test_arithmetic_splits_disjoint():
 def test_arithmetic_bad_split():
     with pytest.raises(ValueError, match="split"):
         arithmetic_problems(3, seed=0, split="test")
+
+
+def test_the_task_family():
+    """Built-in tasks register themselves in their own modules; data/ imports nothing of reward/ (above it)."""
+    from optune_nemo.data.tasks import TASKS, check, get_task
+
+    assert get_task("arithmetic").problems is arithmetic_problems
+    check(DataConfig(task="arithmetic"))
+    with pytest.raises(ConfigError) as e:
+        check(DataConfig(task="poetry"))
+    assert str(e.value) == f"data.task: must be one of {', '.join(TASKS.names())} (got 'poetry')"
+    with pytest.raises(ConfigError, match="^data.task: must be one of arithmetic"):
+        get_task("poetry")
+    code = ("import sys; from optune_nemo.data.tasks import get_task; get_task('arithmetic'); "
+            "print(any(m.startswith('optune_nemo.reward') for m in sys.modules))")
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0 and proc.stdout.strip() == "False", proc.stderr
 
 
 def test_load_prompts_builtin_task():

@@ -108,13 +108,15 @@ def named_things(tmp_path, monkeypatch):
 
 
 def _check(overrides: list[str], world: int, subs: dict):
-    from optune_nemo.train import check_inputs
+    from optune_nemo.train import check_inputs, check_plugins
 
     fixed = []
     for o in overrides:
         key, value = o.split("=", 1)
         fixed.append(f"{key}={subs.get(value, value)}")
-    return check_inputs(load_config(fixed), world_size=world)
+    cfg = check_inputs(load_config(fixed), world_size=world)
+    check_plugins(cfg)          # the plugin families' checks (names and what a member needs), as the entry point
+    return cfg
 
 
 def test_documented_train_commands_pass_the_preflight_checks(named_things):

@@ -26,7 +26,7 @@ def dist1():
 def _fresh_rm(src, dist, seed=1):
     """A reward model on the causal LM in `src` with a fresh head (what train_rm starts from)."""
     from optune_nemo.megatron.hf_import import hf_config_to_model_config, read_hf_config
-    from optune_nemo.rm.model import RewardModelMeta, build_reward_model
+    from optune_nemo.megatron.reward_model import RewardModelMeta, build_reward_model
 
     info = read_hf_config(src)
     meta = RewardModelMeta(hf_config_to_model_config(src, seq_length=64), VOCAB, PAD, info.architecture, info.config)
@@ -38,8 +38,8 @@ def _fresh_rm(src, dist, seed=1):
 
 def _imported_rm(rm_dir, dist):
     """The Megatron reward model of a transformers-made reward-model directory."""
-    from optune_nemo.rm.hf import SEQ_CLS_ARCHITECTURES, read_rm_config, rm_model_config
-    from optune_nemo.rm.model import RewardModelMeta, build_reward_model
+    from optune_nemo.megatron.hf_rm import SEQ_CLS_ARCHITECTURES, read_rm_config, rm_model_config
+    from optune_nemo.megatron.reward_model import RewardModelMeta, build_reward_model
 
     cfg = read_rm_config(rm_dir, key="policy.hf_path")
     meta = RewardModelMeta(rm_model_config(rm_dir, key="policy.hf_path", seq_length=64), VOCAB,
@@ -104,7 +104,7 @@ def _one_line(err, key):
 
 
 def test_refusals_name_the_key(tmp_path):
-    from optune_nemo.rm.hf import read_rm_config
+    from optune_nemo.megatron.hf_rm import read_rm_config
 
     save_hf_rm("llama_tied", tmp_path / "two", num_labels=2)
     with pytest.raises(ConfigError) as err:
@@ -132,7 +132,7 @@ def test_refusals_name_the_key(tmp_path):
 def test_export_refusals_leave_nothing(tmp_path, dist1):
     from dataclasses import replace
 
-    from optune_nemo.rm.hf import export_hf_rm
+    from optune_nemo.megatron.hf_rm import export_hf_rm
 
     make_hf_model("llama_tied").save_pretrained(tmp_path / "src")
     rm = _fresh_rm(tmp_path / "src", dist1)

@@ -1,4 +1,4 @@
-"""Preference losses against independent float64 formulas from SPEC.md (paper eqs. 1, 5, 6)."""
+"""Preference losses against independent float64 formulas from docs/algorithm.md (paper eqs. 1, 5, 6)."""
 
 import math
 import random
@@ -6,7 +6,9 @@ import random
 import pytest
 import torch
 
-from optune_nemo.losses import bradley_terry_loss, dpo_loss, dpo_per_pair, wdpo_loss, wdpo_per_pair
+from optune_nemo.losses.bradley_terry import bradley_terry_loss
+from optune_nemo.losses.dpo import dpo_loss, dpo_per_pair
+from optune_nemo.losses.wdpo import wdpo_loss, wdpo_per_pair
 
 
 def _log_sigmoid(z: float) -> float:
@@ -76,7 +78,7 @@ def test_wdpo_per_pair_matches_hand_formula(seed):
         assert float(got[i]) == pytest.approx(per[i], rel=1e-12, abs=1e-14)
         assert float(margin[i]) == pytest.approx(margins[i], rel=1e-12, abs=1e-14)
         assert float(weight[i]) == pytest.approx(weights[i], rel=1e-12)
-        assert 0.5 <= float(weight[i]) < 1.0  # r_w >= r_l, as SPEC.md says
+        assert 0.5 <= float(weight[i]) < 1.0  # r_w >= r_l, as docs/algorithm.md says
 
 
 @pytest.mark.parametrize("seed", range(5))
@@ -244,7 +246,7 @@ def test_bradley_terry_loss(seed):
 # --------------------------------------------------------------------------- the protocol and registry
 
 from optune_nemo.config import ConfigError, LossConfig  # noqa: E402
-from optune_nemo.losses import PairTensors, build_loss, loss_names  # noqa: E402
+from optune_nemo.losses import LOSSES, PairTensors, build_loss, check  # noqa: E402
 
 
 def _pairs(pc, pr, rc, rr, cw, cl, grad=False):
@@ -252,9 +254,28 @@ def _pairs(pc, pr, rc, rr, cw, cl, grad=False):
 
 
 def test_registry_has_the_four_losses():
-    assert {"dpo", "wdpo", "ipo", "cdpo"} <= set(loss_names())
+    assert {"dpo", "wdpo", "ipo", "cdpo"} <= set(LOSSES.names())
     with pytest.raises(ConfigError, match="loss.name: must be one of"):
         build_loss(LossConfig(name="simpo"))
+
+
+def test_the_family_check_names_the_key_and_the_losses():
+    with pytest.raises(ConfigError) as err:
+        check(LossConfig(name="simpo"))
+    assert str(err.value) == "loss.name: must be one of cdpo, dpo, ipo, wdpo (got 'simpo')"
+    check(LossConfig(name="no_such_module_xyz:Hinge"))      # imported when built, not when checked
+    for name in LOSSES.names():
+        check(LossConfig(name=name))
+
+
+def test_only_wdpo_reports_a_weight():
+    """The DPO family's common metrics come from the shared helper; the weight is wDPO's own."""
+    pairs = PairTensors(_t([-1.0, -2.0]), _t([-2.0, -1.0]), _t([-1.5, -1.5]), _t([-1.5, -1.5]), _t([1.0, 0.0]),
+                        _t([0.0, 0.0]))
+    for name in LOSSES.names():
+        _, metrics = build_loss(LossConfig(name=name))(pairs)
+        want = {"margin_mean", "implicit_reward_accuracy"} | ({"wdpo_weight_mean"} if name == "wdpo" else set())
+        assert set(metrics) == want, name
 
 
 @pytest.mark.parametrize("seed", range(3))

@@ -12,7 +12,9 @@ from optune_nemo.algorithm.store import RolloutStore
 from optune_nemo.config import ConfigError, load_config
 from optune_nemo.generation.torch_engine import TorchEngine
 from optune_nemo.interfaces import Prompt, Sample, SamplingParams
+from optune_nemo.losses import build_loss
 from optune_nemo.reward.base import RuleReward
+from optune_nemo.runtime.checkpoint import GenerationChunks
 
 # ---------------------------------------------------------------------- the engine: n samples, one prefill
 
@@ -103,7 +105,8 @@ def _loop(tmp_path, n, prompts, fn=None):
     fn = fn or (lambda ps, rs, meta: [reward_of(r) for r in rs])
     reward = RuleReward(fn, name="test", batch_size=5)
     return OPTune(cfg, prompts=prompts, policy=FakePolicy(), engine=FakeEngine(), reward=reward,
-                  store=RolloutStore(prompts), checkpoints=None, metrics=None, guard=Guard(), stop_token_ids=(0,))
+                  loss=build_loss(cfg.loss), store=RolloutStore(prompts), chunks=GenerationChunks(tmp_path),
+                  checkpoints=None, metrics=None, guard=Guard(), stop_token_ids=(0,))
 
 
 def _prompts(k=5):

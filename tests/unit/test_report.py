@@ -23,6 +23,7 @@ from optune_nemo.analysis.report import (
     gain_split,
     main,
     ranking_scores,
+    render_markdown,
     store_path,
 )
 from optune_nemo.config import OptuneNemoConfig, config_to_yaml
@@ -176,6 +177,19 @@ def test_curves(sweep):
     assert half[2]["cumulative_time_s"]["min"] == pytest.approx(24) and half[2]["cumulative_time_s"]["max"] == 26
     assert rep.curves["rho=1 all wdpo no-training"]["eval_reward_mean"][-1]["iteration"] == 0   # never evaluated after
     assert rep.baseline["mean"] == pytest.approx(0.1)
+
+
+def test_seed_spread_at_the_last_common_iteration(sweep):
+    """The pilot's measure: per setting, the sample SD over seeds at the last iteration every run evaluated."""
+    rep = analyse(find_runs([sweep]))
+    full = rep.finals["rho=1 all wdpo"]["eval_reward_mean"]
+    # t=2: seed 1 0.2 + 0.1 * 2 * 1 = 0.4, seed 2 0.3 + 0.1 * 2 * 2 = 0.7; SD = |0.7 - 0.4| / sqrt(2)
+    assert full["iteration"] == 2 and full["n"] == 2 and full["values"] == pytest.approx([0.4, 0.7])
+    assert full["mean"] == pytest.approx(0.55) and full["sd"] == pytest.approx(0.3 / 2 ** 0.5)
+    assert "eval_accuracy" not in rep.finals["rho=1 all wdpo"]             # these runs have no accuracy
+    control = rep.finals["rho=1 all wdpo no-training"]["eval_reward_mean"]
+    assert control["iteration"] == 0 and control["values"] == pytest.approx([0.2, 0.3])   # evaluated at t=0 only
+    assert "Seed-to-seed spread" in render_markdown(rep)
 
 
 def test_speedup_and_amdahl(sweep):

@@ -193,6 +193,37 @@ def test_build_reward_user_function_with_kwargs(tmp_path, monkeypatch):
     assert sys.modules[mod].CALLS == [2, 1]
 
 
+def test_the_arithmetic_gold_reward_lives_with_its_task():
+    """The built-in task keeps its gold reward; the default `_target_` (optune_nemo.reward.rules) names it."""
+    from optune_nemo.data.tasks import arithmetic, get_task
+
+    assert arithmetic_reward is arithmetic.arithmetic_reward and is_exact is arithmetic.is_exact
+    ps = [Prompt(0, "What is 2 + 3?", (1,), {"answer": 5}), Prompt(1, "What is 6 * 7?", (2,), {"answer": 42})]
+    gold = build_reward(RewardConfig(function={"_target_": get_task("arithmetic").gold_reward}))
+    assert gold.score(ps, ["5", "40"]) == build_reward(RewardConfig()).score(ps, ["5", "40"])
+    assert get_task("arithmetic").is_correct("so 42", {"answer": 42})
+
+
+def test_the_family_check_names_what_each_type_needs(tmp_path):
+    from optune_nemo.reward import check
+
+    check(RewardConfig())
+    check(RewardConfig(type="hf", path=str(tmp_path)))
+    check(RewardConfig(type="megatron", path=str(tmp_path)))
+    check(RewardConfig(type="remote", url="grpc://host:8001"))
+    bad = [(RewardConfig(type="mystery"), "reward.type: must be one of rule, hf, megatron, remote (got 'mystery')"),
+           (RewardConfig(function={"scale": 2}), "reward.function: must be a node with a `_target_` naming a callable"),
+           (RewardConfig(type="hf"), "reward.path: reward.type=hf needs an existing reward model directory (got None)"),
+           (RewardConfig(type="megatron", path=str(tmp_path / "no")),
+            f"reward.path: reward.type=megatron needs an existing reward model directory (got '{tmp_path / 'no'}')"),
+           (RewardConfig(type="remote", url="host:8000"), "reward.url: reward.type=remote needs the server's URL, "
+                                                           "http://host:port or grpc://host:port (got 'host:8000')")]
+    for cfg, message in bad:
+        with pytest.raises(ConfigError) as e:
+            check(cfg)
+        assert str(e.value) == message
+
+
 @pytest.mark.parametrize("target", ["no_such_module_for_optune_tests.fn",
                                     "optune_nemo.reward.rules.no_such_function"])
 def test_build_reward_bad_target(target):

@@ -16,7 +16,7 @@ from rm_tiny import PAD, hf_scores, random_seqs
 from optune_nemo.config import OptimConfig
 from optune_nemo.data.preferences import PreferencePair
 from optune_nemo.losses.bradley_terry import bradley_terry_per_pair
-from optune_nemo.rm.model import last_non_pad_index, make_score_batch
+from optune_nemo.megatron.reward_model import last_non_pad_index, make_score_batch
 
 # --------------------------------------------------------------------------- the loss
 
@@ -82,7 +82,7 @@ def dist1():
 
 def _meta(hf_dir, pad=PAD, seq_length=64):
     from optune_nemo.megatron.hf_import import hf_config_to_model_config, read_hf_config
-    from optune_nemo.rm.model import RewardModelMeta
+    from optune_nemo.megatron.reward_model import RewardModelMeta
 
     info = read_hf_config(hf_dir)
     return RewardModelMeta(hf_config_to_model_config(hf_dir, seq_length=seq_length), VOCAB, pad, info.architecture,
@@ -90,7 +90,7 @@ def _meta(hf_dir, pad=PAD, seq_length=64):
 
 
 def _rm(meta, dist, *, precision="fp32", lr=1e-3, seed=1, clip=1.0):
-    from optune_nemo.rm.model import build_reward_model
+    from optune_nemo.megatron.reward_model import build_reward_model
 
     optim = OptimConfig(lr=lr, warmup_ratio=0.0, adam_eps=1e-4, clip_grad=clip)
     return build_reward_model(meta, dist=dist, optim=optim, precision=precision,
@@ -117,7 +117,7 @@ def _reference_scores(hf, head, seqs):
 
 
 def test_head_reads_the_last_real_token_whatever_the_padding(llama, dist1):
-    from optune_nemo.rm.model import score_sequences
+    from optune_nemo.megatron.reward_model import score_sequences
 
     hf_dir, hf = llama
     rm = _rm(_meta(hf_dir), dist1)

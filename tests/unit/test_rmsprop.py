@@ -8,8 +8,8 @@ import torch
 from dist_utils import run_ranks
 from tiny import WDPO, build, inner_optimizer, preference_batch, tiny_config
 
-from optune_nemo.build import resolve
 from optune_nemo.config import ConfigError, load_config, validate
+from optune_nemo.runner import resolve
 
 LR, ALPHA, EPS = 1e-3, 0.9, 1e-6
 

@@ -1,4 +1,4 @@
-"""Prompt selection (SPEC.md step 1) and K = ceil(rho * N)."""
+"""Prompt selection (docs/algorithm.md, step 1) and K = ceil(rho * N)."""
 
 import math
 from fractions import Fraction
@@ -6,12 +6,12 @@ from fractions import Fraction
 import pytest
 
 from optune_nemo.algorithm.selection import (
-    ranking_scores,
     select_lowest,
     select_prompts,
     select_random,
 )
 from optune_nemo.config import num_regenerated
+from optune_nemo.selection import StoreView
 
 
 def _exact_k(rho: float, n: int) -> int:
@@ -55,7 +55,8 @@ def test_num_regenerated_bounds():
 # --------------------------------------------------------------------------- ranking scores
 
 def test_ranking_scores_is_max_of_pair():
-    assert ranking_scores([0.1, -1.0, 2.0], [0.3, -2.0, 2.0]) == [0.3, -1.0, 2.0]
+    view = StoreView((0, 1, 2), (0.1, -1.0, 2.0), (0.3, -2.0, 2.0), (0, 0, 0))
+    assert view.scores == [0.3, -1.0, 2.0]
 
 
 # --------------------------------------------------------------------------- lowest_reward

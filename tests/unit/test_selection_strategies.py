@@ -65,13 +65,14 @@ def test_unknown_name_and_all_with_rho_below_one():
     check_selection("smallest_gap", 0.5)
 
 
-def test_a_strategy_returning_foreign_ids_is_refused():
-    def bad(view, k, *, seed, iteration):
-        return [99]
+def returns_a_foreign_id(view, k, *, seed, iteration):
+    return [99]
 
-    STRATEGIES.register("test_bad")(bad)
+
+def test_a_strategy_returning_foreign_ids_is_refused():
+    # named by import path, so that the registry keeps exactly its own strategies (tests/unit/test_registry.py)
     with pytest.raises(ValueError, match="not distinct prompts"):
-        select_prompts("test_bad", VIEW, rho=0.1, seed=0, iteration=1)
+        select_prompts(f"{__name__}:returns_a_foreign_id", VIEW, rho=0.1, seed=0, iteration=1)
 
 
 def test_view_of_a_store_keeps_prompts_with_a_pair():

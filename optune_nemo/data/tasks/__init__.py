@@ -1,9 +1,16 @@
-"""Built-in tasks (`data.task`): prompts with a verifiable answer, a gold reward and an exactness check."""
+"""Built-in tasks (`data.task`): prompts with a verifiable answer, a gold reward and an exactness check.
+
+Each task is one module of this package that registers its `Task` in `TASKS` (the registry imports every
+module here on its first look-up).
+"""
 
 from __future__ import annotations
 
 from collections.abc import Callable
 from dataclasses import dataclass
+
+from optune_nemo.config import DataConfig
+from optune_nemo.registry import Registry
 
 
 @dataclass(frozen=True)
@@ -17,14 +24,15 @@ class Task:
     """is_correct(response, metadata): the answer is exactly right."""
 
 
+TASKS: Registry[Task] = Registry("data.task", "optune_nemo.data.tasks")
+
+
 def get_task(name: str) -> Task:
-    if name == "arithmetic":
-        from optune_nemo.data.tasks.arithmetic import arithmetic_problems
-        from optune_nemo.reward.rules import is_exact
-
-        return Task("arithmetic", arithmetic_problems, "optune_nemo.reward.rules.arithmetic_reward",
-                    lambda response, meta: is_exact(response, meta["answer"]))
-    raise ValueError(f"data.task: unknown task {name!r}")
+    """The task `data.task` names; ConfigError naming data.task and the tasks otherwise."""
+    return TASKS.get(name)
 
 
-TASKS = ("arithmetic",)
+def check(cfg: DataConfig) -> None:
+    """The family's check of the `data` section: `data.task` is a registered task (checked even when
+    data.path replaces it, as always)."""
+    TASKS.check(cfg.task)

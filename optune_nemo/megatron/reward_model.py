@@ -47,12 +47,10 @@ import torch.nn.functional as F
 
 from optune_nemo.config import ModelConfig, OptimConfig
 from optune_nemo.losses.bradley_terry import bradley_terry_per_pair
+from optune_nemo.megatron.hf_rm import BackboneView, export_hf_rm, is_reward_model_dir, load_hf_rm_into, read_rm_config
 from optune_nemo.megatron.trainable import MegatronTrainable, wrap_for_training
 from optune_nemo.runtime.distributed import DistEnv, broadcast_object, gather_shards, shard
 from optune_nemo.runtime.seeding import generator
-
-HEAD_PREFIX = "output_layer."
-"""Megatron parameter names of the head (it takes the LM output layer's place)."""
 
 META_FILE = "reward_model.json"
 """What a train_rm checkpoint says about its model (`RewardModelMeta`), beside `model/`."""
@@ -110,19 +108,6 @@ def build_reward_gpt(model_cfg: ModelConfig, *, vocab_size: int, tp_size: int, p
         if init_seed is not None:
             head_init_(gpt.output_layer, init_seed)
     return gpt
-
-
-class BackboneView:
-    """A reward model's GPTModel without its head, as `hf_import.load_hf_weights_into` and
-    `hf_export.iter_hf_tensors` read a model (`decoder`, `named_parameters`): the causal LM's tensors
-    minus the LM head."""
-
-    def __init__(self, model):
-        self._model = model
-        self.decoder = model.decoder
-
-    def named_parameters(self):
-        return ((n, p) for n, p in self._model.named_parameters() if not n.startswith(HEAD_PREFIX))
 
 
 # --------------------------------------------------------------------------- batches
@@ -252,7 +237,6 @@ def find_rm_checkpoint(path: str | Path, *, key: str) -> Path:
     """The train_rm checkpoint `path` names: a checkpoint directory (it holds `reward_model.json`) or a
     train_rm exp_dir (its newest complete checkpoint). Raises ConfigError naming `key`."""
     from optune_nemo.config import ConfigError
-    from optune_nemo.rm.hf import is_reward_model_dir, read_rm_config
     from optune_nemo.runtime.checkpoint import CheckpointManager, verify_manifest
 
     p = Path(path).expanduser()
@@ -394,8 +378,6 @@ class MegatronRewardModel(MegatronTrainable):
 
     def load_hf_reward_model(self, hf_dir: Path) -> None:
         """An HF sequence-classification reward model (backbone and `score.weight`), exactly."""
-        from optune_nemo.rm.hf import load_hf_rm_into
-
         load_hf_rm_into(self.unwrapped_model(), hf_dir, model_cfg=self.meta.model, dist=self.dist)
         self.optimizer.reload_model_params()
 
@@ -406,8 +388,6 @@ class MegatronRewardModel(MegatronTrainable):
     def export_hf(self, out_dir: str | Path, *, tokenizer) -> Path | None:
         """A `*ForSequenceClassification` directory (num_labels 1), written atomically by global rank 0, which
         returns its path; None elsewhere. Collective."""
-        from optune_nemo.rm.hf import export_hf_rm
-
         return export_hf_rm(self.model, self.meta, out_dir, tokenizer=tokenizer, dist=self.dist, overwrite=True)
 
 

@@ -4,14 +4,14 @@ An HF reward model is `LlamaForSequenceClassification` / `MistralForSequenceClas
 `Qwen2ForSequenceClassification` with `num_labels` 1: the causal LM's backbone tensors under the same names
 (`model.embed_tokens.weight`, `model.layers.{i}....`, `model.norm.weight`; no `lm_head`) plus
 `score.weight` [1, hidden] (no bias). transformers scores a sequence at its rightmost token that is not
-config.json's `pad_token_id`, the rule the Megatron reward model applies (`reward_model.py`).
+config.json's `pad_token_id`, the rule the Megatron reward model applies (`megatron/reward_model.py`).
 
-    backbone tensors   hf_import / hf_export layout (docs/models.md), through `reward_model.BackboneView`
+    backbone tensors   hf_import / hf_export layout (docs/models.md), through `BackboneView`
     score.weight       output_layer.weight of the last pipeline stage (the `ScalarHead`), replicated over TP
 
 Export writes config.json (the source's keys, the weights' shape, `architectures`, `id2label` of one label,
-`pad_token_id`), model.safetensors (or shards + index) and the tokenizer, into a temporary sibling renamed
-at the end (`hf_export.prepare_out_dir` / `commit_out_dir`): the directory appears complete or not at all.
+`pad_token_id`), model.safetensors (or shards + index) and the tokenizer, into a staging sibling renamed
+at the end (`runtime.fileio.staged_dir`): the directory appears complete or not at all.
 """
 
 from __future__ import annotations
@@ -29,6 +29,7 @@ import torch.distributed as tdist
 
 from optune_nemo.config import ConfigError, ModelConfig
 from optune_nemo.megatron.hf_import import SUPPORTED_ARCHITECTURES, HFModelInfo
+from optune_nemo.runtime.fileio import staged_dir
 
 log = logging.getLogger(__name__)
 
@@ -40,6 +41,22 @@ SEQ_CLS_ARCHITECTURES = {
 """Reward-model architectures the Megatron reward model imports and exports, and their causal LMs."""
 
 SCORE = "score.weight"
+
+HEAD_PREFIX = "output_layer."
+"""Megatron parameter names of the head (it takes the LM output layer's place)."""
+
+
+class BackboneView:
+    """A reward model's GPTModel without its head, as `hf_import.load_hf_weights_into` and
+    `hf_export.iter_hf_tensors` read a model (`decoder`, `named_parameters`): the causal LM's tensors
+    minus the LM head."""
+
+    def __init__(self, model):
+        self._model = model
+        self.decoder = model.decoder
+
+    def named_parameters(self):
+        return ((n, p) for n, p in self._model.named_parameters() if not n.startswith(HEAD_PREFIX))
 
 
 def _config_of(hf_dir: str | Path, key: str) -> dict:
@@ -140,12 +157,10 @@ def _as_causal_lm(hf_dir: Path):
 
 
 def load_hf_rm_into(model, hf_dir: str | Path, *, model_cfg: ModelConfig, dist) -> None:
-    """The reward model of `hf_dir` into this rank's bare reward-model chunk (`reward_model.build_reward_gpt`):
+    """The reward model of `hf_dir` into this rank's bare reward-model chunk (`megatron.reward_model.build_reward_gpt`):
     every backbone parameter (its slices only) and, on the last stage, the head from `score.weight`.
     Raises ValueError when a tensor is missing or contradicts the config."""
     from optune_nemo.megatron.hf_import import SafetensorsReader, load_hf_weights_into
-    from optune_nemo.rm.model import BackboneView
-
     hf_dir = Path(hf_dir).expanduser()
     with _as_causal_lm(hf_dir) as view:
         load_hf_weights_into(BackboneView(model), view, model_cfg=model_cfg, tp_rank=dist.tp_rank,
@@ -201,18 +216,16 @@ def export_hf_rm(model_chunks, meta, out_dir: str | Path, *, tokenizer, dist=Non
                  dtype: torch.dtype = torch.float32, max_shard_bytes: int = 5 * 2**30,
                  overwrite: bool = False) -> Path | None:
     """Write the reward model (`model_chunks`: this rank's chunks, DDP-wrapped or bare; `meta`: its
-    `reward_model.RewardModelMeta`) as an HF sequence-classification directory. Collective: every rank calls
+    `megatron.reward_model.RewardModelMeta`) as an HF sequence-classification directory. Collective: every rank calls
     it; global rank 0 writes and returns the path, the others None."""
-    from optune_nemo.megatron.hf_export import collect_hf_state_dict, commit_out_dir, prepare_out_dir, write_safetensors
+    from optune_nemo.megatron.hf_export import collect_hf_state_dict, write_safetensors
     from optune_nemo.megatron.hf_import import unwrap_model
-    from optune_nemo.rm.model import BackboneView
-
     if meta.architecture not in SEQ_CLS_ARCHITECTURES.values():
         raise ConfigError("policy.hf_path: exporting a Hugging Face reward model needs a Llama, Mistral or Qwen2 "
                           f"backbone (got {meta.architecture!r}; the tiny model with the byte tokenizer has none)")
     rank0 = dist is None or dist.rank == 0
-    tmp = prepare_out_dir(out_dir, overwrite=overwrite) if rank0 else None
-    try:
+    # rank 0 stages before the collectives, so a refused out_dir costs no gather
+    with staged_dir(out_dir, overwrite=overwrite) if rank0 else contextlib.nullcontext() as tmp:
         backbone = [BackboneView(unwrap_model(c)) for c in model_chunks]
         state = collect_hf_state_dict(backbone, meta.model, vocab_size=export_vocab_size(meta), dist=dist,
                                       dtype=dtype)
@@ -225,9 +238,5 @@ def export_hf_rm(model_chunks, meta, out_dir: str | Path, *, tokenizer, dist=Non
         files = write_safetensors(state, tmp, max_shard_bytes=max_shard_bytes)
         if tokenizer is not None:
             tokenizer.save(tmp)
-    except BaseException:
-        if tmp is not None:
-            shutil.rmtree(tmp, ignore_errors=True)
-        raise
-    log.info("exported the reward model (%d tensors, %d files) to %s", len(state), len(files), out_dir)
-    return commit_out_dir(tmp, out_dir)
+        log.info("exported the reward model (%d tensors, %d files) to %s", len(state), len(files), out_dir)
+    return Path(out_dir)
