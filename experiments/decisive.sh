@@ -9,7 +9,8 @@
 # experiment spans several sittings: run it alone, under nice, and rerun the same command to go on; the
 # seeds finished so far are a complete paired design, and the report reads whatever is complete.
 # Environment: SEEDS (default "1 2 3 4 5 6 7 8 9 10"), ITERATIONS (default 6), RECIPE (the recipe's
-# overrides, default the pilot's choice below), OPTUNE_PYTHON.
+# overrides, default the pilot's choice below), ARCHIVE (after each seed, the finished runs are copied there
+# without model shards: docs/results/decisive/ keeps them in the repository between sittings), OPTUNE_PYTHON.
 set -uo pipefail
 cd "$(dirname "$0")/.." || exit 1
 ROOT=${1:-runs/decisive}

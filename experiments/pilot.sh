@@ -7,10 +7,10 @@
 #   bash experiments/pilot.sh [ROOT] [-- extra overrides for every run]
 # Recipes (RECIPES selects, default "r0 r1"):
 #   r0  conf/optune.yaml as it is: Adam, lr 3e-5, 64 prompts, batch 16, 1 epoch per iteration
-#   r1  a lower learning rate with more epochs: lr 1e-5, 2 epochs per iteration
+#   r1  more training per iteration: 2 epochs per iteration (lr 3e-5)
 # Recipe-major, one seed at a time, so an interrupted pilot resumes where it stopped (finished runs are
 # skipped, an interrupted one resumes from its checkpoint). Then one report per recipe into ROOT/<recipe>/report.
-# About 30 min (r0) and 40 min (r1) for 4 seeds of 6 iterations on the 2-core development CPU; run it alone,
+# About 35 min (r0) and 45 min (r1) for 4 seeds of 6 iterations on the 2-core development CPU; run it alone,
 # under nice. Environment: SEEDS (default "1 2 3 4"), ITERATIONS (default 6), RECIPES, OPTUNE_PYTHON.
 set -uo pipefail
 cd "$(dirname "$0")/.." || exit 1
@@ -21,7 +21,7 @@ PY=${OPTUNE_PYTHON:-.venv/bin/python}
 read -ra SEEDS <<< "${SEEDS:-1 2 3 4}"
 read -ra RECIPES <<< "${RECIPES:-r0 r1}"
 ITERATIONS=${ITERATIONS:-6}
-declare -A RECIPE=([r0]="" [r1]="optim.lr=1e-5 train.epochs_per_iteration=2")
+declare -A RECIPE=([r0]="" [r1]="train.epochs_per_iteration=2")
 FIXED=(policy.export_hf_final=false logging.progress=false eval.num_prompts=256)
 
 rc=0

@@ -14,7 +14,9 @@
 # Environment: SEEDS (default "1 2 3"), ITERATIONS (optune.iterations of every fork, iteration 0 included;
 # default 4), RHOS (the lowest_reward settings, default "0.3 0.5 0.7 1.0"), RANDOM_RHOS (the random ones,
 # default "0.5 0.7"), GAP_RHOS (the smallest_gap ones, default none), DPO (1: the DPO fork at 0.5, the default;
-# 0: none), REPORT (0: no report at the end, for several instances sharing one ROOT, one seed each),
+# 0: none), ARCHIVE (a directory: after each seed, scripts/archive_runs.py copies the finished runs there
+# without model shards, e.g. into the repository between sittings), REPORT (0: no report at the end, for
+# several instances sharing one ROOT, one seed each),
 # OPTUNE_PYTHON (default .venv/bin/python). experiments/decisive.sh runs it with the decisive
 # experiment's settings. A smoke run on the tiny random model (tests/e2e/test_user_scripts.py):
 #   SEEDS=1 ITERATIONS=2 RHOS="0.5 1.0" RANDOM_RHOS=0.5 bash experiments/small_scale.sh /tmp/ss -- \
@@ -57,6 +59,9 @@ for S in "${SEEDS[@]}"; do
     else
       rc=1
     fi
+  fi
+  if [[ -n ${ARCHIVE:-} ]]; then
+    "$PY" scripts/archive_runs.py "$ROOT" "$ARCHIVE" || rc=1
   fi
 done
 if [[ ${REPORT:-1} == 1 ]]; then

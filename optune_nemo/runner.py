@@ -7,7 +7,7 @@ A run, as `run_training` drives it for a trainer-specific `Recipe`:
     PreemptionGuard -> logging -> recipe.prepare()   every input read and checked; nothing written
     -> exp_dir's lock, exp_dir/config.yaml, exp_dir/logs   the first write (`open_run_dir`)
     -> metrics, checkpoints -> recipe.assemble()      the trainer and its checkpoint parts
-    -> resume (or recipe.fork(), or a fresh start) -> recipe.begin()
+    -> CheckpointManager.start (resume, or recipe.init_from(), or a fresh start) -> recipe.begin()
     -> trainer.fit() -> when completed: recipe.finish(), exp_dir/COMPLETED, recipe.summarize()
 
 Hydra reports its own errors (an unknown key, a value of the wrong type, a malformed override) on
@@ -224,9 +224,9 @@ class Recipe(abc.ABC):
         """After the first write: the trainer on the run's guard, metrics and checkpoints (nothing registered
         yet: the runner registers the assembly's parts)."""
 
-    def fork(self, checkpoints: CheckpointManager) -> Path | None:
-        """With no checkpoint of this run's own to resume: another run's checkpoint restored instead, or None
-        to start fresh."""
+    def init_from(self) -> Path | None:
+        """Another run's checkpoint to start from when this run has none of its own (restored and recorded in
+        exp_dir/fork.json by `CheckpointManager.start`), or None to start fresh."""
         return None
 
     @abc.abstractmethod
@@ -283,8 +283,13 @@ def build(recipe: Recipe) -> Run:
     metrics = MetricsWriter.from_config(cfg, enabled=rank == 0)
     checkpoints = CheckpointManager(exp_dir, keep_last=cfg.checkpoint.keep_last)
     assembly = recipe.assemble(guard=guard, metrics=metrics, checkpoints=checkpoints)
-    register_parts(checkpoints, assembly, metrics)
-    restored = resume(cfg, checkpoints, log=recipe.log) or recipe.fork(checkpoints)
+    from optune_nemo.runtime.checkpoint import RngStates
+
+    # the checkpoint parts, in the order of `Assembly`
+    for name, part in {**assembly.parts, "trainer": assembly.trainer, "rng": RngStates(), "metrics": metrics,
+                       **assembly.later_parts}.items():
+        checkpoints.register(name, part)
+    restored = checkpoints.start(resume=cfg.resume, init_from=recipe.init_from(), logger=recipe.log)
     if restored is None:
         metrics.start_fresh()
     recipe.begin(restored)
@@ -306,33 +311,6 @@ def open_run_dir(cfg, *, rank: int) -> Path:
         (exp_dir / "config.yaml").write_text(OmegaConf.to_yaml(OmegaConf.structured(cfg)))
     log_to(exp_dir / "logs")
     return exp_dir
-
-
-def register_parts(checkpoints: CheckpointManager, assembly: Assembly, metrics: MetricsWriter) -> None:
-    """The checkpoint parts of a run, in the order of `Assembly`."""
-    from optune_nemo.runtime.checkpoint import RngStates
-
-    parts = {**assembly.parts, "trainer": assembly.trainer, "rng": RngStates(), "metrics": metrics,
-             **assembly.later_parts}
-    for name, part in parts.items():
-        checkpoints.register(name, part)
-
-
-def resume(cfg, checkpoints: CheckpointManager, *, log: logging.Logger = log) -> Path | None:
-    """Restore the newest complete checkpoint (per `resume`: auto, never, or a checkpoint directory); returns
-    the checkpoint restored, or None. Every checkpoint is screened before anything is loaded from it
-    (`checkpoint.checkpoint_problem`): with resume=auto a damaged newest one is skipped with a warning, a named
-    one stops the run with a CheckpointError naming the file."""
-    if cfg.resume == "never":
-        if checkpoints.complete_checkpoints():
-            raise ConfigError(f"resume: never, but {checkpoints.root} already holds checkpoints; "
-                              "use resume=auto or another exp_dir")
-        return None
-    directory = checkpoints.checked(cfg.resume) if cfg.resume != "auto" else checkpoints.latest_valid()
-    if directory is not None:
-        log.info("resuming from %s", directory)
-        checkpoints.restore(directory)
-    return directory
 
 
 def run_training(recipe: Recipe) -> Outcome:

@@ -51,7 +51,7 @@ from optune_nemo.runner import (
     run_in_run_dir,
     to_config,
 )
-from optune_nemo.runtime.rundir import rank_from_env, world_size_from_env
+from optune_nemo.runtime.rundir import world_size_from_env
 
 if TYPE_CHECKING:
     from optune_nemo.algorithm.optune import OPTune
@@ -234,21 +234,9 @@ class OptuneRun(Recipe):
                          prompts=self.heldout, stop_token_ids=parts.tokenizer.stop_token_ids,
                          task=get_task(cfg.data.task) if builtin else None)
 
-    def fork(self, checkpoints) -> Path | None:
-        """`init_from`: another run's checkpoint restored into this exp_dir (recorded in exp_dir/fork.json),
-        screened like any named checkpoint (a damaged one stops the run with a CheckpointError naming it)."""
-        if self.cfg.init_from is None:
-            return None
-        source = checkpoints.checked(Path(self.cfg.init_from).expanduser().resolve())
-        log.info("starting from %s (init_from)", source)
-        checkpoints.restore(source)
-        if rank_from_env() == 0:
-            from optune_nemo.algorithm.optune import read_trainer_state
-            from optune_nemo.runtime.fileio import write_json_atomic
-
-            write_json_atomic(Path(self.cfg.exp_dir) / "fork.json",
-                              {"init_from": str(source), "iteration": read_trainer_state(source)[0] - 1})
-        return source
+    def init_from(self) -> Path | None:
+        """`init_from`: another run's checkpoint to start from (the sweep's forks of one iteration 0)."""
+        return None if self.cfg.init_from is None else Path(self.cfg.init_from)
 
     def begin(self, restored: Path | None) -> None:
         """A fresh start takes the source model's weights; the held-out baseline (the starting policy's

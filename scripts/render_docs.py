@@ -372,7 +372,70 @@ def gold_proxy() -> str:
         f"{_f(a1['gold_best_mean'])} |"])
 
 
-BLOCKS = {"default-run": default_run, "gpu-h100": gpu_h100, "cpu-generation": cpu_generation,
+PILOT = RESULTS / "pilot"
+SD_TARGETS = {"eval_accuracy": 0.03, "eval_reward_mean": 0.05}
+"""The pilot's targets for the seed-to-seed SD at rho = 1 (the issue that asked for the decisive experiment)."""
+
+
+def _yaml_value(path: Path, section: str, key: str) -> str:
+    """`section.key` of a recorded config.yaml (two-level, as config_to_yaml writes it)."""
+    inside = False
+    for line in path.read_text().splitlines():
+        if not line.startswith(" "):
+            inside = line.rstrip() == f"{section}:"
+        elif inside and line.strip().startswith(f"{key}:"):
+            return line.split(":", 1)[1].strip()
+    return "?"
+
+
+def _pm(s: dict) -> str:
+    return "–" if not s or s.get("mean") is None else f"{s['mean']:.3f} ± {_f(s.get('sd'))}"
+
+
+def pilot_recipe_rows() -> list[dict]:
+    """One row per recorded pilot recipe (docs/results/pilot/<recipe>/report.json and the config.yaml of one of
+    its trained rho = 1 runs): the seed-to-seed spread at the last iteration against the targets, and the
+    trained runs' mean gain over the no-training control."""
+    rows = []
+    for d in sorted(p for p in PILOT.iterdir() if (p / "report.json").is_file()):
+        rep = json.loads((d / "report.json").read_text())
+        trained, control = _label(rep, 1.0, "all"), _label(rep, 1.0, "all", trained=False)
+        fin = rep.get("finals", {}).get(trained, {})
+        ctl = rep.get("finals", {}).get(control, {}) if control else {}
+        row = {"recipe": d.name, "config": d / "config.yaml", "finals": fin, "control": ctl,
+               "seconds": (_final(rep["curves"], trained) or {}).get("cumulative_time_s", {}).get("mean")}
+        row["meets"] = all((fin.get(k) or {}).get("sd") is not None and fin[k]["sd"] <= v
+                           for k, v in SD_TARGETS.items())
+        rows.append(row)
+    return rows
+
+
+def results_pilot() -> str:
+    rows = pilot_recipe_rows()
+    if not rows:
+        raise FileNotFoundError(2, "no pilot recorded", str(PILOT / "r0" / "report.json"))
+    lines = ["Held-out exact accuracy and gold reward of the trained rho = 1 runs at the last iteration, mean ± SD "
+             "over seeds (the same 256 held-out prompts for every seed); the no-training control's value beside it. "
+             f"Targets: SD <= {SD_TARGETS['eval_accuracy']} in accuracy and <= {SD_TARGETS['eval_reward_mean']} in "
+             "gold reward (rendered by scripts/render_docs.py from docs/results/pilot/).", "",
+             "| recipe | lr | epochs / iteration | prompts | batch | seeds | t | accuracy | gold reward | control "
+             "accuracy | control gold reward | s per run | SD targets met |",
+             "|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
+    for r in rows:
+        acc, rew = r["finals"].get("eval_accuracy", {}), r["finals"].get("eval_reward_mean", {})
+        c = r["config"]
+        cacc, crew = r["control"].get("eval_accuracy", {}), r["control"].get("eval_reward_mean", {})
+        ctl = lambda s: "–" if not s else f"{s['mean']:.3f} (t={s['iteration']}, n={s['n']})"
+        lines.append(f"| {r['recipe']} | {_yaml_value(c, 'optim', 'lr')} | "
+                     f"{_yaml_value(c, 'train', 'epochs_per_iteration')} | {_yaml_value(c, 'data', 'num_prompts')} | "
+                     f"{_yaml_value(c, 'train', 'global_batch_size')} | {(acc or rew).get('n', 0)} | "
+                     f"{(acc or rew).get('iteration', '–')} | {_pm(acc)} | {_pm(rew)} | {ctl(cacc)} | {ctl(crew)} | "
+                     f"{_f(r['seconds'], 4)} | {'yes' if r['meets'] else 'no'} |")
+    return "\n".join(lines)
+
+
+BLOCKS = {"default-run": default_run, "results-pilot": results_pilot, "gpu-h100": gpu_h100,
+          "cpu-generation": cpu_generation,
           "results-claims": results_claims, "results-report": results_report, "readme-headline": readme_headline,
           "gold-proxy": gold_proxy, "cpu-vs-trl": cpu_vs_trl, "cpu-iteration": cpu_iteration,
           "cpu-generation-compile": cpu_generation_compile,

@@ -1,7 +1,9 @@
 #!/usr/bin/env bash
 # OPTune on a Slurm cluster: one task per GPU, every argument passed to `python -m optune_nemo.train`.
+# The headers ask for one node of 8 GPUs (8 tasks, 8 CPUs each); command-line options override them:
 #   sbatch slurm/optune.sh exp_dir=/lustre/runs/a optune.rho=0.5
-#   sbatch --nodes=4 --ntasks-per-node=8 --gpus-per-node=8 slurm/optune.sh parallel.tensor_model_parallel_size=8 ...
+#   sbatch --nodes=4 slurm/optune.sh parallel.tensor_model_parallel_size=8 ...
+#   sbatch --gpus-per-node=0 --ntasks-per-node=2 --cpus-per-task=1 slurm/optune.sh ...    # a CPU-only cluster
 # Pre-emption: Slurm sends USR1 to this batch shell 120 s before the time limit (or on
 # `scancel --signal=USR1 --batch JOB`); it is forwarded to the tasks, which stop at the next safe point
 # with everything on disk, and the job requeues itself; the rerun resumes (resume=auto). A run that
@@ -12,15 +14,14 @@
 # slurm/train_rm.sh.
 #SBATCH --job-name=optune
 #SBATCH --nodes=1
-#SBATCH --ntasks-per-node=1
-#SBATCH --cpus-per-task=2
+#SBATCH --ntasks-per-node=8
+#SBATCH --gpus-per-node=8
+#SBATCH --cpus-per-task=8
 #SBATCH --time=04:00:00
 #SBATCH --requeue
 #SBATCH --signal=B:USR1@120
 #SBATCH --open-mode=append
 #SBATCH --output=slurm-%x-%j.out
-# GPU clusters: one task per GPU, e.g.  sbatch --gpus-per-node=8 --ntasks-per-node=8 ...  (or enable:)
-##SBATCH --gpus-per-node=8
 set -uo pipefail
 
 # sbatch runs a copy of this file from its spool directory: the launcher is read from the checkout

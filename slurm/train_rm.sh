@@ -12,15 +12,14 @@
 # slurm/optune.sh.
 #SBATCH --job-name=optune-rm
 #SBATCH --nodes=1
-#SBATCH --ntasks-per-node=1
-#SBATCH --cpus-per-task=2
+#SBATCH --ntasks-per-node=8
+#SBATCH --gpus-per-node=8
+#SBATCH --cpus-per-task=8
 #SBATCH --time=04:00:00
 #SBATCH --requeue
 #SBATCH --signal=B:USR1@120
 #SBATCH --open-mode=append
 #SBATCH --output=slurm-%x-%j.out
-# GPU clusters: one task per GPU, e.g.  sbatch --gpus-per-node=8 --ntasks-per-node=8 ...  (or enable:)
-##SBATCH --gpus-per-node=8
 set -uo pipefail
 
 # sbatch runs a copy of this file from its spool directory: the launcher is read from the checkout

@@ -36,7 +36,7 @@ import numpy as np
 import torch
 import torch.distributed as dist
 
-from optune_nemo.errors import CheckpointError, StorageError, first_line  # noqa: F401  (re-exported)
+from optune_nemo.errors import CheckpointError, ConfigError, StorageError, first_line  # noqa: F401  (re-exported)
 from optune_nemo.runtime.distributed import all_gather_object, barrier, broadcast_object, global_rank
 from optune_nemo.runtime.fileio import write_json_atomic, write_text_atomic
 
@@ -287,6 +287,36 @@ class CheckpointManager:
         """Collective: every registered part from `directory`."""
         for part in self.parts.values():
             part.load(directory)
+
+    def start(self, *, resume: str, init_from: str | Path | None = None,
+              logger: logging.Logger = log) -> Path | None:
+        """Where a run starts, restored into the registered parts; returns the checkpoint restored, or None for a
+        fresh start. `resume`: `auto` (the newest usable checkpoint of this run: a damaged newer one is skipped
+        with a warning), `never` (ConfigError when this run already holds checkpoints) or a checkpoint
+        directory (CheckpointError naming the file when it is not usable). With none of its own, `init_from`
+        (another run's checkpoint, screened like a named one) is restored instead and recorded in
+        exp_dir/fork.json. Every checkpoint is screened before anything is loaded (`checkpoint_problem`).
+        Collective."""
+        if resume == "never":
+            if self.complete_checkpoints():
+                raise ConfigError(f"resume: never, but {self.root} already holds checkpoints; "
+                                  "use resume=auto or another exp_dir")
+            directory = None
+        else:
+            directory = self.checked(resume) if resume != "auto" else self.latest_valid()
+        if directory is not None:
+            logger.info("resuming from %s", directory)
+            self.restore(directory)
+            return directory
+        if init_from is None:
+            return None
+        source = self.checked(Path(init_from).expanduser().resolve())
+        logger.info("starting from %s (init_from)", source)
+        self.restore(source)
+        if global_rank() == 0:
+            write_json_atomic(self.root.parent / "fork.json",
+                              {"init_from": str(source), "iteration": int(source.name[len(_PREFIX):])})
+        return source
 
     def _prune(self) -> None:
         if self.keep_last <= 0:

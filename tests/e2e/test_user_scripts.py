@@ -28,9 +28,10 @@ TINY_RUN = ["policy.hf_path=null", "precision=fp32", "data.num_prompts=4", "eval
             "train.micro_batch_size=2", "logging.progress=false", "logging.tensorboard=false"]
 SHARED = ("policy.hf_path", "precision", "logging.")     # keys train_rm has too
 
-def _run(*argv: str, env: dict | None = None, timeout: int = 600) -> subprocess.CompletedProcess:
-    """A script as a user runs it: from the repository root, `.py` with this Python, `.sh` with bash."""
-    cmd = [sys.executable if argv[0].endswith(".py") else "bash", *argv]
+def _run(*argv: str, env: dict | None = None, timeout: int = 600, python: bool = False) -> subprocess.CompletedProcess:
+    """A script as a user runs it: from the repository root, `.py` (or, `python`, any arguments) with this
+    Python, `.sh` with bash."""
+    cmd = [sys.executable if python or argv[0].endswith(".py") else "bash", *argv]
     full_env = {**os.environ, "HF_HUB_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false", **(env or {})}
     return subprocess.run(cmd, cwd=ROOT, env=full_env, capture_output=True, text=True, timeout=timeout)
 
@@ -359,6 +360,27 @@ def test_small_scale_tiny(tmp_path):
         assert not list((run / "checkpoints").glob("iter_*/model")), f"{run} was not pruned"
     assert "loss:\n  name: dpo" in (root / "runs" / "rho0.5-lowest_reward-dpo-seed1" / "config.yaml").read_text()
     assert (root / "report" / "report.md").is_file()
+    _archive_reads_as_the_original(root, tmp_path)
+
+
+def _archive_reads_as_the_original(root: Path, tmp_path: Path):
+    """scripts/archive_runs.py on the finished experiment, moved elsewhere: the report of the archive has the
+    same numbers as the report of the original runs (only paths differ), without a single model shard."""
+    dest = tmp_path / "elsewhere" / "archive"
+    line = json.loads(_ok(_run("scripts/archive_runs.py", str(root), str(dest))).stdout.strip())
+    assert line["archived"] == 7 and line["unfinished"] == [] and line["bytes"] > 0     # 2 bases + 5 runs
+    assert not [p for p in dest.rglob("*") if p.name in ("model", "optimizer") or p.suffix == ".distcp"]
+    assert not list(dest.glob("runs/rho0.5-random-*/checkpoints"))        # stores only where Fig. 2 reads them
+    moved = tmp_path / "moved"
+    shutil.move(str(dest), moved)
+    _ok(_run("-m", "optune_nemo.report", str(moved / "runs"), "--out", str(tmp_path / "archived_report"),
+             python=True))
+    strip = lambda rep: {k: v for k, v in rep.items() if k not in ("runs", "settings", "figures")}
+    original = json.loads((root / "report" / "report.json").read_text())
+    archived = json.loads((tmp_path / "archived_report" / "report.json").read_text())
+    assert strip(archived) == strip(original)
+    assert [s["seeds"] for s in archived["settings"]] == [s["seeds"] for s in original["settings"]]
+    assert _run("scripts/archive_runs.py", str(tmp_path / "nothing"), str(tmp_path / "x")).returncode == 2
 
 
 def _fake_python(tmp_path: Path) -> Path:
@@ -390,7 +412,7 @@ def test_decisive_runs_the_claims_settings_seed_by_seed(tmp_path):
     0.5, 1 and the control), random and smallest_gap at 0.5, the DPO fork from the seed's wDPO iteration 0;
     the report last. The recipe's overrides and the user's reach every run. (The runs themselves are the
     same lines as test_small_scale_tiny's.)"""
-    env = {"OPTUNE_PYTHON": str(_fake_python(tmp_path)), "SEEDS": "4 7"}
+    env = {"OPTUNE_PYTHON": str(_fake_python(tmp_path)), "SEEDS": "4 7", "ARCHIVE": str(tmp_path / "keep")}
     _ok(_run("experiments/decisive.sh", str(tmp_path / "d"), "--", "data.num_prompts=8", env=env))
     calls = _calls(tmp_path)
     sweeps = [c for c in calls if c[:2] == ["-m", "optune_nemo.sweep"]]
@@ -405,9 +427,10 @@ def test_decisive_runs_the_claims_settings_seed_by_seed(tmp_path):
     trains = [c for c in calls if c[:2] == ["-m", "optune_nemo.train"]]
     assert [next(a for a in c if a.startswith("seed=")) for c in trains] == ["seed=4", "seed=7"]
     assert all("loss.name=dpo" in c and "optune.iterations=6" in c and "data.num_prompts=8" in c for c in trains)
-    order = [c[1] if c[0] == "-m" else "prune" for c in calls]
-    assert order == ["optune_nemo.sweep"] * 3 + ["optune_nemo.train", "prune"] + ["optune_nemo.sweep"] * 3 + [
-        "optune_nemo.train", "prune", "optune_nemo.report"]
+    order = [c[1] if c[0] == "-m" else "prune" if c[0] == "-c" else c[0] for c in calls]
+    per_seed = ["optune_nemo.sweep"] * 3 + ["optune_nemo.train", "prune", "scripts/archive_runs.py"]
+    assert order == per_seed * 2 + ["optune_nemo.report"]
+    assert all(c[1:] == [str(tmp_path / "d"), str(tmp_path / "keep")] for c in calls if c[0].endswith(".py"))
 
 
 def test_gpu_experiment_plumbing(tmp_path):
@@ -451,7 +474,7 @@ def test_pilot_tiny(tmp_path):
     runs = sorted(p.name for p in (root / "r1" / "runs").iterdir())
     assert runs == ["rho1-all-notrain-seed1", "rho1-all-wdpo-seed1"]
     config = (root / "r1" / "runs" / "rho1-all-wdpo-seed1" / "config.yaml").read_text()
-    assert "lr: 1.0e-05" in config and "epochs_per_iteration: 2" in config
+    assert "epochs_per_iteration: 2" in config and "lr: 3.0e-05" in config
     assert (root / "r1" / "report" / "report.json").is_file()
     bad = _run("experiments/pilot.sh", str(tmp_path / "bad"), env={**env, "RECIPES": "r9"})
     assert bad.returncode == 2 and bad.stderr.strip().startswith("pilot.sh: RECIPES: unknown recipe 'r9'")
@@ -511,6 +534,7 @@ SMOKE_TESTS = {
     "experiments/pilot.sh": [test_pilot_tiny],
     "experiments/gpu_experiment.sh": [test_gpu_experiment_plumbing],
     "scripts/record_run.py": [test_record_run],
+    "scripts/archive_runs.py": [test_small_scale_tiny],
     "scripts/render_docs.py": [test_render_docs_on_a_copy],
 }
 

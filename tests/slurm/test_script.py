@@ -22,7 +22,7 @@ def test_syntax(script):
 def test_directives():
     text = SCRIPT.read_text()
     for directive in ("--job-name=", "--cpus-per-task=", "--requeue", "--signal=B:USR1@", "--open-mode=append",
-                      "--nodes=", "--ntasks-per-node=", "--time=", "--output="):
+                      "--nodes=", "--ntasks-per-node=8", "--gpus-per-node=8", "--time=", "--output="):
         assert f"#SBATCH {directive}" in text, directive
 
 

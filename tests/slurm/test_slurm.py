@@ -42,7 +42,8 @@ def cluster():
 
 def _submit(exp_dir: Path, out: Path, *overrides) -> str:
     env = {**os.environ, "OPTUNE_PYTHON": sys.executable, "OPTUNE_REPO": str(ROOT), "OMP_NUM_THREADS": "1"}
-    proc = subprocess.run(["sbatch", "--parsable", "--ntasks-per-node=2", "--cpus-per-task=1", f"--output={out}",
+    proc = subprocess.run(["sbatch", "--parsable", "--gpus-per-node=0", "--ntasks-per-node=2", "--cpus-per-task=1",
+                           f"--output={out}",
                            "slurm/optune.sh", *TINY, f"exp_dir={exp_dir}", *overrides],
                           cwd=ROOT, env=env, capture_output=True, text=True, check=True)
     return proc.stdout.strip().split(";")[0]

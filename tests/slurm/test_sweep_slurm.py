@@ -24,7 +24,7 @@ pytestmark = pytest.mark.slurm
 ROOT = Path(__file__).resolve().parents[2]
 TERMINAL = {"COMPLETED", "FAILED", "CANCELLED", "TIMEOUT", "OUT_OF_MEMORY", "NODE_FAIL", "PREEMPTED", "BOOT_FAIL",
             "DEADLINE"}
-SBATCH_ARGS = ["--ntasks-per-node=1", "--cpus-per-task=1"]
+SBATCH_ARGS = ["--gpus-per-node=0", "--ntasks-per-node=1", "--cpus-per-task=1"]  # the CI cluster has no GPU
 TINY = ["policy.hf_path=null", "eval.num_prompts=0", "optim.lr=5e-4", "data.num_prompts=8",
         "generation.max_new_tokens=16", "generation.chunk_size=4", "generation.batch_size=4",
         "train.global_batch_size=4", "train.micro_batch_size=2", "logging.progress=false",

@@ -57,6 +57,11 @@ def _commands(path: Path) -> list[str]:
     return out
 
 
+SLURM_DEFAULT_TASKS = int(re.search(r"^#SBATCH --ntasks-per-node=(\d+)$", (REPO / "slurm" / "optune.sh").read_text(),
+                                    re.M).group(1))
+"""Tasks per node of `sbatch slurm/optune.sh` without --ntasks-per-node: the script's own header."""
+
+
 def _train_invocations(path: Path) -> list[tuple[str, int, list[str]]]:
     """(command, world size, overrides) of every command that runs optune_nemo.train."""
     found = []
@@ -71,7 +76,7 @@ def _train_invocations(path: Path) -> list[tuple[str, int, list[str]]]:
         nodes = next((int(w.split("=")[1]) for w in words if w.startswith("--nodes=")), 1)
         tasks = next((int(w.split("=")[1]) for w in words if w.startswith("--ntasks-per-node=")), None)
         if "slurm/optune.sh" in words:
-            world = nodes * (tasks or 1)
+            world = nodes * (tasks or SLURM_DEFAULT_TASKS)
             start = words.index("slurm/optune.sh") + 1
         else:
             start = words.index("optune_nemo.train") + 1
