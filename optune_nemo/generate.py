@@ -15,7 +15,8 @@ import json
 import sys
 from pathlib import Path
 
-from optune_nemo.config import ConfigError, load_config
+from optune_nemo.config import load_config
+from optune_nemo.errors import EXIT_CHECKPOINT, EXIT_USER, CheckpointError, ConfigError
 
 # A quick look, not a run: greedy by default (reproducible answers to compare models), an answer long
 # enough to read, and room for a chat prompt. A run's sampling comes from the generation.* config.
@@ -47,7 +48,11 @@ def _config(args):
 
     if args.ckpt:
         from optune_nemo.algorithm.optune import read_trainer_state
+        from optune_nemo.runtime.checkpoint import checkpoint_problem
 
+        problem = checkpoint_problem(Path(args.ckpt))      # screened before anything is loaded from it
+        if problem is not None:
+            raise CheckpointError(f"--ckpt: {problem}")
         cfg = read_trainer_state(Path(args.ckpt))[1]
     else:
         cfg = load_config([f"policy.hf_path={args.hf}", f"model.seq_length={args.seq_length}"])
@@ -90,7 +95,10 @@ def main(argv=None) -> int:
             print(json.dumps(row), flush=True)
     except (ConfigError, ValueError, FileNotFoundError) as e:
         print(f"optune_nemo.generate: {e}", file=sys.stderr)
-        return 2
+        return EXIT_USER
+    except CheckpointError as e:
+        print(f"optune_nemo.generate: {e}", file=sys.stderr)
+        return EXIT_CHECKPOINT
     return 0
 
 

@@ -43,9 +43,9 @@ from collections import defaultdict
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from optune_nemo.algorithm.selection import select_lowest
 from optune_nemo.config import ConfigError, OptuneNemoConfig, config_from_yaml, num_regenerated
 from optune_nemo.runtime.fileio import write_json_atomic, write_text_atomic
+from optune_nemo.selection.scores import select_lowest
 
 log = logging.getLogger(__name__)
 

@@ -37,7 +37,7 @@ OVERLONG = ("truncate", "drop")
 
 
 @dataclass(frozen=True)
-class PreferencePair:
+class ComparisonPair:
     """One rendered pair: whole token sequences (conversation, response, end token)."""
 
     pair_id: int
@@ -109,7 +109,7 @@ def _checked_row(row: dict, where: str, key: str) -> tuple[list[dict], str, str,
 
 
 def pairs_from_rows(rows: Sequence[dict], tokenizer, *, max_length: int, overlong: str, source: str,
-                    key: str = "data.path") -> list[PreferencePair]:
+                    key: str = "data.path") -> list[ComparisonPair]:
     """Rendered pairs of `rows` (module docstring); errors name `key`, `source` and the row."""
     if overlong not in OVERLONG:
         raise ConfigError(f"rm.overlong: must be one of {', '.join(OVERLONG)} (got {overlong!r})")
@@ -128,7 +128,7 @@ def pairs_from_rows(rows: Sequence[dict], tokenizer, *, max_length: int, overlon
             if overlong == "drop":
                 continue
             seqs = [s[-max_length:] for s in seqs]
-        pairs.append(PreferencePair(pid, tuple(seqs[0]), tuple(seqs[1]), margin))
+        pairs.append(ComparisonPair(pid, tuple(seqs[0]), tuple(seqs[1]), margin))
     if long:
         what = "dropped" if overlong == "drop" else f"truncated to their last {max_length} tokens"
         log.warning("%d of %d pairs from %s had a sequence longer than model.seq_length = %d tokens: %s",
@@ -137,7 +137,7 @@ def pairs_from_rows(rows: Sequence[dict], tokenizer, *, max_length: int, overlon
 
 
 def load_preference_pairs(path: str | Path, tokenizer, *, max_length: int, overlong: str,
-                          key: str = "data.path") -> list[PreferencePair]:
+                          key: str = "data.path") -> list[ComparisonPair]:
     """Every usable pair of a preference file. Raises ConfigError (naming `key`) for a bad file or row, and
     when no pair is left."""
     rows = read_rows(path, key=key)
@@ -149,8 +149,8 @@ def load_preference_pairs(path: str | Path, tokenizer, *, max_length: int, overl
     return pairs
 
 
-def split_heldout(pairs: Sequence[PreferencePair], fraction: float, *,
-                  seed: int) -> tuple[list[PreferencePair], list[PreferencePair]]:
+def split_heldout(pairs: Sequence[ComparisonPair], fraction: float, *,
+                  seed: int) -> tuple[list[ComparisonPair], list[ComparisonPair]]:
     """(training, held-out): round(fraction * N) pairs drawn with a generator seeded by (seed, "rm_heldout"),
     both in file order. Raises ConfigError when nothing would be left to train on."""
     import torch

@@ -123,3 +123,18 @@ def test_broken_reward_on_resume_keeps_only_the_earlier_state(tmp_path):
     after = sorted(str(p.relative_to(exp)) for p in exp.rglob("*") if "tensorboard" not in p.parts)
     assert after == before
     assert not (exp / "partial" / "iter_000001").exists()
+
+
+@pytest.mark.parametrize("damage", ["missing", "no_manifest"])
+def test_generate_from_a_bad_checkpoint_is_one_line_exit_3(tmp_path, damage):
+    """`python -m optune_nemo.generate --ckpt` screens the checkpoint before loading anything from it: a missing
+    directory, or one that was never completely written, is one line naming it, exit 3 (a checkpoint error)."""
+    ckpt = tmp_path / "checkpoints" / "iter_000001"
+    if damage == "no_manifest":
+        ckpt.mkdir(parents=True)
+        (ckpt / "trainer_state.yaml").write_text("next_iteration: 2\n")
+    proc = subprocess.run([sys.executable, "-m", "optune_nemo.generate", "--ckpt", str(ckpt), "--prompt", "hi"],
+                          capture_output=True, text=True, timeout=120)
+    lines = [line for line in proc.stderr.splitlines() if line.strip()]
+    assert proc.returncode == 3 and "Traceback" not in proc.stderr, proc.stderr[-2000:]
+    assert lines[-1].startswith(f"optune_nemo.generate: --ckpt: {ckpt}"), lines[-1]

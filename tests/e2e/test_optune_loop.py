@@ -44,8 +44,8 @@ def _direct_logps(model, prompts, responses, vocab):
 def _instrumented_run(rank, overrides, exp_dir):
     """`fit()` of the real loop, watched: before each iteration the store and the weights it starts from,
     during it what the reward scored and the reference log-probs, after it what changed."""
-    from optune_nemo.algorithm.selection import select_lowest
     from optune_nemo.interfaces import Outcome
+    from optune_nemo.selection.scores import select_lowest
     from optune_nemo.train import build_loop
 
     cfg = load_config([*E2E, f"exp_dir={exp_dir}", *overrides])

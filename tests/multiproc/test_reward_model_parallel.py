@@ -86,10 +86,10 @@ def test_transformers_reward_model_imports_exactly(kind, tp, pp, tmp_path):
 
 
 def _pairs():
-    from optune_nemo.data.preferences import PreferencePair
+    from optune_nemo.data.preferences import ComparisonPair
 
     chosen, rejected = random_seqs(12, seed=21), random_seqs(12, seed=22)
-    return [PreferencePair(i, tuple(c), tuple(r), 0.5 * (i % 2)) for i, (c, r) in enumerate(zip(chosen, rejected))]
+    return [ComparisonPair(i, tuple(c), tuple(r), 0.5 * (i % 2)) for i, (c, r) in enumerate(zip(chosen, rejected))]
 
 
 def _train(rank, src, tp, pp, dist_opt):

@@ -14,7 +14,7 @@ from hf_tiny import VOCAB, make_hf_model
 from rm_tiny import PAD, hf_scores, random_seqs
 
 from optune_nemo.config import OptimConfig
-from optune_nemo.data.preferences import PreferencePair
+from optune_nemo.data.preferences import ComparisonPair
 from optune_nemo.losses.bradley_terry import bradley_terry_per_pair
 from optune_nemo.megatron.reward_model import last_non_pad_index, make_score_batch
 
@@ -166,7 +166,7 @@ def test_fresh_head_is_seeded_normal(llama, dist1):
 def _pairs(n, seed):
     g = random.Random(seed)
     chosen, rejected = random_seqs(n, seed=seed), random_seqs(n, seed=seed + 100)
-    return [PreferencePair(i, tuple(c), tuple(r), g.choice([0.0, 0.5])) for i, (c, r) in
+    return [ComparisonPair(i, tuple(c), tuple(r), g.choice([0.0, 0.5])) for i, (c, r) in
             enumerate(zip(chosen, rejected))]
 
 

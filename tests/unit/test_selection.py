@@ -5,13 +5,13 @@ from fractions import Fraction
 
 import pytest
 
-from optune_nemo.algorithm.selection import (
+from optune_nemo.config import num_regenerated
+from optune_nemo.selection import StoreView
+from optune_nemo.selection.scores import (
     select_lowest,
     select_prompts,
     select_random,
 )
-from optune_nemo.config import num_regenerated
-from optune_nemo.selection import StoreView
 
 
 def _exact_k(rho: float, n: int) -> int:

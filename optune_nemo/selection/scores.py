@@ -1,6 +1,5 @@
-"""Selection as plain functions of scores and ids (the strategies themselves live in optune_nemo/selection/,
-one module each, behind the `optune.selection` registry). Kept for the report and for callers that have
-scores rather than a store."""
+"""The strategies as plain functions of ranking scores and prompt ids, for callers that have scores rather
+than a rollout store (the report's Fig. 2 analysis, tests). Not a strategy: it registers nothing."""
 
 from __future__ import annotations
 
