@@ -37,10 +37,23 @@ import json
 import statistics
 import sys
 import time
+from pathlib import Path
 
 import torch
 
 from optune_nemo.runtime.hardware import machine_info
+
+SHAPES = {
+    # Llama-3.2-1B's shape (16 layers, hidden 2048, SwiGLU 8192, 32 heads / 8 KV heads, vocab 128256, tied
+    # embeddings): the decode-step target of the GPU benchmarks (docs/benchmarks.md)
+    "llama-1b": dict(num_hidden_layers=16, hidden_size=2048, intermediate_size=8192, num_attention_heads=32,
+                     num_key_value_heads=8, vocab_size=128256, rope_theta=500000.0),
+    # a two-layer model of the same family, for the smoke test
+    "tiny": dict(num_hidden_layers=2, hidden_size=64, intermediate_size=176, num_attention_heads=4,
+                 num_key_value_heads=2, vocab_size=0, rope_theta=10000.0),
+}
+"""--shape: a Llama model of this shape with random weights (seeded) and the --hf-path model's tokenizer (its ids
+are a subset of the vocabulary; vocab_size 0: the tokenizer's size). Timing needs the shape, not trained weights."""
 
 MATMUL_OPS = ("aten::mm", "aten::addmm", "aten::bmm", "aten::baddbmm")
 LINEAR_OPS = ("aten::mm", "aten::addmm")
@@ -112,6 +125,30 @@ def _matmul_share(fn) -> dict:
     return {"matmul_share": share(MATMUL_OPS), "linear_matmul_share": share(LINEAR_OPS), "profiled": "cpu ops",
             "top_ops": [(e.key, round(e.self_cpu_time_total / total, 3))
                         for e in sorted(events, key=lambda e: -e.self_cpu_time_total)[:8]]}
+
+
+def shaped_model_dir(shape: str, source: str, out: Path, *, seed: int = 0) -> Path:
+    """A Hugging Face Llama directory of SHAPES[shape] under `out` (made once, then reused): random weights from
+    `seed`, bf16, tied embeddings, and the tokenizer (with its chat template) of `source` (a policy.hf_path)."""
+    if (out / "config.json").is_file():
+        return out
+    from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM
+
+    from optune_nemo.config import load_config
+    from optune_nemo.runner import prepare_source
+
+    tok = AutoTokenizer.from_pretrained(prepare_source(load_config([f"policy.hf_path={source}"])))
+    spec = dict(SHAPES[shape])
+    spec["vocab_size"] = max(spec["vocab_size"], len(tok))
+    config = LlamaConfig(**spec, max_position_embeddings=4096, tie_word_embeddings=True, rms_norm_eps=1e-5,
+                         bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id, torch_dtype="bfloat16")
+    torch.manual_seed(seed)
+    model = LlamaForCausalLM(config).to(torch.bfloat16)
+    tmp = out.with_name(out.name + ".tmp")
+    model.save_pretrained(tmp)
+    tok.save_pretrained(tmp)
+    tmp.rename(out)
+    return out
 
 
 def run_one(dtype: str, n_prompts: int, args) -> dict:
@@ -212,7 +249,7 @@ def run_one(dtype: str, n_prompts: int, args) -> dict:
           file=sys.stderr, flush=True)
     share = ({} if args.no_profile else
              _matmul_share(lambda: engine.generate(ids, params, keys=list(range(len(ids))))))
-    return {"benchmark": "generation", "model": args.hf_path, "dtype": dtype, "prompts": n_prompts,
+    return {"benchmark": "generation", "model": args.hf_path, "shape": args.shape, "dtype": dtype, "prompts": n_prompts,
             "n": args.n, "max_new_tokens": args.max_new_tokens, "temperature": 1.0, "top_p": 0.9,
             "reps": args.reps, "engine_s": [round(t, 3) for t in eng_t], "engine_tokens": eng_tok,
             "engine_tokens_per_s": round(eng_tps, 1), "hf_s": [round(t, 3) for t in hf_t], "hf_tokens": hf_tok_n,
@@ -233,6 +270,11 @@ def parser() -> argparse.ArgumentParser:
     ap.add_argument("--seq-length", type=int, default=512)
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--hf-path", default="smollm2", help="policy.hf_path of the model (default: SmolLM2)")
+    ap.add_argument("--shape", choices=sorted(SHAPES), default=None,
+                    help="time a Llama of this shape with random weights and --hf-path's tokenizer instead "
+                         "(llama-1b: Llama-3.2-1B's shape)")
+    ap.add_argument("--shape-dir", default=None,
+                    help="where --shape's model is written once and reused (default: /tmp/optune-shape-SHAPE)")
     ap.add_argument("--out", default=None, help="write the results as a JSON list")
     ap.add_argument("--no-profile", action="store_true", help="skip the profiled pass (the matmul share)")
     ap.add_argument("--compile", action="store_true", help="torch.compile the decode step's non-matmul pieces")
@@ -251,6 +293,9 @@ def parser() -> argparse.ArgumentParser:
 
 def main(argv=None) -> list[dict]:
     args = parser().parse_args(argv)
+    if args.shape:
+        out = Path(args.shape_dir or f"/tmp/optune-shape-{args.shape}")
+        args.hf_path = str(shaped_model_dir(args.shape, args.hf_path, out, seed=args.seed))
     results = []
     for dtype in args.dtype:
         for k in args.prompts:

@@ -42,6 +42,9 @@ fi
 [ "$STAGE" = tests ] && exit 0
 step generation 240 $PY bench/generation.py --hf-path "$MODEL" --prompts 64 --max-new-tokens 256 --dtype bfloat16 \
   --reps 3 --seq-length 512 --decode-mode graphs --hf-static --weights-streaming --out "$OUT/generation.json"
+step generation-llama1b 240 $PY bench/generation.py --hf-path "$MODEL" --shape llama-1b --prompts 64 \
+  --max-new-tokens 256 --dtype bfloat16 --reps 3 --seq-length 512 --decode-mode graphs --hf-static \
+  --weights-streaming --no-profile --out "$OUT/generation_llama1b.json"
 step iteration 360 $PY bench/iteration.py --out /tmp/optune-iteration --iterations 2 --rho 0.5 -- \
   "policy.hf_path=$MODEL" generation.max_new_tokens=256 model.seq_length=512 logging.progress=false
 [ "$DRY_RUN" = 1 ] || cp /tmp/optune-iteration/iteration.json "$OUT/iteration.json" 2>/dev/null

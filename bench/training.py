@@ -7,7 +7,8 @@
 
 Synthetic pairs: a prompt of --prompt-tokens and two responses of --response-tokens each, random token
 ids, random weights of the preset's shape. Each optimizer step trains --pairs-per-step pairs (packed,
-prefix-shared micro-batches of --micro-batch-size pairs: optune_nemo/megatron/packing.py). The first
+prefix-shared micro-batches of --micro-batch-size pairs, or filled up to --micro-batch-tokens packed
+tokens: optune_nemo/megatron/packing.py). The first
 --warmup steps are not timed. Prints one JSON object with:
   - `pairs_per_s`, `tokens_per_s` (tokens actually run: prompt + both responses per pair);
   - `model_tflops_per_s` / `mfu`: megatron's FLOP formula (megatron/training/training.py
@@ -88,6 +89,8 @@ def parser() -> argparse.ArgumentParser:
     ap.add_argument("--warmup", type=int, default=1)
     ap.add_argument("--pairs-per-step", type=int, default=16)
     ap.add_argument("--micro-batch-size", type=int, default=4)
+    ap.add_argument("--micro-batch-tokens", type=int, default=0,
+                    help="train.micro_batch_tokens: micro-batches filled up to N packed tokens (0: off)")
     ap.add_argument("--prompt-tokens", type=int, default=None, help="default: a quarter of model.seq_length")
     ap.add_argument("--response-tokens", type=int, default=None, help="default: a quarter of model.seq_length")
     ap.add_argument("--peak-tflops", type=float, default=989.0)
@@ -114,7 +117,7 @@ def main(argv=None) -> dict:
     over = [*shape, "policy.hf_path=null", "eval.num_prompts=0", f"precision={args.precision}",
             f"model.attention_backend={args.attention}", f"model.transformer_impl={args.transformer_impl}",
             f"train.global_batch_size={args.pairs_per_step}", f"train.micro_batch_size={args.micro_batch_size}",
-            "optim.warmup_ratio=0.0", "train.shuffle=false"]
+            f"train.micro_batch_tokens={args.micro_batch_tokens}", "optim.warmup_ratio=0.0", "train.shuffle=false"]
     cfg = resolve(load_config(over))
     m = cfg.model
     P = args.prompt_tokens or m.seq_length // 4
@@ -157,7 +160,8 @@ def main(argv=None) -> dict:
     executed = pairs * megatron_flops(m, tokens=P + 2 * R, attended=P + R, head_tokens=2 * R, vocab=vocab)
     result = {"benchmark": "training", "preset": args.preset, "params": n_params, "precision": cfg.precision,
               "prompt_tokens": P, "response_tokens": R, "pairs_per_step": pairs,
-              "micro_batch_size": args.micro_batch_size, "step_s": [round(t, 4) for t in times],
+              "micro_batch_size": args.micro_batch_size, "micro_batch_tokens": args.micro_batch_tokens,
+              "step_s": [round(t, 4) for t in times],
               "median_step_s": round(step_s, 4), "pairs_per_s": round(pairs / step_s, 2),
               "tokens_per_s": round(pairs * (P + 2 * R) / step_s, 1),
               "model_tflops_per_s": round(model_flops / step_s / 1e12, 3),

@@ -194,6 +194,11 @@ class TrainConfig:
 
     micro_batch_size: int = 4
     """Pairs per forward/backward on one data-parallel rank."""
+    micro_batch_tokens: int = 0
+    """0: micro-batches of micro_batch_size pairs. > 0: each rank's share of a step is cut, in order, into
+    micro-batches (packed rows) filled up to this many tokens (prompt + both responses per pair); a longer
+    pair runs alone. Ranks with fewer run masked empty micro-batches; the step's loss is the same mean over
+    its pairs."""
     global_batch_size: int = 16
     """Pairs per optimizer step, over all data-parallel ranks (gradient accumulation fills it)."""
     epochs_per_iteration: int = 1
@@ -650,6 +655,7 @@ def validate_optim(cfg: OptuneNemoConfig) -> None:
 
 def validate_train(t: TrainConfig, dp: int) -> None:
     _positive("train.micro_batch_size", t.micro_batch_size)
+    _at_least_zero("train.micro_batch_tokens", t.micro_batch_tokens)
     _at_least_zero("train.epochs_per_iteration", t.epochs_per_iteration)
     if t.global_batch_size % (t.micro_batch_size * dp):
         raise ConfigError(

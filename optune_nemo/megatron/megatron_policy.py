@@ -2,7 +2,9 @@
 
 Training batches: the pairs of D_t are cut into global batches of `train.global_batch_size`; a
 global batch is dealt round-robin over data-parallel ranks, and each rank's share is split into
-micro-batches of `train.micro_batch_size` pairs. A micro-batch is ONE packed row (megatron/packing.py):
+micro-batches of `train.micro_batch_size` pairs, or, with `train.micro_batch_tokens` > 0, into
+micro-batches filled greedily up to that many packed tokens (`packing.epoch_layout`; a rank with fewer
+gets empty ones). A micro-batch is ONE packed row (megatron/packing.py):
 each pair as [prompt | chosen | rejected], the prompt run once for both responses, no padding, and the
 LM head and log-softmax only at the positions that predict a response token. Rows are packed when the
 schedule asks for them (`LazyMicrobatches`), and carry per-token segment ids, not an S x S mask (the core
@@ -27,7 +29,6 @@ optimizer state (Adam moments) carries over between iterations.
 from __future__ import annotations
 
 import logging
-import math
 from collections.abc import Sequence
 from functools import partial
 from pathlib import Path
@@ -40,7 +41,7 @@ from optune_nemo.losses import PairLoss, PairTensors
 from optune_nemo.megatron.cpu_compat import model_parallel_seed
 from optune_nemo.megatron.logprobs import vocab_parallel_token_logprobs
 from optune_nemo.megatron.model import build_gpt_model, padded_vocab_size
-from optune_nemo.megatron.packing import PackedBatch, group_length, pack_groups, sum_per_output
+from optune_nemo.megatron.packing import PackedBatch, epoch_layout, group_length, pack_groups, sum_per_output
 from optune_nemo.megatron.parallel import pipeline_last_rank
 from optune_nemo.megatron.trainable import MegatronTrainable, wrap_for_training
 from optune_nemo.runtime.distributed import DistEnv, all_gather_object, broadcast_object, gather_shards, shard
@@ -196,9 +197,10 @@ class MegatronPolicy(MegatronTrainable):
         order), so the reference of an iteration equals the policy's log-probs at its first step bit for bit,
         whatever the precision."""
         d, n = self.dist, len(prompts)
-        micro = [mb for step in self._epoch_layout(n, seed, 0) for mb in step if mb]   # no dummies: no step
-        groups = [[(prompts[i], [chosen[i], rejected[i]]) for i in mb] for mb in micro]
-        sums = self._forward_only(groups)
+        pairs = [(p, [c, r]) for p, c, r in zip(prompts, chosen, rejected)]
+        layout = self._epoch_layout([group_length(g) for g in pairs], seed, 0)
+        micro = [mb for step in layout for mb in step if mb]   # no dummies: no step
+        sums = self._forward_only([[pairs[i] for i in mb] for mb in micro])
         local = [(i, s[2 * k].item(), s[2 * k + 1].item()) for mb, s in zip(micro, sums) for k, i in enumerate(mb)]
         out_c, out_r = torch.empty(n), torch.empty(n)
         for part in all_gather_object(local, group=d.dp_group):
@@ -206,29 +208,26 @@ class MegatronPolicy(MegatronTrainable):
                 out_c[i], out_r[i] = c, r
         return out_c, out_r
 
-    def _epoch_layout(self, n: int, seed: int, epoch: int) -> list[list[list[int]]]:
-        """This rank's micro-batches of pair indices, per optimizer step of `epoch`: the epoch's order
-        (shuffled by seed and epoch), cut into global batches, dealt round-robin over data-parallel ranks,
-        cut into micro-batches of train.micro_batch_size pairs. Every rank gets the same number of
-        micro-batches in a step (an empty one where its share runs out: a dummy pair, masked)."""
-        d, G, mbs = self.dist, self.cfg.train.global_batch_size, self.cfg.train.micro_batch_size
-        order = (torch.randperm(n, generator=generator(seed, "epoch", epoch)).tolist() if self.cfg.train.shuffle
+    def _epoch_layout(self, lengths: Sequence[int], seed: int, epoch: int) -> list[list[list[int]]]:
+        """This rank's micro-batches of pair indices, per optimizer step of `epoch` (`lengths`: each pair's
+        packed length, `group_length`): the epoch's order (shuffled by seed and epoch), laid out by
+        `packing.epoch_layout` (global batches dealt round-robin over data-parallel ranks, each share cut
+        into micro-batches of train.micro_batch_size pairs or up to train.micro_batch_tokens tokens; every
+        rank gets the same number of micro-batches in a step, an empty one being a masked dummy pair)."""
+        d, t, n = self.dist, self.cfg.train, len(lengths)
+        order = (torch.randperm(n, generator=generator(seed, "epoch", epoch)).tolist() if t.shuffle
                  else list(range(n)))
-        steps = []
-        for s in range(math.ceil(n / G)):
-            idx = order[s * G:(s + 1) * G]
-            mine = [idx[j] for j in shard(len(idx), d.dp_rank, d.dp_size)]
-            num_mb = math.ceil(math.ceil(len(idx) / d.dp_size) / mbs)
-            steps.append([mine[k * mbs:(k + 1) * mbs] for k in range(num_mb)])
-        return steps
+        return epoch_layout(order, lengths, global_batch_size=t.global_batch_size,
+                            micro_batch_size=t.micro_batch_size, micro_batch_tokens=t.micro_batch_tokens,
+                            dp_rank=d.dp_rank, dp_size=d.dp_size)
 
     # ------------------------------------------------------------------ training
 
     def train(self, batch: PreferenceBatch, loss: PairLoss, *, epochs: int,
               seed: int) -> list[dict[str, float]]:
-        n = len(batch)
         names = metric_names(loss)
-        layouts = [self._epoch_layout(n, seed, epoch) for epoch in range(epochs)]
+        lengths = [group_length((p, [c, r])) for p, c, r in zip(batch.prompts, batch.chosen, batch.rejected)]
+        layouts = [self._epoch_layout(lengths, seed, epoch) for epoch in range(epochs)]
         scheduler = self.scheduler(sum(len(steps) for steps in layouts))
         return [self._step(batch, micro, loss, names, scheduler) for steps in layouts for micro in steps]
 

@@ -27,11 +27,15 @@ Worked example, groups ([5, 6], [[7, 8], [9]]) and ([4], [[3]]), padded to 8:
 padding sees itself only. The batch carries the per-token ids (`SegmentIds`: group, branch), not an S x S
 mask: the core attention (megatron/attention.py) builds its mask from them on the device, once per
 micro-batch. `PackedBatch.mask_B1SS` is megatron's dense form (True = masked), built on demand.
+
+Which pairs share a row is `epoch_layout`'s choice (pure, no communication): a fixed number of pairs
+(`train.micro_batch_size`), or, with `train.micro_batch_tokens` > 0, as many as fill a token budget.
 """
 
 from __future__ import annotations
 
 import functools
+import math
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 
@@ -164,3 +168,46 @@ def sum_per_output(token_logps_N: torch.Tensor, batch: PackedBatch) -> torch.Ten
     """[num_outputs] sums of the per-label log-probs, per response (differentiable)."""
     out = token_logps_N.new_zeros(batch.num_outputs)
     return out.index_add(0, batch.output_N, token_logps_N)
+
+
+def split_by_tokens(indices: Sequence[int], lengths: Sequence[int], budget: int) -> list[list[int]]:
+    """`indices` cut, in their order, into micro-batches filled greedily up to `budget` packed tokens
+    (`lengths[i]`: the `group_length` of pair i): a micro-batch takes the next pair while its total stays
+    within the budget; a pair longer than the budget alone forms its own micro-batch."""
+    out: list[list[int]] = []
+    current: list[int] = []
+    used = 0
+    for i in indices:
+        if current and used + lengths[i] > budget:
+            out.append(current)
+            current, used = [], 0
+        current.append(i)
+        used += lengths[i]
+    if current:
+        out.append(current)
+    return out
+
+
+def epoch_layout(order: Sequence[int], lengths: Sequence[int], *, global_batch_size: int, micro_batch_size: int,
+                 micro_batch_tokens: int, dp_rank: int, dp_size: int) -> list[list[list[int]]]:
+    """Data-parallel rank `dp_rank`'s micro-batches of pair indices, per optimizer step of one epoch whose
+    pairs come in `order`: cut into global batches of `global_batch_size`, each dealt round-robin over the
+    `dp_size` ranks (rank r takes positions r, r + dp_size, ...), each rank's share cut into micro-batches
+    - of `micro_batch_size` pairs when `micro_batch_tokens` is 0;
+    - else in order, greedily up to `micro_batch_tokens` packed tokens (`split_by_tokens`; `lengths[i]` is
+      pair i's packed length), whatever the number of pairs.
+    Every rank runs the same number of micro-batches in a step (megatron's schedule and the collectives
+    need it): a rank whose share runs out gets empty ones (the policy runs a masked dummy pair there).
+    Every rank has the whole batch, so each computes every rank's split, the same, without communication."""
+    steps = []
+    for s in range(math.ceil(len(order) / global_batch_size)):
+        idx = list(order[s * global_batch_size:(s + 1) * global_batch_size])
+        if micro_batch_tokens > 0:
+            splits = [split_by_tokens(idx[r::dp_size], lengths, micro_batch_tokens) for r in range(dp_size)]
+            mine = splits[dp_rank]
+            steps.append(mine + [[] for _ in range(max(map(len, splits)) - len(mine))])
+        else:
+            mine = idx[dp_rank::dp_size]
+            num_mb = math.ceil(math.ceil(len(idx) / dp_size) / micro_batch_size)
+            steps.append([mine[k * micro_batch_size:(k + 1) * micro_batch_size] for k in range(num_mb)])
+    return steps

@@ -119,6 +119,26 @@ def test_generation_gpu_comparison_flags(tiny_hf):
     assert r["weights_stream_s"] > 0 and r["step_over_stream"] > 0
 
 
+@pytest.mark.slow
+def test_generation_shape(tiny_hf, tmp_path):
+    """--shape: a Llama of the named shape with random weights and the --hf-path model's tokenizer, written once
+    and reused; the engine and transformers run it like any model (greedy outputs equal)."""
+    shape_dir = tmp_path / "shape"
+    argv = ["bench/generation.py", "--hf-path", str(tiny_hf), "--shape", "tiny", "--shape-dir", str(shape_dir),
+            "--prompts", "2", "--max-new-tokens", "3", "--dtype", "float32", "--reps", "1", "--seq-length", "96",
+            "--no-profile"]
+    (r,) = [r for r in _json_lines(_ok(_run(*argv)).stdout) if r.get("benchmark") == "generation"]
+    assert r["shape"] == "tiny" and r["model"] == str(shape_dir) and r["greedy_equal"] == "2/2"
+    config = json.loads((shape_dir / "config.json").read_text())
+    from transformers import AutoTokenizer
+
+    assert (config["num_hidden_layers"], config["hidden_size"], config["num_key_value_heads"]) == (2, 64, 2)
+    assert config["vocab_size"] == len(AutoTokenizer.from_pretrained(tiny_hf)) and config["tie_word_embeddings"]
+    stamp = (shape_dir / "config.json").stat().st_mtime_ns
+    _ok(_run(*argv))
+    assert (shape_dir / "config.json").stat().st_mtime_ns == stamp                 # reused, not rewritten
+
+
 # --------------------------------------------------------------------------- bench/iteration.py
 
 
@@ -187,10 +207,11 @@ def test_training_default_mode():
 def test_training_flags():
     proc = _ok(_run("bench/training.py", "--preset", "tiny", "--precision", "bf16", "--attention", "sdpa",
                     "--transformer-impl", "local", "--profile", "--steps", "1", "--warmup", "0",
-                    "--pairs-per-step", "2", "--micro-batch-size", "1", "--prompt-tokens", "5",
-                    "--response-tokens", "3", "--peak-tflops", "2.5"))
+                    "--pairs-per-step", "2", "--micro-batch-size", "1", "--micro-batch-tokens", "24",
+                    "--prompt-tokens", "5", "--response-tokens", "3", "--peak-tflops", "2.5"))
     r = _json_lines(proc.stdout)[-1]
     assert (r["precision"], r["pairs_per_step"], r["micro_batch_size"]) == ("bf16", 2, 1)
+    assert r["micro_batch_tokens"] == 24              # 2 pairs of 5 + 3 + 3 tokens: one row of 22
     assert (r["prompt_tokens"], r["response_tokens"], r["peak_tflops"], len(r["step_s"])) == (5, 3, 2.5, 1)
     assert (r["attention_backend"], r["transformer_impl"]) == ("sdpa", "local")
     assert r["profile_top"] and all(e["calls"] > 0 and e["self_ms"] >= 0 for e in r["profile_top"])
@@ -294,7 +315,7 @@ def test_gpu_session_dry_run(tmp_path):
     assert not (tmp_path / "out").exists()
     names = lambda stage: [s[0] for s in steps[stage]]
     assert names("all") == ["gpu-tests", "train-llama1b-local", "train-llama1b", "train-smollm2", "generation",
-                            "iteration"]
+                            "generation-llama1b", "iteration"]
     assert names("tests") == names("all")[:4] and names("model") == names("all")[4:]
     parsers = {}
     for name, limit, py, *argv in steps["all"]:
@@ -522,7 +543,7 @@ def test_render_docs_on_a_copy(tmp_path):
 
 SMOKE_TESTS = {
     "bench/generation.py": [test_generation_default_mode, test_generation_flags,
-                            test_generation_gpu_comparison_flags],
+                            test_generation_gpu_comparison_flags, test_generation_shape],
     "bench/iteration.py": [test_iteration_default_mode, test_iteration_flags_reuse_the_completed_runs],
     "bench/training.py": [test_training_default_mode, test_training_flags, test_training_refusals,
                           test_training_presets_and_flop_formula],

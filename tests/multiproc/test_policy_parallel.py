@@ -40,7 +40,10 @@ def reference(tmp_path_factory):
     ["parallel.pipeline_model_parallel_size=2"],
     [],                                                    # DP = 2
     ["parallel.use_distributed_optimizer=true"],          # DP = 2, sharded optimizer state
-], ids=["tp2", "pp2", "dp2", "dp2-distopt"])
+    # micro-batches filled to a token budget: other rows, the same mean over each global batch
+    ["train.micro_batch_tokens=30"],            # DP = 2: rows of 1-2 pairs and masked empty ones
+    ["parallel.pipeline_model_parallel_size=2", "train.micro_batch_tokens=50"],
+], ids=["tp2", "pp2", "dp2", "dp2-distopt", "dp2-tokens", "pp2-tokens"])
 def test_two_ranks_equal_one(reference, layout):
     init, (ref_logps, ref_steps, ref_after) = reference
     results = run_ranks(_train, 2, ["train.global_batch_size=8", "train.micro_batch_size=2", *layout], init)

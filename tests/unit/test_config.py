@@ -82,6 +82,7 @@ def test_wrong_types_rejected(override):
     (["parallel.tensor_model_parallel_size=2", "parallel.pipeline_model_parallel_size=2"], 2, "parallel"),
     (["model.num_query_groups=3"], 1, "model.num_query_groups"),
     (["train.global_batch_size=6", "train.micro_batch_size=4"], 1, "train.global_batch_size"),
+    (["train.micro_batch_tokens=-1"], 1, "train.micro_batch_tokens"),
     (["generation.top_p=0"], 1, "generation.top_p"),
     (["generation.temperature=-1"], 1, "generation.temperature"),
     (["data.path=prompts.csv"], 1, "data.path"),
@@ -103,6 +104,8 @@ def test_valid_layouts_pass():
     validate(load_config(["parallel.tensor_model_parallel_size=2"]), world_size=2)
     validate(load_config(["parallel.pipeline_model_parallel_size=2"]), world_size=2)
     validate(load_config(["train.global_batch_size=16", "train.micro_batch_size=4"]), world_size=2)
+    validate(load_config(["train.micro_batch_tokens=1"]))           # below any pair's length: one pair a row
+    validate(load_config(["train.micro_batch_tokens=4096"]), world_size=2)
     validate(load_config(["optune.rho=1e-9"]))
     validate(load_config(["optune.selection=all", "optune.rho=1"]))
 

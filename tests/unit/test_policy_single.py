@@ -10,7 +10,7 @@ from tiny import VOCAB, WDPO, build, random_pairs, tiny_config
 
 from optune_nemo.generation.torch_engine import TorchEngine, sample_from_uniform, sample_generator
 from optune_nemo.interfaces import PreferenceBatch, SamplingParams
-from optune_nemo.megatron.packing import pack_groups, sum_per_output
+from optune_nemo.megatron.packing import epoch_layout, pack_groups, split_by_tokens, sum_per_output
 
 
 @pytest.fixture(scope="module")
@@ -83,6 +83,113 @@ def test_train_step_gradient_is_mean_over_pairs(policy):
     steps = policy.train(batch, WDPO, epochs=1, seed=0)
     assert len(steps) == 1 and steps[0]["num_pairs"] == 6
     assert abs(steps[0]["loss"] - expected) < 1e-5
+
+
+# ------------------------------------------------------------------ micro-batches to a token budget
+
+def test_split_by_tokens_worked_example():
+    lengths = [5, 7, 3, 20, 4, 4, 4]
+    assert split_by_tokens(range(7), lengths, 12) == [[0, 1], [2], [3], [4, 5, 6]]   # 12, 3, 20 alone, 12
+    assert split_by_tokens([6, 0, 3], lengths, 12) == [[6, 0], [3]]
+    assert split_by_tokens([3], lengths, 1) == [[3]] and split_by_tokens([], lengths, 12) == []
+    assert split_by_tokens(range(7), lengths, 100) == [list(range(7))]
+
+
+def _layout(order, lengths, G, mbs, tokens, dp):
+    return [epoch_layout(order, lengths, global_batch_size=G, micro_batch_size=mbs, micro_batch_tokens=tokens,
+                         dp_rank=r, dp_size=dp) for r in range(dp)]
+
+
+def test_budget_zero_is_the_fixed_pair_count_split():
+    """micro_batch_tokens=0: micro-batches of micro_batch_size pairs of each rank's round-robin share, as
+    before (written out by hand; an empty micro-batch where a rank's share runs out)."""
+    lengths = [1000] * 10                 # ignored without a budget
+    assert _layout([3, 1, 4, 0, 5, 2, 6], lengths, 4, 1, 0, 2) == [
+        [[[3], [4]], [[5], [6]]],         # rank 0: step 0 takes 3, 4 of [3, 1, 4, 0]; step 1 takes 5, 6 of [5, 2, 6]
+        [[[1], [0]], [[2], []]]]          # rank 1: its share of step 1 runs out
+    assert _layout(list(range(10)), lengths, 8, 2, 0, 2) == [
+        [[[0, 2], [4, 6]], [[8]]],
+        [[[1, 3], [5, 7]], [[9]]]]
+    assert _layout(list(range(7)), lengths, 6, 2, 0, 3) == [
+        [[[0, 3]], [[6]]], [[[1, 4]], [[]]], [[[2, 5]], [[]]]]
+    assert _layout(list(range(5)), lengths, 8, 4, 0, 1) == [[[[0, 1, 2, 3], [4]]]]
+
+
+@pytest.mark.parametrize("case", range(40))
+def test_token_budget_layout_properties(case):
+    g = torch.Generator().manual_seed(case)
+    rand = lambda lo, hi: int(torch.randint(lo, hi, (1,), generator=g))
+    n, dp, budget = rand(1, 40), rand(1, 5), rand(1, 60)
+    G = dp * rand(1, 5)
+    lengths = [rand(3, 40) for _ in range(n)]
+    order = torch.randperm(n, generator=g).tolist()
+    ranks = _layout(order, lengths, G, 1, budget, dp)
+    assert len({len(steps) for steps in ranks}) == 1 and len(ranks[0]) == math.ceil(n / G)
+    for s in range(len(ranks[0])):
+        batch = order[s * G:(s + 1) * G]
+        per_rank = [steps[s] for steps in ranks]
+        assert len({len(micro) for micro in per_rank}) == 1              # same micro-batch count on every rank
+        assert sorted(i for micro in per_rank for mb in micro for i in mb) == sorted(batch)   # each pair once
+        for r, micro in enumerate(per_rank):
+            real = [mb for mb in micro if mb]
+            assert micro == real + [[]] * (len(micro) - len(real))      # empties only to pad the count
+            assert [i for mb in real for i in mb] == batch[r::dp]        # the round-robin share, in order
+            for k, mb in enumerate(real):
+                total = sum(lengths[i] for i in mb)
+                assert total <= budget or len(mb) == 1                  # over budget only a pair alone
+                if k + 1 < len(real):                                   # greedy: the next pair did not fit
+                    assert total + lengths[real[k + 1][0]] > budget
+        assert max(len(micro) for micro in per_rank) == max(1, *(len([mb for mb in m if mb]) for m in per_rank))
+
+
+class _Recording:
+    """A loss that records the log-probs it is given in training (the policy's and the reference's)."""
+
+    def __init__(self, loss):
+        self.loss, self.seen = loss, []
+
+    def __call__(self, t):
+        if t.policy_chosen_logps.requires_grad:           # not metric_names' probe
+            self.seen.append([x.detach().clone() for x in (t.policy_chosen_logps, t.policy_rejected_logps,
+                                                          t.ref_chosen_logps, t.ref_rejected_logps)])
+        return self.loss(t)
+
+
+def _one_step(tokens: int):
+    policy = build(tiny_config("train.global_batch_size=8", "train.micro_batch_size=4", "train.shuffle=true",
+                               f"train.micro_batch_tokens={tokens}", "optim.optimizer=sgd", "optim.lr=0.5",
+                               "optim.clip_grad=0"))
+    params = list(policy.unwrapped_model().parameters())
+    before = [p.detach().clone() for p in params]
+    prompts, chosen, rejected = random_pairs(8, seed=21)
+    ref_c, ref_r = policy.pair_logprobs(prompts, chosen, rejected, seed=5)
+    batch = PreferenceBatch(prompts, chosen, rejected, ref_c, ref_r, torch.linspace(0, 1, 8), torch.zeros(8))
+    loss = _Recording(WDPO)
+    steps = policy.train(batch, loss, epochs=1, seed=5)
+    lengths = [len(p) + len(c) + len(r) for p, c, r in zip(prompts, chosen, rejected)]
+    return {"before": before, "after": [p.detach().clone() for p in params], "steps": steps, "seen": loss.seen,
+            "layout": policy._epoch_layout(lengths, 5, 0)}
+
+
+def test_token_budget_step_equals_fixed_pair_count_step():
+    """One SGD step (update = lr * gradient) with micro-batches filled to 24 tokens (pair lengths 8..15: 1 or
+    2 pairs a row) against micro-batches of 4 pairs: both are the mean over the same 8 pairs, so the weights
+    agree up to fp32 summation order. In each layout the reference log-probs (pair_logprobs, same seed) are
+    the first step's log-probs bit for bit."""
+    fixed, budget = _one_step(0), _one_step(24)
+    for run, counts in ((fixed, [4, 4]), (budget, [2, 1, 2, 2, 1])):
+        # the layout the step ran (pairs per micro-batch the loss saw) is the one asked for
+        assert [len(mb) for mb in run["layout"][0]] == counts == [len(s[0]) for s in run["seen"]]
+        assert len(run["steps"]) == 1 and run["steps"][0]["num_pairs"] == 8
+        for pc, pr, rc, rr in run["seen"]:
+            assert torch.equal(pc, rc) and torch.equal(pr, rr)
+        assert run["steps"][0]["margin_mean"] == 0.0
+    assert all(torch.equal(a, b) for a, b in zip(fixed["before"], budget["before"]))   # same initial weights
+    assert abs(fixed["steps"][0]["loss"] - budget["steps"][0]["loss"]) < 1e-6
+    moved = max((a - b).abs().max().item() for a, b in zip(fixed["after"], fixed["before"]))
+    assert moved > 1e-3, moved                     # the step moved the weights far beyond the tolerance
+    for a, b in zip(fixed["after"], budget["after"]):
+        torch.testing.assert_close(a, b, atol=1e-6, rtol=1e-5)
 
 
 # ------------------------------------------------------------------ generation
