@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import re
 import sys
 from pathlib import Path
@@ -419,19 +420,31 @@ def results_pilot() -> str:
              f"Targets: SD <= {SD_TARGETS['eval_accuracy']} in accuracy and <= {SD_TARGETS['eval_reward_mean']} in "
              "gold reward (rendered by scripts/render_docs.py from docs/results/pilot/).", "",
              "| recipe | lr | epochs / iteration | prompts | batch | seeds | t | accuracy | gold reward | control "
-             "accuracy | control gold reward | s per run | SD targets met |",
-             "|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
+             "accuracy | control gold reward | s per run | SD targets met | seeds per arm for a ±0.05 accuracy CI, "
+             "unpaired |",
+             "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
     for r in rows:
         acc, rew = r["finals"].get("eval_accuracy", {}), r["finals"].get("eval_reward_mean", {})
         c = r["config"]
         cacc, crew = r["control"].get("eval_accuracy", {}), r["control"].get("eval_reward_mean", {})
         ctl = lambda s: "–" if not s else f"{s['mean']:.3f} (t={s['iteration']}, n={s['n']})"
+        seconds = "–" if r["seconds"] is None else f"{r['seconds']:.0f}"
         lines.append(f"| {r['recipe']} | {_yaml_value(c, 'optim', 'lr')} | "
                      f"{_yaml_value(c, 'train', 'epochs_per_iteration')} | {_yaml_value(c, 'data', 'num_prompts')} | "
                      f"{_yaml_value(c, 'train', 'global_batch_size')} | {(acc or rew).get('n', 0)} | "
                      f"{(acc or rew).get('iteration', '–')} | {_pm(acc)} | {_pm(rew)} | {ctl(cacc)} | {ctl(crew)} | "
-                     f"{_f(r['seconds'], 4)} | {'yes' if r['meets'] else 'no'} |")
+                     f"{seconds} | "
+                     f"{'yes' if r['meets'] else 'no'} | {_unpaired_seeds(acc.get('sd'), 0.05)} |")
+    lines += ["", "s per run: iterations 0-5 of one trained run, mean over seeds (some runs shared the machine with "
+              "short test runs for minutes). Seeds per arm: 2 (1.96 SD / 0.05)^2, rounded up, what two unpaired "
+              "settings would need for a 95 % interval of +-0.05 on their difference in accuracy; the decisive "
+              "experiment pairs its settings by seed (forks of one iteration 0), which needs fewer when paired settings "
+              "move together."]
     return "\n".join(lines)
+
+
+def _unpaired_seeds(sd: float | None, half_width: float) -> str:
+    return "–" if sd is None else str(math.ceil(2 * (1.96 * sd / half_width) ** 2))
 
 
 BLOCKS = {"default-run": default_run, "results-pilot": results_pilot, "gpu-h100": gpu_h100,
