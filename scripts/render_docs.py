@@ -438,8 +438,8 @@ def results_pilot() -> str:
     lines += ["", "s per run: iterations 0-5 of one trained run, mean over seeds (some runs shared the machine with "
               "short test runs for minutes). Seeds per arm: 2 (1.96 SD / 0.05)^2, rounded up, what two unpaired "
               "settings would need for a 95 % interval of +-0.05 on their difference in accuracy; the decisive "
-              "experiment pairs its settings by seed (forks of one iteration 0), which needs fewer when paired settings "
-              "move together."]
+              "experiment pairs its settings by seed (forks of one iteration 0), which needs fewer when paired "
+              "settings move together."]
     return "\n".join(lines)
 
 
