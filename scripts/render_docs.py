@@ -332,6 +332,22 @@ def cpu_vs_trl() -> str:
     return "\n".join(lines)
 
 
+def cpu_training_recheck() -> str:
+    """This project's side of bench/vs_trl.py measured again (--skip-trl) against the recorded one, the same
+    machine, store, batch and precision: the check that training did not get slower."""
+    now = _jsonl(DATA / "dev-cpu" / "vs_trl_ours_recheck.jsonl")
+    recorded = {r["precision"]: r for r in _jsonl(DATA / "dev-cpu" / "vs_trl.jsonl")}
+    lines = [f"Machine: {machine(now[0])}. `bench/vs_trl.py --skip-trl`, the same store, batch, micro-batches "
+             "and repetitions as the table above, measured again after the core-attention, data-path and layout "
+             "changes, against the recorded medians:", "",
+             "| precision | recorded s | now s | now / recorded |", "|---|---|---|---|"]
+    for r in now:
+        old = recorded[r["precision"]]
+        lines.append(f"| {r['precision']} | {old['ours_median_s']:.1f} {old['ours_s']} | {r['ours_median_s']:.1f} "
+                     f"{r['ours_s']} | {r['ours_median_s'] / old['ours_median_s']:.2f} |")
+    return "\n".join(lines)
+
+
 def precision_comparison() -> str:
     runs = {"bf16": DATA / "default_run", "fp32": DATA / "default_run_fp32"}
     lines = ["The default recipe (`make run`, seed 1234) in both precisions on this CPU, held-out evaluation "
@@ -452,7 +468,7 @@ BLOCKS = {"default-run": default_run, "results-pilot": results_pilot, "gpu-h100"
           "results-claims": results_claims, "results-report": results_report, "readme-headline": readme_headline,
           "gold-proxy": gold_proxy, "cpu-vs-trl": cpu_vs_trl, "cpu-iteration": cpu_iteration,
           "cpu-generation-compile": cpu_generation_compile,
-          "precision-comparison": precision_comparison}
+          "precision-comparison": precision_comparison, "cpu-training-recheck": cpu_training_recheck}
 
 
 def render_block(name: str) -> str:

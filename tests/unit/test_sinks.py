@@ -431,6 +431,11 @@ def test_wandb_online_without_a_key_is_a_config_error(tmp_path, monkeypatch):
     # nothing may leave this machine: W&B's server is a closed loopback port here (a run without this once
     # looked the public host up before it noticed that no key was set)
     monkeypatch.setenv("WANDB_BASE_URL", "http://127.0.0.1:9")
+    # W&B's service process is shared by every run of this process and keeps the environment it started with
+    # (an earlier test's): stop it, so the one this run starts reads the settings above
+    import wandb
+
+    wandb.teardown()
     lg = LoggingConfig(tensorboard=False, wandb=WandbConfig(enabled=True, mode="online"))
     w = _tracker_writer(tmp_path / "exp", lg, CONFIG)
     with pytest.raises(ConfigError, match=r"^logging\.wandb\.mode: online refused by W&B: No API key"):
