@@ -10,7 +10,7 @@ import sys
 import pytest
 from dist_utils import run_ranks
 from test_crash_resume import _CRASHER, _run_in_session
-from test_optune_loop import E2E, _metrics, _plain_run, _store, _train_cli, _weights_pair
+from test_optune_loop import E2E, _metrics, _plain_run, _store, _train_cli, _weights_pair, assert_close_records
 
 pytestmark = pytest.mark.slow
 
@@ -103,18 +103,6 @@ def four_one_rank(tmp_path_factory):
     return exp
 
 
-def _assert_close_records(one, two):
-    """test_two_ranks_equal_one's comparison: the same records, floats to 1e-5 (a different reduction order),
-    the sign-counting accuracy left out (a coin flip per pair at a step where the policy is the reference)."""
-    for ra, rb in zip(_metrics(one), _metrics(two), strict=True):
-        ra.pop("implicit_reward_accuracy"), rb.pop("implicit_reward_accuracy")
-        for key, va in ra.items():
-            if isinstance(va, float):
-                assert abs(va - rb[key]) < 1e-5, (key, va, rb[key])
-            else:
-                assert va == rb[key], key
-
-
 @pytest.mark.multiproc
 @pytest.mark.parametrize("layout", [["parallel.tensor_model_parallel_size=2"],
                                     ["parallel.use_distributed_optimizer=true"]], ids=["tp2", "dp2"])
@@ -128,7 +116,7 @@ def test_four_samples_on_two_ranks_equal_one(four_one_rank, tmp_path, layout):
     for rewards, ra, rb in zip(one["rewards"], one["reward_a"], one["reward_b"]):
         a, b = _extremes(rewards)
         assert (ra, rb) == (rewards[a], rewards[b])
-    _assert_close_records(four_one_rank, tmp_path / "two")
+    assert_close_records(four_one_rank, tmp_path / "two")
 
 
 @pytest.mark.multiproc
@@ -140,4 +128,4 @@ def test_four_samples_data_parallel_resume_is_identical(four_one_rank, tmp_path)
     assert not (tmp_path / "dp" / "checkpoints" / "iter_000002").exists()
     run_ranks(_plain_run, 2, ["parallel.use_distributed_optimizer=true", *N4], exp)
     assert _store(four_one_rank) == _store(tmp_path / "dp")
-    _assert_close_records(four_one_rank, tmp_path / "dp")
+    assert_close_records(four_one_rank, tmp_path / "dp")
