@@ -3,6 +3,7 @@
 # task with its gold rule reward, every setting of a seed forked from one shared iteration 0 (per loss):
 #   rho in RHOS with lowest_reward, and the no-training control at rho = 1;
 #   random selection at RANDOM_RHOS; smallest_gap selection at GAP_RHOS;
+#   lowest_reward with NUM_SAMPLES samples per regenerated prompt at SAMPLES_RHOS (from the same iteration 0);
 #   DPO against wDPO at rho 0.5: the DPO runs fork from the same wDPO iteration 0, so the two differ only in
 #   the loss of iterations 1.. (init_from keeps the loaded state and runs on with the fork's own settings).
 # Then the report (paired comparisons, figures, speed-ups) into $ROOT/report.
@@ -14,7 +15,8 @@
 # Environment: SEEDS (default "1 2 3"), ITERATIONS (optune.iterations of every fork, iteration 0 included;
 # default 4), RHOS (the lowest_reward settings, default "0.3 0.5 0.7 1.0"), RANDOM_RHOS (the random ones,
 # default "0.5 0.7"), GAP_RHOS (the smallest_gap ones, default none), DPO (1: the DPO fork at 0.5, the default;
-# 0: none), ARCHIVE (a directory: after each seed, scripts/archive_runs.py copies the finished runs there
+# 0: none), SAMPLES_RHOS (lowest_reward forks with generation.num_samples=NUM_SAMPLES, default none; they run
+# after the seed's other settings), NUM_SAMPLES (default 4), ARCHIVE (a directory: after each seed, scripts/archive_runs.py copies the finished runs there
 # without model shards, e.g. into the repository between sittings), REPORT (0: no report at the end, for
 # several instances sharing one ROOT, one seed each),
 # OPTUNE_PYTHON (default .venv/bin/python). experiments/decisive.sh runs it with the decisive
@@ -32,6 +34,8 @@ ITERATIONS=${ITERATIONS:-4}
 read -ra RHOS <<< "${RHOS:-0.3 0.5 0.7 1.0}"
 read -ra RANDOM_RHOS <<< "${RANDOM_RHOS:-0.5 0.7}"
 read -ra GAP_RHOS <<< "${GAP_RHOS:-}"
+read -ra SAMPLES_RHOS <<< "${SAMPLES_RHOS:-}"
+NUM_SAMPLES=${NUM_SAMPLES:-4}
 DPO=${DPO:-1}
 FIXED=(policy.export_hf_final=false logging.progress=false "$@")
 
@@ -59,6 +63,10 @@ for S in "${SEEDS[@]}"; do
     else
       rc=1
     fi
+  fi
+  if (( ${#SAMPLES_RHOS[@]} )); then
+    "$PY" -m optune_nemo.sweep "${COMMON[@]}" --rho "${SAMPLES_RHOS[@]}" --selection lowest_reward --loss wdpo \
+      --num-samples "$NUM_SAMPLES" -- "${FIXED[@]}" || rc=1
   fi
   if [[ -n ${ARCHIVE:-} ]]; then
     "$PY" scripts/archive_runs.py "$ROOT" "$ARCHIVE" || rc=1

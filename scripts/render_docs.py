@@ -180,10 +180,11 @@ def _final(curves: dict, label: str, key: str = "eval_reward_mean") -> dict | No
     return pts[-1] if pts else None
 
 
-def _label(rep: dict, rho: float, selection: str, loss: str = "wdpo", trained: bool = True) -> str | None:
+def _label(rep: dict, rho: float, selection: str, loss: str = "wdpo", trained: bool = True,
+           num_samples: int = 2) -> str | None:
     for s in rep["settings"]:
         if (abs(s["rho"] - rho) < 1e-9 and s["selection"] == selection and s["loss"] == loss
-                and s["trained"] == trained):
+                and s["trained"] == trained and s.get("num_samples", 2) == num_samples):
             return s["label"]
     return None
 

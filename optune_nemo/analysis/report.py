@@ -67,10 +67,22 @@ class Setting:
     selection: str
     loss: str
     trained: bool
+    num_samples: int = 2
+    """generation.num_samples (2, the paper's setting, is left out of the label)."""
 
     @property
     def label(self) -> str:
-        return f"rho={self.rho:g} {self.selection} {self.loss}" + ("" if self.trained else " no-training")
+        return (f"rho={self.rho:g} {self.selection} {self.loss}" + ("" if self.trained else " no-training")
+                + (f" n={self.num_samples}" if self.num_samples != DEFAULT_SAMPLES else ""))
+
+    @property
+    def paper_n(self) -> bool:
+        """Whether the setting draws the paper's two samples per regenerated prompt."""
+        return self.num_samples == DEFAULT_SAMPLES
+
+
+DEFAULT_SAMPLES = 2
+"""generation.num_samples of the paper: the settings every other is compared with."""
 
 
 @dataclass
@@ -89,7 +101,8 @@ class Run:
     @property
     def setting(self) -> Setting:
         c = self.cfg
-        return Setting(float(c.optune.rho), c.optune.selection, c.loss.name, c.train.epochs_per_iteration > 0)
+        return Setting(float(c.optune.rho), c.optune.selection, c.loss.name, c.train.epochs_per_iteration > 0,
+                       int(c.generation.num_samples))
 
     def record(self, t: int) -> dict | None:
         return next((r for r in self.records if r.get("iteration") == t), None)
@@ -318,11 +331,11 @@ def predicted_speedup(reference: list[Run], runs: list[Run]) -> float | None:
 
 
 def speedups(groups: dict[Setting, list[Run]]) -> list[dict]:
-    """Each setting against the rho = 1 runs of the same loss and training, over their common seeds."""
+    """Each setting against the rho = 1 runs (n = 2) of the same loss and training, over their common seeds."""
     out = []
     for s, runs in groups.items():
         refs = [r for ref_s, rr in groups.items() for r in rr
-                if ref_s.rho == 1.0 and ref_s.loss == s.loss and ref_s.trained == s.trained]
+                if ref_s.rho == 1.0 and ref_s.loss == s.loss and ref_s.trained == s.trained and ref_s.paper_n]
         seeds = sorted({r.seed for r in runs} & {r.seed for r in refs})
         mine = [r for r in runs if r.seed in seeds]
         theirs = [r for r in refs if r.seed in seeds]
@@ -366,11 +379,11 @@ def gain_split(previous: dict[int, float], current: dict[int, float]) -> dict:
 
 
 def fig2_analysis(groups: dict[Setting, list[Run]]) -> dict:
-    """gain_split for every iteration t >= 1 of every rho = 1 run, averaged per (trained loss | control, t),
-    and the part of the trained runs' gain beyond the control runs' (attributed to training)."""
+    """gain_split for every iteration t >= 1 of every rho = 1 run (n = 2), averaged per (trained loss | control,
+    t), and the part of the trained runs' gain beyond the control runs' (attributed to training)."""
     rows, missing = [], []
     for s, runs in groups.items():
-        if s.rho != 1.0:
+        if s.rho != 1.0 or not s.paper_n:
             continue
         for run in runs:
             for t in iterations_of([run]):
@@ -513,7 +526,8 @@ def analyse(runs: list[Run], *, margin: float = 0.05, reps: int = 4000) -> Repor
                  "fork_source": r.path.resolve() in sources} for r in runs]
     for s, rs in groups.items():
         rep.settings.append({"label": s.label, "rho": s.rho, "selection": s.selection, "loss": s.loss,
-                             "trained": s.trained, "seeds": [r.seed for r in rs], "runs": [str(r.path) for r in rs]})
+                             "trained": s.trained, "num_samples": s.num_samples, "seeds": [r.seed for r in rs],
+                             "runs": [str(r.path) for r in rs]})
         rep.curves[s.label] = {key: curve(rs, key) for key in ("eval_accuracy", "eval_reward_mean", "eval_win_score")}
         rep.finals[s.label] = finals(rs)
     rep.baseline = spread([_num(r.evals.get("baseline", {}).get("reward_mean")) for rs in groups.values() for r in rs])
@@ -700,27 +714,36 @@ METRIC_TITLES = {"eval_reward_mean": "held-out gold reward", "eval_win_score": "
 def comparisons(settings: list[dict]) -> list[tuple[str, str]]:
     """(setting, baseline) labels, one per panel: each setting against the run setting that differs from it in
     one factor only, the first of: training (a no-training control against the same setting trained), the
-    loss (against the default loss, wDPO), the selection (random against the default, lowest-reward, at the
-    same rho), rho (against rho = 1 with the same loss and training). The rho = 1 default is everyone's
-    baseline and has no panel of its own; nor has a setting whose baselines were not run."""
+    samples per regenerated prompt (n against the paper's 2 at the same rho), the loss (against the default
+    loss, wDPO), the selection (random against the default, lowest-reward, at the same rho), rho (against
+    rho = 1 with the same loss, training and n). The rho = 1 default is everyone's baseline and has no panel of
+    its own; nor has a setting whose baselines were not run. A setting with n != 2 at rho < 1 also faces
+    rho = 1 with n = 2 (n rho N samples against 2 N: more samples per prompt against more prompts).
+    (Reports written before num_samples have n = 2.)"""
     default = OptuneNemoConfig()
-    by_key = {(s["rho"], s["selection"], s["loss"], s["trained"]): s["label"] for s in settings}
+    n2 = DEFAULT_SAMPLES
+    by_key = {(s["rho"], s["selection"], s["loss"], s["trained"], s.get("num_samples", n2)): s["label"]
+              for s in settings}
 
-    def rho_one(loss, trained):
-        return next((label for (rho, _, lo, tr), label in sorted(by_key.items()) if rho == 1.0 and lo == loss
-                     and tr == trained), None)
+    def rho_one(loss, trained, n):
+        return next((label for (rho, _, lo, tr, nn), label in sorted(by_key.items()) if rho == 1.0 and lo == loss
+                     and tr == trained and nn == n), None)
 
     out = []
     for s in settings:
-        rho, sel, loss, trained = s["rho"], s["selection"], s["loss"], s["trained"]
-        candidates = [by_key.get((rho, sel, loss, True)) if not trained else None,
-                      by_key.get((rho, sel, default.loss.name, trained)) if loss != default.loss.name else None,
-                      by_key.get((rho, default.optune.selection, loss, trained))
+        rho, sel, loss, trained, n = s["rho"], s["selection"], s["loss"], s["trained"], s.get("num_samples", n2)
+        candidates = [by_key.get((rho, sel, loss, True, n)) if not trained else None,
+                      by_key.get((rho, sel, loss, trained, n2)) if n != n2 else None,
+                      by_key.get((rho, sel, default.loss.name, trained, n)) if loss != default.loss.name else None,
+                      by_key.get((rho, default.optune.selection, loss, trained, n))
                       if sel not in (default.optune.selection, "all") else None,
-                      rho_one(loss, trained) if rho != 1.0 else None]
+                      rho_one(loss, trained, n) if rho != 1.0 else None]
         base = next((c for c in candidates if c is not None), None)
         if base is not None:
             out.append((s["label"], base))
+        same_samples = rho_one(loss, trained, n2) if n != n2 and rho != 1.0 else None
+        if same_samples is not None and same_samples != base:
+            out.append((s["label"], same_samples))   # n samples of rho N prompts against 2 of all N
     return out
 
 

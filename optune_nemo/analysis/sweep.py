@@ -12,10 +12,16 @@ Layout under --root (absolute paths in every override, so Slurm tasks and forks 
   base/notrain-seed<S>/                the no-training base of the controls (--control)
   runs/rho<R>-<selection>-<loss>-seed<S>/
   runs/rho1-all-notrain-seed<S>/       --control: rho = 1, train.epochs_per_iteration=0 (the Fig. 2 control)
+  runs/rho<R>-<selection>-<loss>-n<N>-seed<S>/   --num-samples N: forks with generation.num_samples=N
   slurm/                               --slurm: plan files and the array tasks' logs
 
 rho = 1 regenerates every prompt whatever the strategy, so it is run once, as selection=all; selection=all
 is only run at rho = 1. The loss is part of the base because iteration 0 trains with it.
+
+--num-samples N gives the forks (not the bases, not the controls) generation.num_samples=N and the name suffix
+-n<N>: they start from the same iteration 0 as the sweep's n = 2 forks of the same root (the default n), so
+a sweep without --num-samples and one with it, on one root, compare n prompt by prompt and seed by seed,
+differing only in the samples drawn per regenerated prompt from iteration 1 on.
 
 Each run is a separate `python -m optune_nemo.train` process (megatron-core keeps global state per
 process). A run whose exp_dir/COMPLETED exists is skipped, so rerunning the same command resumes the
@@ -90,17 +96,21 @@ def settings(rhos, selections, losses) -> list[tuple[float, str, str]]:
 
 
 def plan_sweep(root: str | Path, *, rhos: list[float], selections: list[str], losses: list[str], seeds: list[int],
-               iterations: int, control: bool, fixed: list[str]) -> list[PlannedRun]:
+               iterations: int, control: bool, fixed: list[str], num_samples: int | None = None) -> list[PlannedRun]:
     """Every run of the sweep, bases first (see the module docstring for names and overrides)."""
     root = Path(root).resolve()
     if iterations < 2:
         raise ConfigError(f"--iterations: must be >= 2, iteration 0 is the shared base (got {iterations})")
+    if num_samples is not None and num_samples < 2:
+        raise ConfigError(f"--num-samples: must be >= 2, a pair needs two samples (got {num_samples})")
     for o in fixed:
         if "=" not in o:
             raise ConfigError(f"{o}: an override must be key=value")
         if _key(o) in SWEEP_KEYS:
             raise ConfigError(f"{_key(o)}: set by the sweep (use --root, --rho, --selection, --loss, --seeds, "
                               "--iterations), not as an override")
+        if num_samples is not None and _key(o) == "generation.num_samples":
+            raise ConfigError("generation.num_samples: set by --num-samples for the forks, not as an override")
         if "\t" in o or "\n" in o:
             raise ConfigError(f"{o!r}: overrides may not contain tabs or newlines (plan files are tab-separated)")
     grid = settings(rhos, selections, losses)
@@ -114,8 +124,10 @@ def plan_sweep(root: str | Path, *, rhos: list[float], selections: list[str], lo
         for seed in seeds:
             trained = loss is not None
             base = root / "base" / (f"{loss}-seed{seed}" if trained else f"notrain-seed{seed}")
-            name = f"runs/rho{_rho_name(rho)}-{selection}-{loss if trained else 'notrain'}-seed{seed}"
-            overrides = _with_fixed(fixed, trained) + [
+            n = num_samples if trained else None
+            name = (f"runs/rho{_rho_name(rho)}-{selection}-{loss if trained else 'notrain'}"
+                    + (f"-n{n}" if n is not None else "") + f"-seed{seed}")
+            overrides = _with_fixed(fixed, trained) + ([f"generation.num_samples={n}"] if n is not None else []) + [
                 f"seed={seed}", f"optune.rho={rho}", f"optune.selection={selection}",
                 f"loss.name={loss if trained else losses[0]}", f"optune.iterations={iterations}",
                 f"exp_dir={root / name}", f"init_from={base / 'checkpoints' / 'iter_000000'}"]
@@ -299,6 +311,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--iterations", type=int, required=True, help="optune.iterations of every fork (>= 2)")
     p.add_argument("--control", action="store_true",
                    help="also a no-training control per seed at rho = 1 (train.epochs_per_iteration=0)")
+    p.add_argument("--num-samples", type=int, default=None,
+                   help="generation.num_samples of the forks (name suffix -n<N>; the bases keep the default, so "
+                        "the forks share iteration 0 with the root's n = 2 forks)")
     p.add_argument("--slurm", action="store_true", help="submit two job arrays instead of running here")
     p.add_argument("--sbatch-args", default="",
                    help="extra sbatch options, e.g. '--gpus-per-node=8 --time=8:00:00' (a single one as "
@@ -322,7 +337,8 @@ def main(argv: list[str] | None = None) -> int:
     setup_logging(0, "INFO", run_log=False)   # every run keeps its libraries' output in its exp_dir/logs
     try:
         plan = plan_sweep(args.root, rhos=args.rho, selections=args.selection, losses=args.loss, seeds=args.seeds,
-                          iterations=args.iterations, control=args.control, fixed=args.overrides)
+                          iterations=args.iterations, control=args.control, fixed=args.overrides,
+                          num_samples=args.num_samples)
         if not args.dry_run:
             if not has_init_from():
                 raise ConfigError("init_from: this optune_nemo has no init_from option, which the sweep's forks "

@@ -360,18 +360,19 @@ def test_gold_proxy_tiny(tmp_path):
 def test_small_scale_tiny(tmp_path):
     """The whole experiment's structure (shared iteration 0 per loss, forks, the no-training control, random
     selection, the DPO fork, pruning, the report) with one seed, two iterations, rho = 1 (lowest_reward's
-    own rho < 1 forks run the same lines as rho = 1: left out to save a run) and random selection at 0.5.
-    fp32: the no-training control's fork loads an optimizer that never stepped (it once failed there)."""
+    own rho < 1 forks run the same lines as rho = 1: left out to save a run), random selection at 0.5 and
+    three samples per regenerated prompt at rho = 1. fp32: the no-training control's fork loads an optimizer that never stepped (it once failed there)."""
     root = tmp_path / "ss"
     env = {"SEEDS": "1", "ITERATIONS": "2", "RHOS": "1.0", "RANDOM_RHOS": "0.5", "GAP_RHOS": "0.5",
-           "OPTUNE_PYTHON": sys.executable}
+           "SAMPLES_RHOS": "1.0", "NUM_SAMPLES": "3", "OPTUNE_PYTHON": sys.executable}
     _ok(_run("experiments/small_scale.sh", str(root), "--", *TINY_RUN, env=env))
     report = json.loads((root / "report" / "report.json").read_text())
-    got = {(s["rho"], s["selection"], s["loss"], s["trained"]) for s in report["settings"]}
-    assert got == {(1.0, "all", "wdpo", True), (0.5, "random", "wdpo", True), (0.5, "lowest_reward", "dpo", True),
-                   (0.5, "smallest_gap", "wdpo", True), (1.0, "all", "wdpo", False)}, got
+    got = {(s["rho"], s["selection"], s["loss"], s["trained"], s["num_samples"]) for s in report["settings"]}
+    assert got == {(1.0, "all", "wdpo", True, 2), (0.5, "random", "wdpo", True, 2),
+                   (0.5, "lowest_reward", "dpo", True, 2), (0.5, "smallest_gap", "wdpo", True, 2),
+                   (1.0, "all", "wdpo", False, 2), (1.0, "all", "wdpo", True, 3)}, got
     runs = sorted((root / "runs").iterdir())
-    assert len(runs) == 5 and all((r / "COMPLETED").is_file() for r in runs)
+    assert len(runs) == 6 and all((r / "COMPLETED").is_file() for r in runs)
     for run in runs:
         base = "notrain-seed1" if "notrain" in run.name else "wdpo-seed1"
         fork = json.loads((run / "fork.json").read_text())
@@ -389,7 +390,7 @@ def _archive_reads_as_the_original(root: Path, tmp_path: Path):
     same numbers as the report of the original runs (only paths differ), without a single model shard."""
     dest = tmp_path / "elsewhere" / "archive"
     line = json.loads(_ok(_run("scripts/archive_runs.py", str(root), str(dest))).stdout.strip())
-    assert line["archived"] == 7 and line["unfinished"] == [] and line["bytes"] > 0     # 2 bases + 5 runs
+    assert line["archived"] == 8 and line["unfinished"] == [] and line["bytes"] > 0     # 2 bases + 6 runs
     assert not [p for p in dest.rglob("*") if p.name in ("model", "optimizer") or p.suffix == ".distcp"]
     assert not list(dest.glob("runs/rho0.5-random-*/checkpoints"))        # stores only where Fig. 2 reads them
     moved = tmp_path / "moved"
@@ -434,18 +435,20 @@ def _flag(argv: list[str], flag: str) -> list[str]:
 
 def test_decisive_runs_the_claims_settings_seed_by_seed(tmp_path):
     """experiments/decisive.sh drives small_scale.sh: for each seed in turn the lowest_reward sweep (rho 0.3,
-    0.5, 1 and the control), random and smallest_gap at 0.5, the DPO fork from the seed's wDPO iteration 0;
-    the report last. The recipe's overrides and the user's reach every run. (The runs themselves are the
+    0.5, 1 and the control), random and smallest_gap at 0.5, the DPO fork from the seed's wDPO iteration 0,
+    the n = 4 forks at 0.5 and 1; the report last. The recipe's overrides and the user's reach every run. (The runs themselves are the
     same lines as test_small_scale_tiny's.)"""
     env = {"OPTUNE_PYTHON": str(_fake_python(tmp_path)), "SEEDS": "4 7", "ARCHIVE": str(tmp_path / "keep")}
     _ok(_run("experiments/decisive.sh", str(tmp_path / "d"), "--", "data.num_prompts=8", env=env))
     calls = _calls(tmp_path)
     sweeps = [c for c in calls if c[:2] == ["-m", "optune_nemo.sweep"]]
-    assert [(_flag(c, "--seeds"), _flag(c, "--rho"), _flag(c, "--selection"), "--control" in c) for c in sweeps] == [
-        (["4"], ["0.3", "0.5", "1.0"], ["lowest_reward"], True), (["4"], ["0.5"], ["random"], False),
-        (["4"], ["0.5"], ["smallest_gap"], False),
-        (["7"], ["0.3", "0.5", "1.0"], ["lowest_reward"], True), (["7"], ["0.5"], ["random"], False),
-        (["7"], ["0.5"], ["smallest_gap"], False)]
+    flags = lambda c: (_flag(c, "--seeds"), _flag(c, "--rho"), _flag(c, "--selection"), "--control" in c,
+                       _flag(c, "--num-samples") if "--num-samples" in c else None)
+    assert [flags(c) for c in sweeps] == [
+        (["4"], ["0.3", "0.5", "1.0"], ["lowest_reward"], True, None), (["4"], ["0.5"], ["random"], False, None),
+        (["4"], ["0.5"], ["smallest_gap"], False, None), (["4"], ["0.5", "1.0"], ["lowest_reward"], False, ["4"]),
+        (["7"], ["0.3", "0.5", "1.0"], ["lowest_reward"], True, None), (["7"], ["0.5"], ["random"], False, None),
+        (["7"], ["0.5"], ["smallest_gap"], False, None), (["7"], ["0.5", "1.0"], ["lowest_reward"], False, ["4"])]
     for c in sweeps:
         assert _flag(c, "--iterations") == ["6"] and "--prune" in c
         assert c[-2:] == ["eval.num_prompts=256", "data.num_prompts=8"], c
@@ -453,7 +456,7 @@ def test_decisive_runs_the_claims_settings_seed_by_seed(tmp_path):
     assert [next(a for a in c if a.startswith("seed=")) for c in trains] == ["seed=4", "seed=7"]
     assert all("loss.name=dpo" in c and "optune.iterations=6" in c and "data.num_prompts=8" in c for c in trains)
     order = [c[1] if c[0] == "-m" else "prune" if c[0] == "-c" else c[0] for c in calls]
-    per_seed = ["optune_nemo.sweep"] * 3 + ["optune_nemo.train", "prune", "scripts/archive_runs.py"]
+    per_seed = ["optune_nemo.sweep"] * 3 + ["optune_nemo.train", "prune", "optune_nemo.sweep", "scripts/archive_runs.py"]
     assert order == per_seed * 2 + ["optune_nemo.report"]
     assert all(c[1:] == [str(tmp_path / "d"), str(tmp_path / "keep")] for c in calls if c[0].endswith(".py"))
 

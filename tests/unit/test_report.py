@@ -255,6 +255,22 @@ def test_comparisons_pair_each_setting_with_its_baseline():
     assert comparisons([_setting(0.5, "random"), _setting(0.3, "lowest_reward")]) == []
 
 
+def test_comparisons_of_num_samples():
+    """n = 4 faces n = 2 at its own rho first; at rho < 1 also rho = 1 with n = 2 (as many samples per
+    iteration: more samples per prompt against more prompts); the n = 2 settings keep their baselines."""
+    n4 = [dict(_setting(0.5, "lowest_reward"), label="rho=0.5 lowest_reward wdpo n=4", num_samples=4),
+          dict(_setting(1.0, "all"), label="rho=1 all wdpo n=4", num_samples=4)]
+    settings = [_setting(0.5, "lowest_reward"), _setting(1.0, "all"), *n4]
+    assert comparisons(settings) == [
+        ("rho=0.5 lowest_reward wdpo", "rho=1 all wdpo"),
+        ("rho=0.5 lowest_reward wdpo n=4", "rho=0.5 lowest_reward wdpo"),
+        ("rho=0.5 lowest_reward wdpo n=4", "rho=1 all wdpo"),
+        ("rho=1 all wdpo n=4", "rho=1 all wdpo"),
+    ]
+    # without the n = 2 runs, n = 4 at rho 0.5 faces n = 4 at rho 1 (the rho factor), and nothing else
+    assert comparisons(n4) == [("rho=0.5 lowest_reward wdpo n=4", "rho=1 all wdpo n=4")]
+
+
 def _visible(fig):
     return [ax for ax in fig.axes if ax.get_visible()]
 

@@ -83,6 +83,25 @@ def test_plan_rejects_bad_fixed_overrides(tmp_path, fixed, match):
         _plan(tmp_path, fixed=fixed)
 
 
+def test_plan_num_samples_gives_the_forks_n_and_keeps_the_bases(tmp_path):
+    """--num-samples: the forks carry generation.num_samples and an -n<N> name, the bases and the control do
+    not (they are the same runs as those of a sweep without it on the same root)."""
+    plan = _plan(tmp_path, rhos=[0.5, 1.0], selections=["lowest_reward"], seeds=[1], num_samples=3)
+    root = tmp_path.resolve()
+    by = {r.name: r for r in plan}
+    assert sorted(by) == ["base/notrain-seed1", "base/wdpo-seed1", "runs/rho0.5-lowest_reward-wdpo-n3-seed1",
+                          "runs/rho1-all-notrain-seed1", "runs/rho1-all-wdpo-n3-seed1"]
+    assert by["base/wdpo-seed1"].overrides == _plan(tmp_path, seeds=[1])[0].overrides
+    fork = by["runs/rho0.5-lowest_reward-wdpo-n3-seed1"]
+    assert "generation.num_samples=3" in fork.overrides
+    assert fork.overrides[-1] == f"init_from={root}/base/wdpo-seed1/checkpoints/iter_000000"
+    assert not any(o.startswith("generation.num_samples") for o in by["runs/rho1-all-notrain-seed1"].overrides)
+    with pytest.raises(ConfigError, match="^--num-samples: must be >= 2"):
+        _plan(tmp_path, num_samples=1)
+    with pytest.raises(ConfigError, match="^generation.num_samples: set by --num-samples"):
+        _plan(tmp_path, num_samples=4, fixed=["generation.num_samples=3"])
+
+
 def test_plan_needs_two_iterations(tmp_path):
     with pytest.raises(ConfigError, match="^--iterations"):
         _plan(tmp_path, iterations=1)
