@@ -41,8 +41,8 @@ step() { local name=$1 limit=$2; shift 2
            >> "$LOG"; }
 
 # quality: one small_scale.sh per seed (REPORT=0: one report at the end), PARALLEL at once
-QUALITY=(env OPTUNE_PYTHON="$PY" ITERATIONS="$ITERATIONS" RHOS="0.3 0.5 1.0" RANDOM_RHOS=0.5 GAP_RHOS=0.5 DPO=1
-         REPORT=0 xargs -P "$PARALLEL" -I{} env SEEDS={} bash experiments/small_scale.sh "$OUT/quality" --
+QUALITY=(env OPTUNE_PYTHON="$PY" ITERATIONS="$ITERATIONS" RHOS="0.3 0.5 1.0" RANDOM_RHOS=0.5 GAP_RHOS=0.5
+         OLDEST_RHOS=0.5 DPO=1 REPORT=0 xargs -P "$PARALLEL" -I{} env SEEDS={} bash experiments/small_scale.sh "$OUT/quality" --
          "policy.hf_path=$MODEL" "${RECIPE_OVR[@]}")
 if [ "$DRY_RUN" = 1 ]; then
   step quality "$QUALITY_S" "${QUALITY[@]}"

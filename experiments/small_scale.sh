@@ -2,7 +2,7 @@
 # The paper's experiments at small scale (docs/results.md): SmolLM2-135M-Instruct on the built-in arithmetic
 # task with its gold rule reward, every setting of a seed forked from one shared iteration 0 (per loss):
 #   rho in RHOS with lowest_reward, and the no-training control at rho = 1;
-#   random selection at RANDOM_RHOS; smallest_gap selection at GAP_RHOS;
+#   random selection at RANDOM_RHOS; smallest_gap selection at GAP_RHOS; oldest selection at OLDEST_RHOS;
 #   lowest_reward with NUM_SAMPLES samples per regenerated prompt at SAMPLES_RHOS (from the same iteration 0);
 #   DPO against wDPO at rho 0.5: the DPO runs fork from the same wDPO iteration 0, so the two differ only in
 #   the loss of iterations 1.. (init_from keeps the loaded state and runs on with the fork's own settings).
@@ -14,7 +14,8 @@
 # (the report reads rollouts, metrics and evaluation only); bases keep theirs (forks start there).
 # Environment: SEEDS (default "1 2 3"), ITERATIONS (optune.iterations of every fork, iteration 0 included;
 # default 4), RHOS (the lowest_reward settings, default "0.3 0.5 0.7 1.0"), RANDOM_RHOS (the random ones,
-# default "0.5 0.7"), GAP_RHOS (the smallest_gap ones, default none), DPO (1: the DPO fork at 0.5, the default;
+# default "0.5 0.7"), GAP_RHOS (the smallest_gap ones, default none), OLDEST_RHOS (the oldest ones, default
+# none), DPO (1: the DPO fork at 0.5, the default;
 # 0: none), SAMPLES_RHOS (lowest_reward forks with generation.num_samples=NUM_SAMPLES, default none; they run
 # after the seed's other settings), NUM_SAMPLES (default 4), ARCHIVE (a directory: after each seed, scripts/archive_runs.py copies the finished runs there
 # without model shards, e.g. into the repository between sittings), REPORT (0: no report at the end, for
@@ -34,6 +35,7 @@ ITERATIONS=${ITERATIONS:-4}
 read -ra RHOS <<< "${RHOS:-0.3 0.5 0.7 1.0}"
 read -ra RANDOM_RHOS <<< "${RANDOM_RHOS:-0.5 0.7}"
 read -ra GAP_RHOS <<< "${GAP_RHOS:-}"
+read -ra OLDEST_RHOS <<< "${OLDEST_RHOS:-}"
 read -ra SAMPLES_RHOS <<< "${SAMPLES_RHOS:-}"
 NUM_SAMPLES=${NUM_SAMPLES:-4}
 DPO=${DPO:-1}
@@ -52,6 +54,10 @@ for S in "${SEEDS[@]}"; do
   fi
   if (( ${#GAP_RHOS[@]} )); then
     "$PY" -m optune_nemo.sweep "${COMMON[@]}" --rho "${GAP_RHOS[@]}" --selection smallest_gap --loss wdpo \
+      -- "${FIXED[@]}" || rc=1
+  fi
+  if (( ${#OLDEST_RHOS[@]} )); then
+    "$PY" -m optune_nemo.sweep "${COMMON[@]}" --rho "${OLDEST_RHOS[@]}" --selection oldest --loss wdpo \
       -- "${FIXED[@]}" || rc=1
   fi
   D=$ROOT_ABS/runs/rho0.5-lowest_reward-dpo-seed$S

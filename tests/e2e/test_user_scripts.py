@@ -435,7 +435,7 @@ def _flag(argv: list[str], flag: str) -> list[str]:
 
 def test_decisive_runs_the_claims_settings_seed_by_seed(tmp_path):
     """experiments/decisive.sh drives small_scale.sh: for each seed in turn the lowest_reward sweep (rho 0.3,
-    0.5, 1 and the control), random and smallest_gap at 0.5, the DPO fork from the seed's wDPO iteration 0,
+    0.5, 1 and the control), random, smallest_gap and oldest at 0.5, the DPO fork from the seed's wDPO iteration 0,
     the n = 4 forks at 0.5 and 1; the report last. The recipe's overrides and the user's reach every run. (The runs themselves are the
     same lines as test_small_scale_tiny's.)"""
     env = {"OPTUNE_PYTHON": str(_fake_python(tmp_path)), "SEEDS": "4 7", "ARCHIVE": str(tmp_path / "keep")}
@@ -446,9 +446,11 @@ def test_decisive_runs_the_claims_settings_seed_by_seed(tmp_path):
                        _flag(c, "--num-samples") if "--num-samples" in c else None)
     assert [flags(c) for c in sweeps] == [
         (["4"], ["0.3", "0.5", "1.0"], ["lowest_reward"], True, None), (["4"], ["0.5"], ["random"], False, None),
-        (["4"], ["0.5"], ["smallest_gap"], False, None), (["4"], ["0.5", "1.0"], ["lowest_reward"], False, ["4"]),
+        (["4"], ["0.5"], ["smallest_gap"], False, None), (["4"], ["0.5"], ["oldest"], False, None),
+        (["4"], ["0.5", "1.0"], ["lowest_reward"], False, ["4"]),
         (["7"], ["0.3", "0.5", "1.0"], ["lowest_reward"], True, None), (["7"], ["0.5"], ["random"], False, None),
-        (["7"], ["0.5"], ["smallest_gap"], False, None), (["7"], ["0.5", "1.0"], ["lowest_reward"], False, ["4"])]
+        (["7"], ["0.5"], ["smallest_gap"], False, None), (["7"], ["0.5"], ["oldest"], False, None),
+        (["7"], ["0.5", "1.0"], ["lowest_reward"], False, ["4"])]
     for c in sweeps:
         assert _flag(c, "--iterations") == ["6"] and "--prune" in c
         assert c[-2:] == ["eval.num_prompts=256", "data.num_prompts=8"], c
@@ -456,7 +458,7 @@ def test_decisive_runs_the_claims_settings_seed_by_seed(tmp_path):
     assert [next(a for a in c if a.startswith("seed=")) for c in trains] == ["seed=4", "seed=7"]
     assert all("loss.name=dpo" in c and "optune.iterations=6" in c and "data.num_prompts=8" in c for c in trains)
     order = [c[1] if c[0] == "-m" else "prune" if c[0] == "-c" else c[0] for c in calls]
-    per_seed = ["optune_nemo.sweep"] * 3 + ["optune_nemo.train", "prune", "optune_nemo.sweep", "scripts/archive_runs.py"]
+    per_seed = ["optune_nemo.sweep"] * 4 + ["optune_nemo.train", "prune", "optune_nemo.sweep", "scripts/archive_runs.py"]
     assert order == per_seed * 2 + ["optune_nemo.report"]
     assert all(c[1:] == [str(tmp_path / "d"), str(tmp_path / "keep")] for c in calls if c[0].endswith(".py"))
 
@@ -481,7 +483,7 @@ def test_gpu_experiment_plumbing(tmp_path):
     calls = _calls(tmp_path)
     sweeps = [c for c in calls if c[:2] == ["-m", "optune_nemo.sweep"]]
     assert sorted((_flag(c, "--seeds")[0], tuple(_flag(c, "--selection"))) for c in sweeps) == sorted(
-        (s, sel) for s in ("3", "5") for sel in (("lowest_reward",), ("random",), ("smallest_gap",)))
+        (s, sel) for s in ("3", "5") for sel in (("lowest_reward",), ("random",), ("smallest_gap",), ("oldest",)))
     assert all(str(tmp_path / "o" / "quality") == _flag(c, "--root")[0] for c in sweeps)
     assert all("policy.hf_path=smollm2" in c and "eval.num_prompts=256" in c for c in sweeps)
     rest = [c for c in calls if c not in sweeps and c[:2] != ["-m", "optune_nemo.train"] and c[0] != "-c"]
