@@ -194,22 +194,37 @@ PRIMARY = ("success", "gold_reward")
 FLIP = {"better": "worse", "worse": "better", "equivalent": "equivalent", "undecided": "undecided"}
 
 
+def _paired(rep: dict, a: str | None, b: str | None, endpoint: str) -> dict | None:
+    """The report's comparison of a against b on `endpoint` as {view: (outcome, mean, ci95, seeds,
+    seeds_to_decide)} from a's side (the report stores each setting against its baseline: flipped when a is
+    the baseline), plus "name": the endpoint's name; None when the report has none."""
+    for p in rep.get("paired", []):
+        if p["endpoint"] != endpoint or {p["setting"], p["baseline"]} != {a, b}:
+            continue
+        flip = p["setting"] != a
+        out = {"name": p["endpoint_name"]}
+        for view, c in p["views"].items():
+            lo, hi = c["ci95"]
+            mean, lo, hi = (-c["mean"], -hi, -lo) if flip else (c["mean"], lo, hi)
+            out[view] = (FLIP[c["outcome"]] if flip else c["outcome"], mean, (lo, hi), c["seeds"],
+                         c.get("seeds_to_decide"))
+        return out
+    return None
+
+
+def _view_text(v: tuple) -> str:
+    outcome, mean, (lo, hi), _, more = v
+    return f"{outcome} ({mean:+.3f} [{lo:+.3f}, {hi:+.3f}]" + (f"; ~{more} seeds to decide)" if more else ")")
+
+
 def _paired_verdict(rep: dict, a: str, b: str) -> str | None:
-    """The report's paired outcome of a against b on the primary endpoint, view by view (the report stores
-    each setting against its baseline: flipped when a is the baseline); None when it has none."""
+    """The report's paired outcome of a against b on the primary endpoint, view by view; None without one."""
     for endpoint in PRIMARY:
-        for p in rep.get("paired", []):
-            if p["endpoint"] != endpoint or {p["setting"], p["baseline"]} != {a, b}:
-                continue
-            flip = p["setting"] != a
-            parts = []
-            for view, c in p["views"].items():
-                lo, hi = c["ci95"]
-                mean, lo, hi = (-c["mean"], -hi, -lo) if flip else (c["mean"], lo, hi)
-                parts.append(f"{view}: {FLIP[c['outcome']] if flip else c['outcome']} ({mean:+.3f} [{lo:+.3f}, "
-                             f"{hi:+.3f}])")
-            return f"{p['endpoint_name']}, paired over {next(iter(p['views'].values()))['seeds']} seeds: " + \
-                "; ".join(parts)
+        p = _paired(rep, a, b, endpoint)
+        if p is not None:
+            views = {k: v for k, v in p.items() if k != "name"}
+            return f"{p['name']}, paired over {next(iter(views.values()))[3]} seeds: " + \
+                "; ".join(f"{view}: {_view_text(v)}" for view, v in views.items())
     return None
 
 
@@ -289,6 +304,103 @@ def results_claims() -> str:
     return "\n".join(lines)
 
 
+DECISIVE_CLAIMS = [
+    ("rho 0.5 keeps rho 1's quality (paper)", dict(rho=0.5, selection="lowest_reward"), dict(rho=1.0, selection="all")),
+    ("rho 0.3 keeps rho 1's quality (paper)", dict(rho=0.3, selection="lowest_reward"), dict(rho=1.0, selection="all")),
+    ("lowest-reward beats random, rho 0.5 (paper)", dict(rho=0.5, selection="lowest_reward"),
+     dict(rho=0.5, selection="random")),
+    ("wDPO learns faster than DPO, rho 0.5 (paper; AUC is its endpoint)", dict(rho=0.5, selection="lowest_reward"),
+     dict(rho=0.5, selection="lowest_reward", loss="dpo")),
+    ("smallest_gap against lowest-reward, rho 0.5 (challenger)", dict(rho=0.5, selection="smallest_gap"),
+     dict(rho=0.5, selection="lowest_reward")),
+    ("oldest against lowest-reward, rho 0.5 (challenger)", dict(rho=0.5, selection="oldest"),
+     dict(rho=0.5, selection="lowest_reward")),
+    ("training beats the no-training control, rho 1", dict(rho=1.0, selection="all"),
+     dict(rho=1.0, selection="all", trained=False)),
+    ("n = 4 against n = 2 samples per prompt, rho 1", dict(rho=1.0, selection="all", num_samples=4),
+     dict(rho=1.0, selection="all")),
+    ("n = 4 against n = 2 samples per prompt, rho 0.5", dict(rho=0.5, selection="lowest_reward", num_samples=4),
+     dict(rho=0.5, selection="lowest_reward")),
+    ("n = 4 at rho 0.5 against n = 2 at rho 1 (as many samples per iteration)",
+     dict(rho=0.5, selection="lowest_reward", num_samples=4), dict(rho=1.0, selection="all")),
+]
+"""(claim, a, b): the decisive experiment's comparisons, a against b (`_label`'s arguments)."""
+VIEW_ORDER = ("iterations", "tokens", "time", "auc")
+
+
+def _decisive() -> dict:
+    return json.loads((RESULTS / "decisive" / "report" / "report.json").read_text())
+
+
+def _decisive_seeds(rep: dict) -> list[int]:
+    """The seeds with a completed rho = 1 run (every other setting of a seed forks beside it)."""
+    full = _label(rep, 1.0, "all")
+    return sorted({r["seed"] for r in rep["runs"] if r["setting"] == full and r["completed"]})
+
+
+def _claims_table(rep: dict, endpoint: str) -> list[str]:
+    lines = ["| claim: a against b | seeds | " + " | ".join(VIEW_ORDER) + " |", "|---|---|" + "---|" * len(VIEW_ORDER)]
+    for claim, a, b in DECISIVE_CLAIMS:
+        p = _paired(rep, _label(rep, **a), _label(rep, **b), endpoint)
+        if p is None:
+            lines.append(f"| {claim} | – | " + " | ".join("not run" for _ in VIEW_ORDER) + " |")
+            continue
+        seeds = next(v[3] for k, v in p.items() if k != "name")
+        lines.append(f"| {claim} | {seeds} | " + " | ".join(_view_text(p[v]) if v in p else "–" for v in VIEW_ORDER)
+                     + " |")
+    return lines
+
+
+def _decisive_summary(rep: dict) -> str:
+    """One mechanical sentence per paper claim on the primary endpoint: its outcomes in the four views."""
+    seeds = _decisive_seeds(rep)
+    parts = []
+    for claim, a, b in DECISIVE_CLAIMS[:4]:
+        p = _paired(rep, _label(rep, **a), _label(rep, **b), "success")
+        if p is None:
+            parts.append(f"{claim}: not run")
+        else:
+            parts.append(f"{claim}: " + ", ".join(f"{p[v][0]} ({v})" for v in VIEW_ORDER if v in p))
+    return (f"{len(seeds)} of 10 planned seeds recorded (seeds {', '.join(map(str, seeds)) or 'none'}). "
+            "Held-out exact accuracy, paired by seed and prompt, margin "
+            f"{rep['margin']:g}: " + "; ".join(parts) + ".")
+
+
+def results_decisive() -> str:
+    rep = _decisive()
+    lines = [_decisive_summary(rep), "",
+             "Each cell: the outcome (equivalent / better / worse / undecided, for a against b), the mean paired "
+             "difference a - b and its 95 % hierarchical bootstrap interval (seeds, then prompts); an undecided "
+             "cell adds the seeds that would decide it if the mean stayed where it is. Views: `iterations` after "
+             "the last iteration, `tokens` at equal generated tokens, `time` at equal modelled time, `auc` the "
+             "mean over iterations 0-5 (learns faster). Rendered by scripts/render_docs.py from "
+             "docs/results/decisive/report/report.json.", "",
+             "**Held-out exact accuracy** (the primary endpoint):", "", *_claims_table(rep, "success"), "",
+             "**Held-out gold reward** (secondary; the training reward):", "", *_claims_table(rep, "gold_reward"), "",
+             "| setting | speed-up per iteration over rho = 1, mean over seeds [95 % CI] | end to end, iteration 0 "
+             "included | predicted T1 / (T1 - G1 + G_rho) | s per iteration |", "|---|---|---|---|---|"]
+    for s in rep["speedup"]:
+        if s["setting"] == _label(rep, 1.0, "all") or not s.get("speedup_per_seed"):
+            continue
+        ci = s.get("speedup_per_seed_ci95")
+        per_seed = s["speedup_per_seed"]
+        lines.append(f"| {s['setting']} | {per_seed['mean']:.3f}x " + (f"[{ci[0]:.3f}, {ci[1]:.3f}]" if ci else
+                                                                        "(one seed)")
+                     + f" | {_f(s.get('speedup_end_to_end'))}x | {_f(s.get('predicted_speedup'))}x | "
+                     f"{s['time_per_iteration_s']['mean']:.1f} |")
+    contrast = [c for c in rep["fig2"].get("contrast", []) if c["group"] == "trained wdpo"]
+    if contrast:
+        lines += ["", "Fig. 2, well-conditioned: per iteration, the mean gain of a bottom-half prompt minus a "
+                  "top-half prompt (ranked at t - 1) in the trained rho = 1 runs, minus the same in the no-training "
+                  "control, paired by seed [95 % CI]:", "",
+                  "| iteration | " + " | ".join(str(c["iteration"]) for c in contrast) + " |",
+                  "|---|" + "---|" * len(contrast),
+                  "| bottom minus top, trained minus control | " + " | ".join(
+                      f"{c['mean']:+.3f} [{c['ci95'][0]:+.3f}, {c['ci95'][1]:+.3f}] (n = {c['seeds']})"
+                      for c in contrast) + " |"]
+    return "\n".join(lines)
+
+
 def results_report() -> str:
     body = (RESULTS / "report.md").read_text().strip()
     # the report's own figure links are relative to its directory
@@ -298,6 +410,8 @@ def results_report() -> str:
 
 
 def readme_headline() -> str:
+    if (RESULTS / "decisive" / "report" / "report.json").is_file():
+        return decisive_headline()
     rep = json.loads((RESULTS / "report.json").read_text())
     seeds = sorted({r["seed"] for r in rep["runs"] if not r["fork_source"]})
     sp = {s["setting"]: s for s in rep["speedup"]}
@@ -315,6 +429,26 @@ def readme_headline() -> str:
         f"- OPTune at rho = 0.5 ran {speed}; held-out gold reward rho 0.5 vs rho 1: {text}: {verdict}.",
         f"- lowest-reward vs random selection at rho 0.5: {rnd[0]}: {rnd[1]}.",
         f"- wDPO vs DPO at rho 0.5: {dpo[0]}: {dpo[1]}."])
+
+
+def decisive_headline() -> str:
+    rep = _decisive()
+    seeds = _decisive_seeds(rep)
+    lines = [f"The decisive experiment so far ([docs/results.md](docs/results.md#the-decisive-experiment); "
+             f"SmolLM2-135M-Instruct, built-in arithmetic task, {len(seeds)} of 10 seeds, iteration 0 + 5 "
+             "OPTune iterations, 256 held-out prompts, 2-core CPU), held-out exact accuracy, paired by seed and "
+             f"prompt, equivalence margin {rep['margin']:g}:"]
+    for claim, a, b in DECISIVE_CLAIMS[:4] + DECISIVE_CLAIMS[9:]:
+        p = _paired(rep, _label(rep, **a), _label(rep, **b), "success")
+        text = "not run" if p is None else "; ".join(f"{v}: {_view_text(p[v])}" for v in ("iterations", "tokens",
+                                                                                             "time") if v in p)
+        lines.append(f"- {claim}: {text}.")
+    sp = next((s for s in rep["speedup"] if s["setting"] == _label(rep, 0.5, "lowest_reward")), None)
+    if sp and sp.get("speedup_end_to_end"):
+        lines.append(f"- rho 0.5 ran {sp['speedup_end_to_end']:.2f}x faster than rho 1 end to end (iteration 0 "
+                     f"included; per iteration {sp['speedup_per_seed']['mean']:.2f}x): on this CPU generation is a "
+                     f"small share of an iteration ({sp['generation_share']:.2f}).")
+    return "\n".join(lines)
 
 
 def cpu_vs_trl() -> str:
@@ -467,6 +601,7 @@ def _unpaired_seeds(sd: float | None, half_width: float) -> str:
 BLOCKS = {"default-run": default_run, "results-pilot": results_pilot, "gpu-h100": gpu_h100,
           "cpu-generation": cpu_generation,
           "results-claims": results_claims, "results-report": results_report, "readme-headline": readme_headline,
+          "results-decisive": results_decisive,
           "gold-proxy": gold_proxy, "cpu-vs-trl": cpu_vs_trl, "cpu-iteration": cpu_iteration,
           "cpu-generation-compile": cpu_generation_compile,
           "precision-comparison": precision_comparison, "cpu-training-recheck": cpu_training_recheck}

@@ -356,11 +356,23 @@ def speedups(groups: dict[Setting, list[Run]]) -> list[dict]:
                     "speedup_end_to_end": total_ref / total_mine if total_mine else None,
                     "predicted_speedup": predicted_speedup(theirs, mine),
                     "reference_time_per_iteration_s": t_ref, "speedup": t_ref["mean"] / t_mine["mean"],
-                    "speedup_per_seed": spread(per_seed), "generation_share": g,
+                    "speedup_per_seed": spread(per_seed), "speedup_per_seed_ci95": _seed_ci95(per_seed),
+                    "generation_share": g,
                     "amdahl_bound": amdahl_bound(g, s.rho) if g is not None else None,
                     "generation_reward_share": g_r,
                     "amdahl_bound_generation_reward": amdahl_bound(g_r, s.rho) if g_r is not None else None})
     return out
+
+
+def _seed_ci95(values: list[float]) -> list[float] | None:
+    """95 % bootstrap interval (over seeds) of the mean of per-seed values; None with fewer than 2 seeds."""
+    if len(values) < 2:
+        return None
+    import numpy as np
+
+    from optune_nemo.analysis.stats import hierarchical_bootstrap
+
+    return list(hierarchical_bootstrap([np.array([v]) for v in values], reps=4000)["ci"][0.95])
 
 
 def gain_split(previous: dict[int, float], current: dict[int, float]) -> dict:

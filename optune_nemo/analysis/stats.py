@@ -112,6 +112,9 @@ class Comparison:
     positive_seeds: int
     negative_seeds: int
     sign_p: float
+    seeds_to_decide: int | None = None
+    """Seeds that would likely decide an undecided comparison (`seeds_to_decide`); None when decided or when
+    fewer than two seeds give no spread."""
 
     @property
     def half_width95(self) -> float:
@@ -139,9 +142,11 @@ def compare(a: dict[int, np.ndarray], b: dict[int, np.ndarray], *, margin: float
     boot = hierarchical_bootstrap(diffs, reps=reps, seed=seed)
     signs = sign_count(diffs)
     ci90, ci95 = boot["ci"][0.90], boot["ci"][0.95]
-    return Comparison(outcome=decide(ci90, ci95, margin), mean=boot["mean"], ci95=ci95, ci90=ci90, margin=margin,
+    outcome = decide(ci90, ci95, margin)
+    return Comparison(outcome=outcome, mean=boot["mean"], ci95=ci95, ci90=ci90, margin=margin,
                       seeds=len(diffs), prompts=int(diffs[0].size), positive_seeds=signs["positive"],
-                      negative_seeds=signs["negative"], sign_p=signs["p_two_sided"])
+                      negative_seeds=signs["negative"], sign_p=signs["p_two_sided"],
+                      seeds_to_decide=seeds_to_decide(diffs, margin=margin) if outcome == "undecided" else None)
 
 
 def seeds_needed(diffs: list[np.ndarray], *, half_width: float) -> int | None:
@@ -153,6 +158,18 @@ def seeds_needed(diffs: list[np.ndarray], *, half_width: float) -> int | None:
         return None
     sd = float(means.std(ddof=1))
     return max(2, math.ceil((1.96 * sd / half_width) ** 2))
+
+
+def seeds_to_decide(diffs: list[np.ndarray], *, margin: float) -> int | None:
+    """Seeds that would decide a comparison if its mean difference m stayed what it is: the 95 % half-width
+    has to fall below |m| (better / worse) or below margin - |m| (equivalent), whichever is larger
+    (`seeds_needed`'s normal approximation over the per-seed means). None with fewer than two seeds, or
+    when m = 0 and the margin is 0 (nothing would decide it)."""
+    m = abs(float(np.mean([d.mean() for d in diffs])))
+    target = max(m, margin - m)
+    if target <= 0:
+        return None
+    return seeds_needed(diffs, half_width=target)
 
 
 def at_budget(xs: np.ndarray, ys: np.ndarray, budget: float) -> np.ndarray:

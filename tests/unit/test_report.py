@@ -200,6 +200,8 @@ def test_speedup_and_amdahl(sweep):
     assert row["speedup"] == pytest.approx(10 / 7.5)
     assert row["speedup_per_seed"]["min"] == pytest.approx(1.25)
     assert row["speedup_per_seed"]["max"] == pytest.approx(10 / 7)
+    # two seeds: a bootstrap over seeds draws (1.25, 1.25), a mixed pair or (10/7, 10/7): the interval spans them
+    assert row["speedup_per_seed_ci95"] == pytest.approx([1.25, 10 / 7])
     # g over the rho=1 runs' t>=1: 6 s of 10 s; with reward 7 of 10
     assert row["generation_share"] == pytest.approx(0.6)
     assert row["amdahl_bound"] == pytest.approx(1 / (1 - 0.6 + 0.6 * 0.5))

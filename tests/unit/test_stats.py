@@ -103,6 +103,24 @@ def test_seeds_needed():
     assert stats.seeds_needed(diffs[:1], half_width=0.05) is None
 
 
+def test_seeds_to_decide():
+    """The half-width to reach is the larger of |m| (a sign) and margin - |m| (equivalence)."""
+    means = [0.02, 0.06, -0.01, 0.05]            # m = 0.03, sd from the four seed means
+    diffs = [np.full(3, m) for m in means]
+    sd = np.std(means, ddof=1)
+    assert stats.seeds_to_decide(diffs, margin=0.05) == math.ceil((1.96 * sd / 0.03) ** 2)   # |m| > 0.05 - |m|
+    assert math.ceil((1.96 * sd / 0.17) ** 2) == 1 and stats.seeds_to_decide(diffs, margin=0.2) == 2  # floor 2
+    assert stats.seeds_to_decide(diffs, margin=0.09) == math.ceil((1.96 * sd / 0.06) ** 2)   # 0.09 - |m| > |m|
+    assert stats.seeds_to_decide(diffs[:1], margin=0.05) is None
+    # an undecided comparison carries it, a decided one does not
+    rng = np.random.default_rng(3)
+    noisy = {s: rng.normal(0, 1, 50) for s in range(3)}
+    zero = {s: np.zeros(50) for s in range(3)}
+    c = stats.compare(zero, noisy, margin=0.05, reps=300)
+    assert c.outcome == "undecided" and c.seeds_to_decide is not None and c.seeds_to_decide >= 2
+    assert stats.compare(zero, {s: np.full(50, 0.5) for s in range(3)}, margin=0.05, reps=300).seeds_to_decide is None
+
+
 def test_unequal_prompt_counts_use_the_plain_resampler():
     rng = np.random.default_rng(6)
     diffs = [rng.normal(0.2, 0.1, 100), rng.normal(0.2, 0.1, 50)]

@@ -1,0 +1,77 @@
+"""scripts/render_docs.py's decisive-experiment block and README headline on a hand-written report.json: the
+outcomes read from a's side (flipped where the report stored a as the baseline), the undecided cells' seed
+counts, a comparison not run, and the speed-up row with its interval."""
+
+import json
+import sys
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parents[2]
+
+
+@pytest.fixture()
+def render_docs(tmp_path, monkeypatch):
+    sys.path.insert(0, str(REPO / "scripts"))
+    try:
+        import render_docs as mod
+    finally:
+        sys.path.pop(0)
+    monkeypatch.setattr(mod, "RESULTS", tmp_path)
+    return mod
+
+
+def _setting(label, rho, selection, loss="wdpo", trained=True, n=2):
+    return {"label": label, "rho": rho, "selection": selection, "loss": loss, "trained": trained, "num_samples": n,
+            "seeds": [1, 2, 3], "runs": []}
+
+
+def _view(outcome, mean, lo, hi, more=None):
+    return {"outcome": outcome, "mean": mean, "ci95": [lo, hi], "ci90": [lo, hi], "margin": 0.05, "seeds": 3,
+            "prompts": 256, "positive_seeds": 2, "negative_seeds": 1, "sign_p": 1.0, "seeds_to_decide": more}
+
+
+def _report():
+    full, half, rnd = "rho=1 all wdpo", "rho=0.5 lowest_reward wdpo", "rho=0.5 random wdpo"
+    views = lambda o, m, lo, hi, more=None: {v: _view(o, m, lo, hi, more) for v in ("iterations", "tokens", "time", "auc")}
+    return {
+        "settings": [_setting(half, 0.5, "lowest_reward"), _setting(rnd, 0.5, "random"), _setting(full, 1.0, "all")],
+        "runs": [{"setting": full, "seed": s, "completed": s != 3, "fork_source": False} for s in (1, 2, 3)],
+        "paired": [
+            {"setting": half, "baseline": full, "endpoint": "success", "endpoint_name": "exact accuracy",
+             "views": views("equivalent", -0.01, -0.03, 0.02)},
+            # the report stores random against lowest_reward: the claim reads lowest_reward against random
+            {"setting": rnd, "baseline": half, "endpoint": "success", "endpoint_name": "exact accuracy",
+             "views": views("worse", -0.08, -0.12, -0.04)},
+            {"setting": half, "baseline": full, "endpoint": "gold_reward", "endpoint_name": "gold reward",
+             "views": views("undecided", 0.03, -0.05, 0.11, more=17)}],
+        "speedup": [{"setting": half, "rho": 0.5, "speedup_per_seed": {"mean": 1.08, "min": 1.0, "max": 1.2, "n": 3},
+                     "speedup_per_seed_ci95": [1.01, 1.15], "speedup_end_to_end": 1.061, "predicted_speedup": 1.1,
+                     "time_per_iteration_s": {"mean": 50.0}, "generation_share": 0.21}],
+        "fig2": {"contrast": []}, "margin": 0.05, "curves": {}}
+
+
+def test_decisive_block(render_docs, tmp_path):
+    (tmp_path / "decisive" / "report").mkdir(parents=True)
+    (tmp_path / "decisive" / "report" / "report.json").write_text(json.dumps(_report()))
+    text = render_docs.results_decisive()
+    assert text.startswith("2 of 10 planned seeds recorded (seeds 1, 2).")
+    lines = text.splitlines()
+    rho = next(x for x in lines if x.startswith("| rho 0.5 keeps rho 1's quality"))
+    assert rho.count("equivalent (-0.010 [-0.030, +0.020])") == 4
+    sel = next(x for x in lines if x.startswith("| lowest-reward beats random"))
+    assert sel.count("better (+0.080 [+0.040, +0.120])") == 4 and "| 3 |" in sel
+    assert next(x for x in lines if x.startswith("| oldest against")).count("not run") == 4
+    gold = [x for x in lines if x.startswith("| rho 0.5 keeps rho 1's quality")][1]
+    assert gold.count("undecided (+0.030 [-0.050, +0.110]; ~17 seeds to decide)") == 4
+    assert "| rho=0.5 lowest_reward wdpo | 1.080x [1.010, 1.150] | 1.061x | 1.100x | 50.0 |" in lines
+    head = render_docs.readme_headline()
+    assert "2 of 10 seeds" in head and "- lowest-reward beats random, rho 0.5 (paper): iterations: better" in head
+    assert "rho 0.5 ran 1.06x faster than rho 1 end to end" in head
+
+
+def test_headline_falls_back_to_the_recording_without_the_decisive_report(render_docs, tmp_path, monkeypatch):
+    monkeypatch.setattr(render_docs, "decisive_headline", lambda: pytest.fail("no decisive report"))
+    (tmp_path / "report.json").write_text((REPO / "docs" / "results" / "report.json").read_text())
+    assert "Small-scale reproduction" in render_docs.readme_headline()
