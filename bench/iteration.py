@@ -13,6 +13,10 @@ rho = 1 over that at rho), and Amdahl's bound 1 / (1 - g + g * rho) with g the g
 rho = 1 (generation is what selection cuts; the reward scoring shrinks with rho too and is reported),
 and the work after generation: pairs trained and prompt + response tokens per non-tied stored pair
 (the bound assumes that work is the same at both rho; kept pairs carry older responses).
+`--num-samples N` (N > 2) forks two more runs from the same iteration 0, rho = 1 and `--rho` with
+generation.num_samples=N, and reports their phases, generated tokens and reward calls beside the n = 2 ones
+with the ratios n = N / n = 2 (what more samples per regenerated prompt cost; their quality is the
+report's: experiments/decisive.sh runs n = 4 with held-out evaluation).
 Prints one JSON object and writes it to OUT/iteration.json.
 """
 
@@ -47,7 +51,7 @@ def _summary(exp_dir: Path) -> dict:
     out["other_s"] = statistics.median(r["time_total_s"] - sum(r[f"time_{p}_s"] for p in PHASES) for r in records)
     out.update({f"{p}_share": out[f"{p}_s"] / out["total_s"] for p in (*PHASES, "other")})
     out.update(iterations=len(records), regenerated=med("regenerated"), generated_tokens=med("generated_tokens"),
-               train_pairs=med("train_pairs"))
+               train_pairs=med("train_pairs"), reward_calls=med("reward_calls"), num_samples=records[0]["num_samples"])
     sizes = [_pair_tokens(exp_dir / "checkpoints" / f"iter_{r['iteration']:06d}" / "rollouts.parquet")
              for r in records]
     sizes = [x for x in sizes if x is not None]
@@ -73,12 +77,17 @@ def parser() -> argparse.ArgumentParser:
     ap.add_argument("--out", required=True)
     ap.add_argument("--iterations", type=int, default=3, help="OPTune iterations after iteration 0")
     ap.add_argument("--rho", type=float, default=0.5)
+    ap.add_argument("--num-samples", type=int, default=2,
+                    help="also fork rho = 1 and --rho with generation.num_samples=N from the same iteration 0 (N > 2)")
     ap.add_argument("overrides", nargs="*", help="Hydra overrides for every run (after --)")
     return ap
 
 
 def main(argv=None) -> dict:
-    args = parser().parse_args(argv)
+    ap = parser()
+    args = ap.parse_args(argv)
+    if args.num_samples < 2:
+        ap.error(f"--num-samples: must be >= 2, a pair needs two samples (got {args.num_samples})")
     out = Path(args.out)
     common = [*args.overrides, "eval.num_prompts=0", "policy.export_hf_final=false"]
     base = out / "base"
@@ -96,7 +105,20 @@ def main(argv=None) -> dict:
               "overrides": args.overrides, "rho_1": a,
               f"rho_{args.rho}": b, "generation_share_rho_1": round(g, 4),
               "reward_share_rho_1": round(a["reward_share"], 4), "amdahl_bound": round(bound, 4),
-              "speedup": round(speedup, 4), "speedup_over_bound": round(speedup / bound, 4), **machine_info()}
+              "speedup": round(speedup, 4), "speedup_over_bound": round(speedup / bound, 4)}
+    n = args.num_samples
+    if n != 2:
+        more = {}
+        for rho, ref in ((1.0, a), (args.rho, b)):
+            d = out / f"rho_{rho}-n{n}"
+            _train(d, [*common, init, total, f"optune.rho={rho}", f"generation.num_samples={n}",
+                       "optune.selection=" + ("all" if rho == 1.0 else "lowest_reward")])
+            m = _summary(d)
+            more[f"rho_{rho}"] = {**m, "over_n2": {k: round(m[k] / ref[k], 4) if ref[k] else None
+                                                   for k in ("generated_tokens", "reward_calls", "generation_s",
+                                                             "total_s")}}
+        result[f"n{n}"] = more
+    result.update(machine_info())
     (out / "iteration.json").write_text(json.dumps(result, indent=1))
     print(json.dumps(result), flush=True)
     return result

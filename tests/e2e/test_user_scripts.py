@@ -188,6 +188,28 @@ def test_iteration_flags_reuse_the_completed_runs(iteration_run):
     assert Path(fork["init_from"]) == (out / "base" / "checkpoints" / "iter_000000").resolve()
 
 
+@pytest.mark.slow
+def test_iteration_num_samples(iteration_run):
+    """--num-samples 3: rho = 1 and rho = 0.5 forks with three samples per regenerated prompt from the same
+    iteration 0, their generated tokens and reward calls against the n = 2 runs' (read from metrics.jsonl)."""
+    out, overrides, _ = iteration_run
+    proc = _ok(_run("bench/iteration.py", "--out", str(out), "--num-samples", "3", "--", *overrides))
+    result = json.loads(proc.stdout.strip().splitlines()[-1])
+    for rho, regenerated in (("1.0", 4), ("0.5", 2)):
+        records = [json.loads(x) for x in (out / f"rho_{rho}-n3" / "metrics.jsonl").read_text().splitlines()]
+        records = [r for r in records if r["iteration"] >= 1]
+        assert {(r["num_samples"], r["regenerated"], r["reward_calls"]) for r in records} == {
+            (3, regenerated, 3 * regenerated)}
+        n2 = [json.loads(x) for x in (out / f"rho_{rho}" / "metrics.jsonl").read_text().splitlines()][1:]
+        got = result["n3"][f"rho_{rho}"]
+        assert got["reward_calls"] == 3 * regenerated
+        assert got["over_n2"]["reward_calls"] == pytest.approx(1.5)
+        assert got["over_n2"]["generated_tokens"] == pytest.approx(
+            statistics.median(r["generated_tokens"] for r in records)
+            / statistics.median(r["generated_tokens"] for r in n2), abs=1e-4)
+    assert _run("bench/iteration.py", "--out", str(out), "--num-samples", "1").returncode == 2
+
+
 # --------------------------------------------------------------------------- bench/training.py
 
 
@@ -553,7 +575,8 @@ def test_render_docs_on_a_copy(tmp_path):
 SMOKE_TESTS = {
     "bench/generation.py": [test_generation_default_mode, test_generation_flags,
                             test_generation_gpu_comparison_flags, test_generation_shape],
-    "bench/iteration.py": [test_iteration_default_mode, test_iteration_flags_reuse_the_completed_runs],
+    "bench/iteration.py": [test_iteration_default_mode, test_iteration_flags_reuse_the_completed_runs,
+                           test_iteration_num_samples],
     "bench/training.py": [test_training_default_mode, test_training_flags, test_training_refusals,
                           test_training_presets_and_flop_formula],
     "bench/vs_trl.py": [test_vs_trl_without_trl_says_what_to_install, test_vs_trl_our_side_and_flags],
