@@ -102,7 +102,7 @@ def main(argv=None) -> dict:
 
     import torch
 
-    from optune_nemo.config import load_config
+    from optune_nemo.config import ConfigError, load_config, validate_train
     from optune_nemo.interfaces import PreferenceBatch
     from optune_nemo.losses.wdpo import WDPO
     from optune_nemo.megatron.model import HAVE_TE
@@ -118,7 +118,12 @@ def main(argv=None) -> dict:
             f"model.attention_backend={args.attention}", f"model.transformer_impl={args.transformer_impl}",
             f"train.global_batch_size={args.pairs_per_step}", f"train.micro_batch_size={args.micro_batch_size}",
             f"train.micro_batch_tokens={args.micro_batch_tokens}", "optim.warmup_ratio=0.0", "train.shuffle=false"]
-    cfg = resolve(load_config(over))
+    try:
+        cfg = resolve(load_config(over))
+        validate_train(cfg.train, 1)
+    except ConfigError as e:        # --micro-batch-size / --micro-batch-tokens / --pairs-per-step out of range
+        print(f"bench/training.py: {e}", file=sys.stderr)
+        raise SystemExit(2) from None
     m = cfg.model
     P = args.prompt_tokens or m.seq_length // 4
     R = args.response_tokens or m.seq_length // 4

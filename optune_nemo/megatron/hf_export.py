@@ -201,6 +201,17 @@ def write_safetensors(state: dict[str, torch.Tensor], directory: Path, *, max_sh
     return files
 
 
+def write_hf_files(directory: Path, config: dict, state: dict[str, torch.Tensor], tokenizer, *,
+                   max_shard_bytes: int) -> list[str]:
+    """config.json, the weights (`write_safetensors`) and the tokenizer's files (when there is one) into
+    `directory`; returns the weight files."""
+    (directory / "config.json").write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
+    files = write_safetensors(state, directory, max_shard_bytes=max_shard_bytes)
+    if tokenizer is not None:
+        tokenizer.save(directory)
+    return files
+
+
 def _generation_config(tokenizer, base: dict | None) -> dict:
     if base:
         return {k: v for k, v in base.items() if k != "transformers_version"}
@@ -235,11 +246,8 @@ def export_hf(model_chunks, model_cfg: ModelConfig, out_dir: str | Path, *, toke
             return None
         config = hf_config_dict(model_cfg, architecture=architecture, vocab_size=vocab, base=hf_config,
                                 dtype=dtype)
-        (tmp / "config.json").write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
         gen = _generation_config(tokenizer, generation_config)
         (tmp / "generation_config.json").write_text(json.dumps(gen, indent=2, sort_keys=True) + "\n")
-        files = write_safetensors(state, tmp, max_shard_bytes=max_shard_bytes)
-        if tokenizer is not None:
-            tokenizer.save(tmp)
+        files = write_hf_files(tmp, config, state, tokenizer, max_shard_bytes=max_shard_bytes)
         log.info("exported %d tensors (%d files) to %s", len(state), len(files), out_dir)
     return Path(out_dir)

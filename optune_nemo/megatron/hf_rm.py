@@ -218,7 +218,7 @@ def export_hf_rm(model_chunks, meta, out_dir: str | Path, *, tokenizer, dist=Non
     """Write the reward model (`model_chunks`: this rank's chunks, DDP-wrapped or bare; `meta`: its
     `megatron.reward_model.RewardModelMeta`) as an HF sequence-classification directory. Collective: every rank calls
     it; global rank 0 writes and returns the path, the others None."""
-    from optune_nemo.megatron.hf_export import collect_hf_state_dict, write_safetensors
+    from optune_nemo.megatron.hf_export import collect_hf_state_dict, write_hf_files
     from optune_nemo.megatron.hf_import import unwrap_model
     if meta.architecture not in SEQ_CLS_ARCHITECTURES.values():
         raise ConfigError("policy.hf_path: exporting a Hugging Face reward model needs a Llama, Mistral or Qwen2 "
@@ -234,9 +234,6 @@ def export_hf_rm(model_chunks, meta, out_dir: str | Path, *, tokenizer, dist=Non
             return None
         state[SCORE] = head.to(dtype).contiguous()
         config = rm_config_dict(meta, dtype=dtype)
-        (tmp / "config.json").write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
-        files = write_safetensors(state, tmp, max_shard_bytes=max_shard_bytes)
-        if tokenizer is not None:
-            tokenizer.save(tmp)
+        files = write_hf_files(tmp, config, state, tokenizer, max_shard_bytes=max_shard_bytes)
         log.info("exported the reward model (%d tensors, %d files) to %s", len(state), len(files), out_dir)
     return Path(out_dir)

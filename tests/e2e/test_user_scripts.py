@@ -247,6 +247,13 @@ def test_training_refusals(capsys):
     assert e.value.code == 2
     lines = capsys.readouterr().err.strip().splitlines()
     assert lines[-1].startswith("bench/training.py: --prompt-tokens 100 + --response-tokens 100"), lines
+    for flags, key in ((["--micro-batch-tokens", "-5"], "train.micro_batch_tokens: must be >= 0"),
+                       (["--micro-batch-size", "0"], "train.micro_batch_size: must be > 0"),
+                       (["--pairs-per-step", "6"], "train.global_batch_size: must be a multiple")):
+        with pytest.raises(SystemExit) as e:
+            training.main(flags)
+        assert e.value.code == 2 and capsys.readouterr().err.strip().splitlines()[-1].startswith(
+            f"bench/training.py: {key}"), flags
     import torch
 
     if not torch.cuda.is_available():          # --precision fp8 needs a GPU with Transformer Engine
@@ -383,7 +390,8 @@ def test_small_scale_tiny(tmp_path):
     """The whole experiment's structure (shared iteration 0 per loss, forks, the no-training control, random
     selection, the DPO fork, pruning, the report) with one seed, two iterations, rho = 1 (lowest_reward's
     own rho < 1 forks run the same lines as rho = 1: left out to save a run), random selection at 0.5 and
-    three samples per regenerated prompt at rho = 1. fp32: the no-training control's fork loads an optimizer that never stepped (it once failed there)."""
+    three samples per regenerated prompt at rho = 1. fp32: the no-training control's fork loads an optimizer
+    that never stepped (it once failed there)."""
     root = tmp_path / "ss"
     env = {"SEEDS": "1", "ITERATIONS": "2", "RHOS": "1.0", "RANDOM_RHOS": "0.5", "GAP_RHOS": "0.5",
            "SAMPLES_RHOS": "1.0", "NUM_SAMPLES": "3", "OPTUNE_PYTHON": sys.executable}
@@ -457,9 +465,9 @@ def _flag(argv: list[str], flag: str) -> list[str]:
 
 def test_decisive_runs_the_claims_settings_seed_by_seed(tmp_path):
     """experiments/decisive.sh drives small_scale.sh: for each seed in turn the lowest_reward sweep (rho 0.3,
-    0.5, 1 and the control), random, smallest_gap and oldest at 0.5, the DPO fork from the seed's wDPO iteration 0,
-    the n = 4 forks at 0.5 and 1; the report last. The recipe's overrides and the user's reach every run. (The runs themselves are the
-    same lines as test_small_scale_tiny's.)"""
+    0.5, 1 and the control), random, smallest_gap and oldest at 0.5, the DPO fork from the seed's wDPO
+    iteration 0, the n = 4 forks at 0.5 and 1; the report last. The recipe's overrides and the user's reach
+    every run. (The runs themselves are the same lines as test_small_scale_tiny's.)"""
     env = {"OPTUNE_PYTHON": str(_fake_python(tmp_path)), "SEEDS": "4 7", "ARCHIVE": str(tmp_path / "keep")}
     _ok(_run("experiments/decisive.sh", str(tmp_path / "d"), "--", "data.num_prompts=8", env=env))
     calls = _calls(tmp_path)
@@ -480,7 +488,8 @@ def test_decisive_runs_the_claims_settings_seed_by_seed(tmp_path):
     assert [next(a for a in c if a.startswith("seed=")) for c in trains] == ["seed=4", "seed=7"]
     assert all("loss.name=dpo" in c and "optune.iterations=6" in c and "data.num_prompts=8" in c for c in trains)
     order = [c[1] if c[0] == "-m" else "prune" if c[0] == "-c" else c[0] for c in calls]
-    per_seed = ["optune_nemo.sweep"] * 4 + ["optune_nemo.train", "prune", "optune_nemo.sweep", "scripts/archive_runs.py"]
+    per_seed = ["optune_nemo.sweep"] * 4 + ["optune_nemo.train", "prune", "optune_nemo.sweep",
+                                            "scripts/archive_runs.py"]
     assert order == per_seed * 2 + ["optune_nemo.report"]
     assert all(c[1:] == [str(tmp_path / "d"), str(tmp_path / "keep")] for c in calls if c[0].endswith(".py"))
 

@@ -34,9 +34,11 @@ def _view(outcome, mean, lo, hi, more=None):
 
 def _report():
     full, half, rnd = "rho=1 all wdpo", "rho=0.5 lowest_reward wdpo", "rho=0.5 random wdpo"
-    views = lambda o, m, lo, hi, more=None: {v: _view(o, m, lo, hi, more) for v in ("iterations", "tokens", "time", "auc")}
+    views = lambda o, m, lo, hi, more=None: {v: _view(o, m, lo, hi, more)
+                                             for v in ("iterations", "tokens", "time", "auc")}
     return {
-        "settings": [_setting(half, 0.5, "lowest_reward"), _setting(rnd, 0.5, "random"), _setting(full, 1.0, "all")],
+        "settings": [_setting(half, 0.5, "lowest_reward"), _setting(rnd, 0.5, "random"),
+                     _setting(full, 1.0, "all")],
         "runs": [{"setting": full, "seed": s, "completed": s != 3, "fork_source": False} for s in (1, 2, 3)],
         "paired": [
             {"setting": half, "baseline": full, "endpoint": "success", "endpoint_name": "exact accuracy",
