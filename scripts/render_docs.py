@@ -402,9 +402,14 @@ def results_decisive() -> str:
 
 
 def results_report() -> str:
-    body = (RESULTS / "report.md").read_text().strip()
+    """The report of the decisive experiment when it is recorded, else the first recording's."""
+    where = RESULTS / "decisive" / "report"
+    if not (where / "report.md").is_file():
+        where = RESULTS
+    body = (where / "report.md").read_text().strip()
     # the report's own figure links are relative to its directory
-    body = re.sub(r"\]\((?!http)([\w.-]+\.png)\)", r"](results/\1)", body)
+    rel = where.relative_to(RESULTS.parent).as_posix()
+    body = re.sub(r"\]\((?!http)([\w.-]+\.png)\)", rf"]({rel}/\1)", body)
     body = re.sub(r"^(#+) ", lambda m: "#" * (len(m.group(1)) + 2) + " ", body, flags=re.M)
     return body
 

@@ -14,7 +14,8 @@ equivalence margin (two one-sided tests, TOST, at level alpha: the (1 - 2 alpha)
     equivalent   the (1 - 2 alpha) interval lies inside (-margin, +margin)
     better       not equivalent, and the (1 - alpha) interval lies above 0
     worse        not equivalent, and the (1 - alpha) interval lies below 0
-    undecided    anything else (the interval is reported, with its width)
+    undecided    anything else (the interval is reported, with its width), and always with fewer than
+                 MIN_SEEDS seeds
 
 A significant difference smaller than the margin is reported as equivalent: the claims tested are of the
 kind "the same quality for less generation", and a difference inside the margin is the same quality by
@@ -29,6 +30,10 @@ from dataclasses import asdict, dataclass
 import numpy as np
 
 OUTCOMES = ("equivalent", "better", "worse", "undecided")
+MIN_SEEDS = 5
+"""Fewer paired seeds decide nothing: a percentile bootstrap over so few seeds understates the spread between
+training trajectories (with 3 seeds the t-based interval of the seed means is more than twice as wide), and
+between seeds is where the pilot found nearly all the variance."""
 
 
 def paired_differences(a: dict[int, np.ndarray], b: dict[int, np.ndarray]) -> list[np.ndarray]:
@@ -142,7 +147,7 @@ def compare(a: dict[int, np.ndarray], b: dict[int, np.ndarray], *, margin: float
     boot = hierarchical_bootstrap(diffs, reps=reps, seed=seed)
     signs = sign_count(diffs)
     ci90, ci95 = boot["ci"][0.90], boot["ci"][0.95]
-    outcome = decide(ci90, ci95, margin)
+    outcome = decide(ci90, ci95, margin) if len(diffs) >= MIN_SEEDS else "undecided"
     return Comparison(outcome=outcome, mean=boot["mean"], ci95=ci95, ci90=ci90, margin=margin,
                       seeds=len(diffs), prompts=int(diffs[0].size), positive_seeds=signs["positive"],
                       negative_seeds=signs["negative"], sign_p=signs["p_two_sided"],
@@ -163,13 +168,15 @@ def seeds_needed(diffs: list[np.ndarray], *, half_width: float) -> int | None:
 def seeds_to_decide(diffs: list[np.ndarray], *, margin: float) -> int | None:
     """Seeds that would decide a comparison if its mean difference m stayed what it is: the 95 % half-width
     has to fall below |m| (better / worse) or below margin - |m| (equivalent), whichever is larger
-    (`seeds_needed`'s normal approximation over the per-seed means). None with fewer than two seeds, or
+    (`seeds_needed`'s normal approximation over the per-seed means), at least MIN_SEEDS. None with fewer
+    than two seeds, or
     when m = 0 and the margin is 0 (nothing would decide it)."""
     m = abs(float(np.mean([d.mean() for d in diffs])))
     target = max(m, margin - m)
     if target <= 0:
         return None
-    return seeds_needed(diffs, half_width=target)
+    need = seeds_needed(diffs, half_width=target)
+    return None if need is None else max(MIN_SEEDS, need)
 
 
 def at_budget(xs: np.ndarray, ys: np.ndarray, budget: float) -> np.ndarray:

@@ -91,7 +91,7 @@ def test_equal_tokens_puts_two_arms_on_one_cost_curve(tmp_path):
     0.001 * 50 * 3 = 0.15."""
     offsets = np.linspace(0, 0.2, 16)
     a_runs, b_runs = [], []
-    for s in range(4):
+    for s in range(5):
         base = tmp_path / f"base{s}"
         cum_a, cum_b = np.cumsum([100] * ITERS), np.cumsum([100] + [50] * (ITERS - 1))
         _write_run(base, seed=s, rho=1.0, values=(0.001 * cum_a[:1, None] + offsets), tokens=[100])

@@ -108,17 +108,26 @@ def test_seeds_to_decide():
     means = [0.02, 0.06, -0.01, 0.05]            # m = 0.03, sd from the four seed means
     diffs = [np.full(3, m) for m in means]
     sd = np.std(means, ddof=1)
-    assert stats.seeds_to_decide(diffs, margin=0.05) == math.ceil((1.96 * sd / 0.03) ** 2)   # |m| > 0.05 - |m|
-    assert math.ceil((1.96 * sd / 0.17) ** 2) == 1 and stats.seeds_to_decide(diffs, margin=0.2) == 2  # floor 2
-    assert stats.seeds_to_decide(diffs, margin=0.09) == math.ceil((1.96 * sd / 0.06) ** 2)   # 0.09 - |m| > |m|
+    assert stats.seeds_to_decide(diffs, margin=0.05) == math.ceil((1.96 * sd / 0.03) ** 2) == 5  # not 0.02: 10
+    assert math.ceil((1.96 * sd / 0.17) ** 2) == 1 and stats.seeds_to_decide(diffs, margin=0.2) == 5  # floor
+    assert stats.seeds_to_decide(diffs, margin=0.09) == max(5, math.ceil((1.96 * sd / 0.06) ** 2))  # 0.09 - |m|
     assert stats.seeds_to_decide(diffs[:1], margin=0.05) is None
     # an undecided comparison carries it, a decided one does not
     rng = np.random.default_rng(3)
-    noisy = {s: rng.normal(0, 1, 50) for s in range(3)}
-    zero = {s: np.zeros(50) for s in range(3)}
+    noisy = {s: rng.normal(0, 1, 50) for s in range(5)}
+    zero = {s: np.zeros(50) for s in range(5)}
     c = stats.compare(zero, noisy, margin=0.05, reps=300)
-    assert c.outcome == "undecided" and c.seeds_to_decide is not None and c.seeds_to_decide >= 2
-    assert stats.compare(zero, {s: np.full(50, 0.5) for s in range(3)}, margin=0.05, reps=300).seeds_to_decide is None
+    assert c.outcome == "undecided" and c.seeds_to_decide is not None and c.seeds_to_decide >= 5
+    assert stats.compare(zero, {s: np.full(50, 0.5) for s in range(5)}, margin=0.05, reps=300).seeds_to_decide is None
+
+
+def test_fewer_than_five_seeds_decide_nothing():
+    """A shift of 10 prompt SDs with identical seeds is 'better' from five seeds on, 'undecided' below."""
+    for seeds, expected in ((1, "undecided"), (4, "undecided"), (5, "better")):
+        a = {s: np.zeros(64) for s in range(seeds)}
+        b = {s: np.full(64, 1.0) + np.random.default_rng(s).normal(0, 0.1, 64) for s in range(seeds)}
+        c = stats.compare(a, b, margin=0.05, reps=300)
+        assert c.outcome == expected and c.ci95[0] > 0.9, (seeds, c)
 
 
 def test_unequal_prompt_counts_use_the_plain_resampler():
