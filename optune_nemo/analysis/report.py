@@ -689,15 +689,17 @@ def _paired_tables(rep: Report) -> list[str]:
            "Setting B against its baseline A: mean of B - A over seeds and prompts, its 95 % interval (hierarchical "
            "bootstrap: seeds, then prompts within a seed), the seeds where B was ahead / behind, and the outcome: "
            "equivalent (the 90 % interval inside +-margin: TOST at 5 %), better / worse (the 95 % interval "
-           "excludes 0), else undecided. Views: after the last common iteration, at equal generated tokens, at "
-           "equal modelled time (phase rates shared by all runs), and the area under the curve over iterations.",
-           "", "| B | vs A | endpoint | view | outcome | B - A | 95 % CI | seeds +/- |",
-           "|---|---|---|---|---|---|---|---|"]
+           "excludes 0), else undecided, and always undecided with fewer than five seeds. Views: after the last "
+           "common iteration, at equal generated tokens, at equal modelled time (phase rates shared by all runs), "
+           "and the area under the curve over iterations. Seeds to decide: an undecided comparison's estimate of "
+           "the seeds that would decide it if its mean stayed.",
+           "", "| B | vs A | endpoint | view | outcome | B - A | 95 % CI | seeds +/- | seeds to decide |",
+           "|---|---|---|---|---|---|---|---|---|"]
     for p in rep.paired:
         for view, c in p["views"].items():
             out.append(f"| {p['setting']} | {p['baseline']} | {p['endpoint_name']} | {view} | **{c['outcome']}** | "
                        f"{_f(c['mean'])} | [{_f(c['ci95'][0])}, {_f(c['ci95'][1])}] | "
-                       f"{c['positive_seeds']}/{c['negative_seeds']} |")
+                       f"{c['positive_seeds']}/{c['negative_seeds']} | {_f(c.get('seeds_to_decide'))} |")
     return out
 
 
