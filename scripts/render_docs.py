@@ -25,6 +25,8 @@ import sys
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
+MIN_SEEDS = 5
+"""optune_nemo.analysis.stats.MIN_SEEDS (tests/unit/test_render_results.py checks that they agree)."""
 DATA = REPO / "docs" / "data"
 RESULTS = REPO / "docs" / "results"
 BLOCK = re.compile(r"(<!-- BEGIN generated:(?P<name>[\w-]+) \(scripts/render_docs\.py\) -->\n)(?P<body>.*?)"
@@ -361,8 +363,10 @@ def _decisive_summary(rep: dict) -> str:
             parts.append(f"{claim}: not run")
         else:
             parts.append(f"{claim}: " + ", ".join(f"{p[v][0]} ({v})" for v in VIEW_ORDER if v in p))
-    return (f"{len(seeds)} of 10 planned seeds recorded (seeds {', '.join(map(str, seeds)) or 'none'}). "
-            "Held-out exact accuracy, paired by seed and prompt, margin "
+    few = (f" With fewer than {MIN_SEEDS} paired seeds every outcome is undecided by rule (docs/evaluation.md, "
+           "'Paired comparisons'); the intervals show where the means stand so far." if len(seeds) < MIN_SEEDS else "")
+    return (f"{len(seeds)} of 10 planned seeds recorded (seeds {', '.join(map(str, seeds)) or 'none'})." + few +
+            " Held-out exact accuracy, paired by seed and prompt, margin "
             f"{rep['margin']:g}: " + "; ".join(parts) + ".")
 
 

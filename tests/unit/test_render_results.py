@@ -58,7 +58,11 @@ def test_decisive_block(render_docs, tmp_path):
     (tmp_path / "decisive" / "report").mkdir(parents=True)
     (tmp_path / "decisive" / "report" / "report.json").write_text(json.dumps(_report()))
     text = render_docs.results_decisive()
-    assert text.startswith("2 of 10 planned seeds recorded (seeds 1, 2).")
+    assert text.startswith("2 of 10 planned seeds recorded (seeds 1, 2). With fewer than 5 paired seeds every "
+                           "outcome is undecided by rule")
+    from optune_nemo.analysis.stats import MIN_SEEDS
+
+    assert render_docs.MIN_SEEDS == MIN_SEEDS
     lines = text.splitlines()
     rho = next(x for x in lines if x.startswith("| rho 0.5 keeps rho 1's quality"))
     assert rho.count("equivalent (-0.010 [-0.030, +0.020])") == 4
