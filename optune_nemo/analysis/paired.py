@@ -18,6 +18,7 @@ Each view is a `stats.Comparison` (hierarchical bootstrap over seeds and prompts
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import statistics
 from pathlib import Path
@@ -121,7 +122,7 @@ def compare_runs(base_runs, other_runs, *, key: str, margin: float, rates: dict[
         return None
     out = {}
     for view in VIEWS:
-        a_vals, b_vals = {}, {}
+        a_vals, b_vals, at = {}, {}, []
         for s in seeds:
             ra, rb = a_by_seed[s], b_by_seed[s]
             common = sorted(set(prompt_curve(ra, key)[0]) & set(prompt_curve(rb, key)[0]))
@@ -133,6 +134,8 @@ def compare_runs(base_runs, other_runs, *, key: str, margin: float, rates: dict[
                 budget = min(ca[common[-1]], cb[common[-1]])
             a_vals[s] = _view_values(ra, key, view, budget, rates, common)
             b_vals[s] = _view_values(rb, key, view, budget, rates, common)
+            at.append(common[-1] if view == "iterations" else budget)
         if a_vals:
-            out[view] = stats.compare(a_vals, b_vals, margin=margin, reps=reps)
+            c = stats.compare(a_vals, b_vals, margin=margin, reps=reps)
+            out[view] = dataclasses.replace(c, at=None if view == "auc" else float(statistics.mean(at)))
     return out or None

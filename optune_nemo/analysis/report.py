@@ -715,14 +715,25 @@ def _plt():
     return plt
 
 
-CURVE_FIGURES = {("eval_reward_mean", "iteration"): "vs_iteration.png",
+CURVE_FIGURES = {("eval_accuracy", "iteration"): "accuracy_vs_iteration.png",
+                 ("eval_accuracy", "cumulative_tokens"): "accuracy_vs_tokens.png",
+                 ("eval_accuracy", "cumulative_time_s"): "accuracy_vs_time.png",
+                 ("eval_reward_mean", "iteration"): "vs_iteration.png",
                  ("eval_reward_mean", "cumulative_tokens"): "vs_tokens.png",
                  ("eval_reward_mean", "cumulative_time_s"): "vs_time.png",
                  ("eval_win_score", "iteration"): "win_vs_iteration.png"}
 """(metric, x axis) -> the file of its comparison figure."""
 X_LABELS = {"iteration": "iteration", "cumulative_tokens": "cumulative generated tokens",
             "cumulative_time_s": "cumulative wall-clock seconds"}
-METRIC_TITLES = {"eval_reward_mean": "held-out gold reward", "eval_win_score": "win score vs the starting policy"}
+METRIC_TITLES = {"eval_accuracy": "held-out exact accuracy", "eval_reward_mean": "held-out gold reward",
+                 "eval_win_score": "win score vs the starting policy"}
+PAIRED_MARKS = {("eval_accuracy", "iteration"): ("success", "iterations"),
+                ("eval_accuracy", "cumulative_tokens"): ("success", "tokens"),
+                ("eval_reward_mean", "iteration"): ("gold_reward", "iterations"),
+                ("eval_reward_mean", "cumulative_tokens"): ("gold_reward", "tokens")}
+"""(metric, x axis) -> (endpoint, view) of the paired comparison drawn on its figure (the time axes show
+measured seconds, the paired time view models them: no mark there)."""
+CI_LABEL = "paired 95 % CI of the difference, placed on the baseline's mean"
 
 
 def comparisons(settings: list[dict]) -> list[tuple[str, str]]:
@@ -773,7 +784,11 @@ def comparison_panel(ax, setting: list[dict], baseline: list[dict], *, x: str = 
         ax.plot(xs, [p["mean"] for p in pts], "o-", color=colour, ms=3, lw=1.5, zorder=z)
         ax.fill_between(xs, [p["min"] for p in pts], [p["max"] for p in pts], color=colour, alpha=0.2, lw=0,
                         zorder=z - 1)
-    if ci is not None:
+    if ci is not None and len(ci["x"]) == 1:        # one comparison point: an interval bar
+        mid = (ci["lo"][0] + ci["hi"][0]) / 2
+        ax.errorbar(ci["x"], [mid], yerr=[[mid - ci["lo"][0]], [ci["hi"][0] - mid]], fmt="none", ecolor="C3",
+                    elinewidth=1.6, capsize=4, zorder=6)
+    elif ci is not None:
         ax.fill_between(ci["x"], ci["lo"], ci["hi"], facecolor="none", edgecolor="C0", hatch="///", lw=0, zorder=4)
     if start is not None:
         ax.axhline(start, color="k", ls="--", lw=0.8, zorder=1)
@@ -797,7 +812,7 @@ def comparison_figure(rep: Report, key: str, x: str, *, cis: dict | None = None)
     nrows = math.ceil(len(pairs) / ncols)
     fig, axes = plt.subplots(nrows, ncols, figsize=(3.3 * ncols, 2.9 * nrows + 0.9), sharex=True, sharey=True,
                              squeeze=False, layout="constrained")
-    start = {"eval_reward_mean": rep.baseline.get("mean"), "eval_win_score": 50.0}[key]
+    start = {"eval_reward_mean": rep.baseline.get("mean"), "eval_win_score": 50.0}.get(key)
     on_start = x == "iteration" and start is not None
     for ax, (a, b) in zip(axes.flat, pairs):
         comparison_panel(ax, rep.curves[a][key], rep.curves[b][key], x=x, start=start, ci=(cis or {}).get((a, b)))
@@ -820,21 +835,44 @@ def comparison_figure(rep: Report, key: str, x: str, *, cis: dict | None = None)
         row[0].set_ylabel(METRIC_TITLES[key])
     handles = [Line2D([], [], color="C0", marker="o", ms=3, label="the panel's setting: mean over seeds"),
                Line2D([], [], color="0.45", marker="o", ms=3, label="its baseline: mean over seeds"),
-               Patch(color="0.6", alpha=0.4, label="band: seed range [min, max]"),
-               Line2D([], [], color="k", ls="--", lw=0.8, marker="^" if on_start else None, ms=5,
-                          label="starting policy")]
+               Patch(color="0.6", alpha=0.4, label="band: seed range [min, max]")]
+    if start is not None:
+        handles.append(Line2D([], [], color="k", ls="--", lw=0.8, marker="^" if on_start else None, ms=5,
+                              label="starting policy"))
     if cis:
-        handles.append(Patch(facecolor="none", edgecolor="C0", hatch="///",
-                             label=next(iter(cis.values())).get("label", "CI")))
+        first = next(iter(cis.values()))
+        handles.append(Line2D([], [], color="C3", marker="|", ms=8, lw=0, label=first.get("label", "CI"))
+                       if len(first["x"]) == 1 else
+                       Patch(facecolor="none", edgecolor="C0", hatch="///", label=first.get("label", "CI")))
     fig.legend(handles=handles, loc="outside lower center", ncol=min(len(handles), 4), fontsize=8, frameon=False)
     fig.suptitle(f"{METRIC_TITLES[key]}: each setting against its baseline", fontsize=10)
     return fig
 
 
+def paired_marks(rep: Report, key: str, x: str) -> dict:
+    """{(setting, baseline): ci} for `comparison_panel`: each pair's paired 95 % interval of B - A (its
+    PAIRED_MARKS view) added to the baseline's mean curve where the comparison was made (interpolated on a
+    cost axis): where the setting stands against its baseline, seeds and prompts paired."""
+    import numpy as np
+
+    endpoint, view = PAIRED_MARKS.get((key, x), (None, None))
+    out = {}
+    for p in rep.paired:
+        c = p["views"].get(view) if p["endpoint"] == endpoint else None
+        pts = rep.curves.get(p["baseline"], {}).get(key) or []
+        if not c or c.get("at") is None or not pts:
+            continue
+        xs = [pt["iteration"] if x == "iteration" else pt[x]["mean"] for pt in pts]
+        base = float(np.interp(c["at"], xs, [pt["mean"] for pt in pts]))
+        out[(p["setting"], p["baseline"])] = {"x": [c["at"]], "lo": [base + c["ci95"][0]],
+                                              "hi": [base + c["ci95"][1]], "label": CI_LABEL}
+    return out
+
+
 def plot_curves(rep: Report, out_dir: Path, key: str, x: str) -> str | None:
     """`comparison_figure` of `key` against `x` (iteration, cumulative_tokens or cumulative_time_s), saved as
-    its CURVE_FIGURES name."""
-    fig = comparison_figure(rep, key, x)
+    its CURVE_FIGURES name; with the paired interval of PAIRED_MARKS where the report has it."""
+    fig = comparison_figure(rep, key, x, cis=paired_marks(rep, key, x))
     if fig is None:
         return None
     name = CURVE_FIGURES[(key, x)]

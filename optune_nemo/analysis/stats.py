@@ -120,6 +120,9 @@ class Comparison:
     seeds_to_decide: int | None = None
     """Seeds that would likely decide an undecided comparison (`seeds_to_decide`); None when decided or when
     fewer than two seeds give no spread."""
+    at: float | None = None
+    """Where on its axis the comparison was made, when the caller says (analysis.paired: the last common
+    iteration, or the mean budget over seeds in tokens or modelled seconds)."""
 
     @property
     def half_width95(self) -> float:

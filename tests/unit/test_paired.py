@@ -31,7 +31,9 @@ def _write_run(d: Path, *, seed, rho, values, tokens, gen_seconds_per_token=0.01
         records.append({"iteration": t, "generated_tokens": tokens[t], "regenerated": 10, "train_pairs": 8,
                         "time_generation_s": tokens[t] * gen_seconds_per_token, "time_reward_s": other_phases[0],
                         "time_reference_s": other_phases[1], "time_train_s": other_phases[2],
-                        "time_total_s": tokens[t] * gen_seconds_per_token + sum(other_phases)})
+                        "time_total_s": tokens[t] * gen_seconds_per_token + sum(other_phases),
+                        "eval_reward_mean": float(np.mean(values[t])),
+                        "eval_accuracy": float(np.mean(np.asarray(values[t]) > 0.5))})
         if fork_from is not None and t == 0:
             continue
         (d / "eval").mkdir(exist_ok=True)
@@ -147,3 +149,31 @@ def test_the_report_carries_the_outcomes_and_the_predicted_speedup(tmp_path):
     # prediction swaps generation + reward (2.0 s) for the setting's (1.5 s); end to end adds iteration 0
     assert sp["predicted_speedup"] == pytest.approx(4.4 / 3.9)
     assert sp["speedup_end_to_end"] == pytest.approx((4 * 4.4) / (4.4 + 3 * 3.9))
+
+
+def test_figures_mark_the_paired_interval_where_the_comparison_was_made(tmp_path):
+    """B = A + 0.25 per prompt: the mark on B's panel is the paired 95 % interval added to A's mean at the
+    last iteration (or at the tokens budget both arms reached), and it holds B's mean there; the time axis
+    (measured seconds) has no mark; the accuracy figures are drawn."""
+    from optune_nemo.analysis.report import analyse, find_runs, paired_marks, write_report
+
+    _experiment(tmp_path, np.random.default_rng(7), shift=0.25, seeds=5, prompts=64, seed_sd=0.0, noise_sd=0.02,
+                b_tokens=50, seed_effects=[0.0] * 5)
+    rep = analyse(find_runs([tmp_path]), margin=0.05, reps=400)
+    (entry,) = [p for p in rep.paired if p["endpoint"] == "gold_reward"]
+    views = entry["views"]
+    assert views["iterations"]["at"] == ITERS - 1 and views["auc"]["at"] is None
+    assert views["tokens"]["at"] == pytest.approx(100 + 50 * (ITERS - 1))    # B's total: the smaller of the two
+    a_curve, b_curve = (rep.curves[entry[k]]["eval_reward_mean"] for k in ("baseline", "setting"))
+    (mark,) = paired_marks(rep, "eval_reward_mean", "iteration").values()
+    a_last, b_last = a_curve[-1]["mean"], b_curve[-1]["mean"]
+    assert mark["x"] == [ITERS - 1]
+    assert mark["lo"][0] == pytest.approx(a_last + views["iterations"]["ci95"][0])
+    assert mark["lo"][0] < b_last < mark["hi"][0]
+    assert paired_marks(rep, "eval_reward_mean", "cumulative_time_s") == {}
+    (tok,) = paired_marks(rep, "eval_reward_mean", "cumulative_tokens").values()
+    a_x = [p["cumulative_tokens"]["mean"] for p in a_curve]
+    assert tok["x"] == [100 + 50 * (ITERS - 1)] and a_x[1] < tok["x"][0] < a_x[2]   # between A's iterations 1, 2
+    write_report(None, tmp_path / "out", recorded=rep)
+    for name in ("accuracy_vs_iteration.png", "accuracy_vs_tokens.png", "vs_iteration.png"):
+        assert (tmp_path / "out" / name).stat().st_size > 0 and name in rep.figures
