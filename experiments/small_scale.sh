@@ -17,7 +17,8 @@
 # default "0.5 0.7"), GAP_RHOS (the smallest_gap ones, default none), OLDEST_RHOS (the oldest ones, default
 # none), DPO (1: the DPO fork at 0.5, the default;
 # 0: none), SAMPLES_RHOS (lowest_reward forks with generation.num_samples=NUM_SAMPLES, default none; they run
-# after the seed's other settings), NUM_SAMPLES (default 4), ARCHIVE (a directory: after each seed, scripts/archive_runs.py copies the finished runs there
+# after the seed's other settings), NUM_SAMPLES (default 4), SAMPLES_SEEDS (the seeds that get those forks,
+# default every seed), ARCHIVE (a directory: after each seed, scripts/archive_runs.py copies the finished runs there
 # without model shards, e.g. into the repository between sittings), REPORT (0: no report at the end, for
 # several instances sharing one ROOT, one seed each),
 # OPTUNE_PYTHON (default .venv/bin/python). experiments/decisive.sh runs it with the decisive
@@ -38,6 +39,7 @@ read -ra GAP_RHOS <<< "${GAP_RHOS:-}"
 read -ra OLDEST_RHOS <<< "${OLDEST_RHOS:-}"
 read -ra SAMPLES_RHOS <<< "${SAMPLES_RHOS:-}"
 NUM_SAMPLES=${NUM_SAMPLES:-4}
+SAMPLES_SEEDS=" ${SAMPLES_SEEDS:-${SEEDS[*]}} "
 DPO=${DPO:-1}
 FIXED=(policy.export_hf_final=false logging.progress=false "$@")
 
@@ -70,7 +72,7 @@ for S in "${SEEDS[@]}"; do
       rc=1
     fi
   fi
-  if (( ${#SAMPLES_RHOS[@]} )); then
+  if (( ${#SAMPLES_RHOS[@]} )) && [[ $SAMPLES_SEEDS == *" $S "* ]]; then
     "$PY" -m optune_nemo.sweep "${COMMON[@]}" --rho "${SAMPLES_RHOS[@]}" --selection lowest_reward --loss wdpo \
       --num-samples "$NUM_SAMPLES" -- "${FIXED[@]}" || rc=1
   fi
