@@ -198,8 +198,9 @@ FLIP = {"better": "worse", "worse": "better", "equivalent": "equivalent", "undec
 
 def _paired(rep: dict, a: str | None, b: str | None, endpoint: str) -> dict | None:
     """The report's comparison of a against b on `endpoint` as {view: (outcome, mean, ci95, seeds,
-    seeds_to_decide)} from a's side (the report stores each setting against its baseline: flipped when a is
-    the baseline), plus "name": the endpoint's name; None when the report has none."""
+    seeds_to_decide, seeds where a is ahead)} from a's side (the report stores each setting against its
+    baseline: flipped when a is the baseline), plus "name": the endpoint's name; None when the report has
+    none."""
     for p in rep.get("paired", []):
         if p["endpoint"] != endpoint or {p["setting"], p["baseline"]} != {a, b}:
             continue
@@ -208,15 +209,17 @@ def _paired(rep: dict, a: str | None, b: str | None, endpoint: str) -> dict | No
         for view, c in p["views"].items():
             lo, hi = c["ci95"]
             mean, lo, hi = (-c["mean"], -hi, -lo) if flip else (c["mean"], lo, hi)
+            ahead = c["negative_seeds"] if flip else c["positive_seeds"]
             out[view] = (FLIP[c["outcome"]] if flip else c["outcome"], mean, (lo, hi), c["seeds"],
-                         c.get("seeds_to_decide"))
+                         c.get("seeds_to_decide"), ahead)
         return out
     return None
 
 
-def _view_text(v: tuple) -> str:
-    outcome, mean, (lo, hi), _, more = v
-    return f"{outcome} ({mean:+.3f} [{lo:+.3f}, {hi:+.3f}]" + (f"; ~{more} seeds to decide)" if more else ")")
+def _view_text(v: tuple, *, signs: bool = False) -> str:
+    outcome, mean, (lo, hi), seeds, more, ahead = v
+    return (f"{outcome} ({mean:+.3f} [{lo:+.3f}, {hi:+.3f}]" + (f"; a ahead in {ahead} of {seeds}" if signs else "")
+            + (f"; ~{more} seeds to decide)" if more else ")"))
 
 
 def _paired_verdict(rep: dict, a: str, b: str) -> str | None:
@@ -348,8 +351,8 @@ def _claims_table(rep: dict, endpoint: str) -> list[str]:
             lines.append(f"| {claim} | – | " + " | ".join("not run" for _ in VIEW_ORDER) + " |")
             continue
         seeds = next(v[3] for k, v in p.items() if k != "name")
-        lines.append(f"| {claim} | {seeds} | " + " | ".join(_view_text(p[v]) if v in p else "–" for v in VIEW_ORDER)
-                     + " |")
+        lines.append(f"| {claim} | {seeds} | " + " | ".join(_view_text(p[v], signs=True) if v in p else "–"
+                                                             for v in VIEW_ORDER) + " |")
     return lines
 
 
@@ -374,8 +377,9 @@ def results_decisive() -> str:
     rep = _decisive()
     lines = [_decisive_summary(rep), "",
              "Each cell: the outcome (equivalent / better / worse / undecided, for a against b), the mean paired "
-             "difference a - b and its 95 % hierarchical bootstrap interval (seeds, then prompts); an undecided "
-             "cell adds the seeds that would decide it if the mean stayed where it is. Views: `iterations` after "
+             "difference a - b and its 95 % hierarchical bootstrap interval (seeds, then prompts), the seeds in "
+             "which a was ahead (the sign count); an undecided cell adds the seeds that would decide it if the "
+             "mean stayed where it is. Views: `iterations` after "
              "the last iteration, `tokens` at equal generated tokens, `time` at equal modelled time, `auc` the "
              "mean over iterations 0-5 (learns faster). Rendered by scripts/render_docs.py from "
              "docs/results/decisive/report/report.json.", "",
@@ -449,8 +453,8 @@ def decisive_headline() -> str:
              f"prompt, equivalence margin {rep['margin']:g}:"]
     for claim, a, b in DECISIVE_CLAIMS[:4] + DECISIVE_CLAIMS[9:]:
         p = _paired(rep, _label(rep, **a), _label(rep, **b), "success")
-        text = "not run" if p is None else "; ".join(f"{v}: {_view_text(p[v])}" for v in ("iterations", "tokens",
-                                                                                             "time") if v in p)
+        text = "not run" if p is None else "; ".join(
+            f"{v}: {_view_text(p[v], signs=True)}" for v in VIEW_ORDER if v in p)
         lines.append(f"- {claim}: {text}.")
     sp = next((s for s in rep["speedup"] if s["setting"] == _label(rep, 0.5, "lowest_reward")), None)
     if sp and sp.get("speedup_end_to_end"):

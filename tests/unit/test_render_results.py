@@ -65,12 +65,12 @@ def test_decisive_block(render_docs, tmp_path):
     assert render_docs.MIN_SEEDS == MIN_SEEDS
     lines = text.splitlines()
     rho = next(x for x in lines if x.startswith("| rho 0.5 keeps rho 1's quality"))
-    assert rho.count("equivalent (-0.010 [-0.030, +0.020])") == 4
+    assert rho.count("equivalent (-0.010 [-0.030, +0.020]; a ahead in 2 of 3)") == 4
     sel = next(x for x in lines if x.startswith("| lowest-reward beats random"))
-    assert sel.count("better (+0.080 [+0.040, +0.120])") == 4 and "| 3 |" in sel
+    assert sel.count("better (+0.080 [+0.040, +0.120]; a ahead in 1 of 3)") == 4 and "| 3 |" in sel   # flipped
     assert next(x for x in lines if x.startswith("| oldest against")).count("not run") == 4
     gold = [x for x in lines if x.startswith("| rho 0.5 keeps rho 1's quality")][1]
-    assert gold.count("undecided (+0.030 [-0.050, +0.110]; ~17 seeds to decide)") == 4
+    assert gold.count("undecided (+0.030 [-0.050, +0.110]; a ahead in 2 of 3; ~17 seeds to decide)") == 4
     assert "| rho=0.5 lowest_reward wdpo | 1.080x [1.010, 1.150] | 1.061x | 1.100x | 50.0 |" in lines
     head = render_docs.readme_headline()
     assert "2 of 10 seeds" in head and "- lowest-reward beats random, rho 0.5 (paper): iterations: better" in head
