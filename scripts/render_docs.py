@@ -24,9 +24,10 @@ import re
 import sys
 from pathlib import Path
 
+from optune_nemo.analysis.stats import MIN_SEEDS
+
 REPO = Path(__file__).resolve().parents[1]
-MIN_SEEDS = 5
-"""optune_nemo.analysis.stats.MIN_SEEDS (tests/unit/test_render_results.py checks that they agree)."""
+
 DATA = REPO / "docs" / "data"
 RESULTS = REPO / "docs" / "results"
 BLOCK = re.compile(r"(<!-- BEGIN generated:(?P<name>[\w-]+) \(scripts/render_docs\.py\) -->\n)(?P<body>.*?)"
