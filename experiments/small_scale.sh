@@ -42,6 +42,11 @@ NUM_SAMPLES=${NUM_SAMPLES:-4}
 SAMPLES_SEEDS=" ${SAMPLES_SEEDS:-${SEEDS[*]}} "
 DPO=${DPO:-1}
 FIXED=(policy.export_hf_final=false logging.progress=false "$@")
+for pair in "SEEDS:${SEEDS[*]}" "SAMPLES_SEEDS:$SAMPLES_SEEDS"; do   # before anything is written
+  for s in ${pair#*:}; do
+    [[ $s =~ ^[0-9]+$ ]] || { echo "small_scale.sh: ${pair%%:*}: '$s' is not a seed (a whole number >= 0)" >&2; exit 2; }
+  done
+done
 
 rc=0
 mkdir -p "$ROOT"

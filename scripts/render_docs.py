@@ -405,7 +405,8 @@ def results_decisive() -> str:
                   "| iteration | " + " | ".join(str(c["iteration"]) for c in contrast) + " |",
                   "|---|" + "---|" * len(contrast),
                   "| bottom minus top, trained minus control | " + " | ".join(
-                      f"{c['mean']:+.3f} [{c['ci95'][0]:+.3f}, {c['ci95'][1]:+.3f}] (n = {c['seeds']})"
+                      f"{c['mean']:+.3f} " + (f"[{c['ci95'][0]:+.3f}, {c['ci95'][1]:+.3f}]" if c["ci95"] else
+                                              "(one seed)") + f" (n = {c['seeds']})"
                       for c in contrast) + " |"]
     return "\n".join(lines)
 

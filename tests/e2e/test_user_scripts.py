@@ -492,6 +492,10 @@ def test_decisive_runs_the_claims_settings_seed_by_seed(tmp_path):
     seed7 = [x for i, x in enumerate(seed4) if i != 6]                    # no n = 4 sweep
     assert order == seed4 + seed7 + ["optune_nemo.report"]
     assert all(c[1:] == [str(tmp_path / "d"), str(tmp_path / "keep")] for c in calls if c[0].endswith(".py"))
+    for key, value in (("SAMPLES_SEEDS", "1,2"), ("SEEDS", "1 x")):
+        bad = _run("experiments/decisive.sh", str(tmp_path / "bad"), env={**env, key: value})
+        assert bad.returncode == 2 and bad.stderr.strip().startswith(f"small_scale.sh: {key}: "), bad.stderr
+        assert len(bad.stderr.strip().splitlines()) == 1 and not (tmp_path / "bad").exists()
 
 
 def test_gpu_experiment_plumbing(tmp_path):

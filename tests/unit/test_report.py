@@ -19,6 +19,7 @@ from optune_nemo.analysis.report import (
     analyse,
     comparison_figure,
     comparisons,
+    fig2_contrast,
     find_runs,
     gain_split,
     main,
@@ -132,6 +133,38 @@ def test_gain_split_odd_count_and_ties():
 
 def test_gain_split_with_no_change_has_no_share():
     assert gain_split({1: 0.5, 2: 0.5}, {1: 0.5, 2: 0.5})["share_bottom"] is None
+
+
+def _split_row(group, seed, t, *, bottom_mean, top_mean, n=4, n_bottom=2):
+    # a gain_split row whose bottom-half prompts gained `bottom_mean` each and top-half prompts `top_mean` each
+    return {"group": group, "seed": seed, "iteration": t, "n": n, "n_bottom": n_bottom,
+            "bottom": bottom_mean * n_bottom / n, "top": top_mean * (n - n_bottom) / n}
+
+
+def test_fig2_contrast_by_hand():
+    # d = bottom mean gain - top mean gain; trained minus control, paired by seed
+    rows = [_split_row("control", 1, 1, bottom_mean=0.2, top_mean=-0.1),       # d = 0.3
+            _split_row("control", 2, 1, bottom_mean=0.1, top_mean=0.0),        # d = 0.1
+            _split_row("trained wdpo", 1, 1, bottom_mean=0.6, top_mean=0.1),   # d = 0.5 -> 0.5 - 0.3 = 0.2
+            _split_row("trained wdpo", 2, 1, bottom_mean=0.3, top_mean=0.2),   # d = 0.1 -> 0.1 - 0.1 = 0.0
+            _split_row("control", 1, 2, bottom_mean=0.0, top_mean=0.0),        # d = 0
+            _split_row("trained wdpo", 1, 2, bottom_mean=0.4, top_mean=0.0),   # d = 0.4, one seed only
+            _split_row("trained wdpo", 2, 2, bottom_mean=0.4, top_mean=0.0)]   # no control at seed 2, t 2
+    got = {(c["group"], c["iteration"]): c for c in fig2_contrast(rows)}
+    assert set(got) == {("trained wdpo", 1), ("trained wdpo", 2)}
+    two = got[("trained wdpo", 1)]
+    assert two["seeds"] == 2 and two["mean"] == pytest.approx(0.1)
+    # the percentile bootstrap over two seeds can only draw means 0.0, 0.1 and 0.2
+    assert 0.0 - 1e-12 <= two["ci95"][0] <= 0.1 <= two["ci95"][1] <= 0.2 + 1e-12
+    one = got[("trained wdpo", 2)]
+    assert one["seeds"] == 1 and one["mean"] == pytest.approx(0.4) and one["ci95"] is None
+
+
+def test_fig2_contrast_skips_a_degenerate_split():
+    # a split with every prompt in one half has no contrast
+    rows = [_split_row("control", 1, 1, bottom_mean=0.1, top_mean=0.0, n_bottom=4),
+            _split_row("trained wdpo", 1, 1, bottom_mean=0.3, top_mean=0.0)]
+    assert fig2_contrast(rows) == []
 
 
 def test_amdahl_bound():
