@@ -655,7 +655,7 @@ def render_markdown(rep: Report) -> str:
                 "paired by seed (95 % bootstrap interval over seeds):", "",
                 "| group | t | seeds | difference | 95 % CI |", "|---|---|---|---|---|"]
         out += [f"| {c['group']} | {c['iteration']} | {c['seeds']} | {_f(c['mean'])} | "
-                (f"[{_f(c['ci95'][0])}, {_f(c['ci95'][1])}] |" if c["ci95"] else "(one seed) |")
+                + (f"[{_f(c['ci95'][0])}, {_f(c['ci95'][1])}] |" if c["ci95"] else "(one seed) |")
                 for c in rep.fig2["contrast"]]
     if rep.figures:
         out += ["", "## Figures", ""] + [f"![{name}]({name})" for name in rep.figures]

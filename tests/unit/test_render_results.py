@@ -77,6 +77,20 @@ def test_decisive_block(render_docs, tmp_path):
     assert "rho 0.5 ran 1.06x faster than rho 1 end to end" in head
 
 
+def test_decisive_block_fig2_contrast(render_docs, tmp_path):
+    # the contrast row: mean and interval per iteration; an iteration with one seed has no interval
+    rep = _report()
+    rep["fig2"]["contrast"] = [
+        {"group": "trained wdpo", "iteration": 1, "seeds": 3, "mean": 0.12, "ci95": [0.05, 0.2]},
+        {"group": "trained wdpo", "iteration": 2, "seeds": 1, "mean": -0.04, "ci95": None},
+        {"group": "trained dpo", "iteration": 1, "seeds": 3, "mean": 9.0, "ci95": [8.0, 10.0]}]
+    (tmp_path / "decisive" / "report").mkdir(parents=True)
+    (tmp_path / "decisive" / "report" / "report.json").write_text(json.dumps(rep))
+    row = next(x for x in render_docs.results_decisive().splitlines() if x.startswith("| bottom minus top"))
+    assert row == ("| bottom minus top, trained minus control | +0.120 [+0.050, +0.200] (n = 3) | "
+                   "-0.040 (one seed) (n = 1) |")
+
+
 def test_headline_falls_back_to_the_recording_without_the_decisive_report(render_docs, tmp_path, monkeypatch):
     monkeypatch.setattr(render_docs, "decisive_headline", lambda: pytest.fail("no decisive report"))
     (tmp_path / "report.json").write_text((REPO / "docs" / "results" / "report.json").read_text())

@@ -15,6 +15,7 @@ import pyarrow.parquet as pq
 import pytest
 
 from optune_nemo.analysis.report import (
+    Report,
     amdahl_bound,
     analyse,
     comparison_figure,
@@ -158,6 +159,16 @@ def test_fig2_contrast_by_hand():
     assert 0.0 - 1e-12 <= two["ci95"][0] <= 0.1 <= two["ci95"][1] <= 0.2 + 1e-12
     one = got[("trained wdpo", 2)]
     assert one["seeds"] == 1 and one["mean"] == pytest.approx(0.4) and one["ci95"] is None
+
+
+def test_fig2_contrast_in_report_md():
+    rep = Report()
+    rep.fig2 = {"summary": [], "attribution": [], "contrast": [
+        {"group": "trained wdpo", "iteration": 1, "seeds": 3, "mean": 0.12, "ci95": [0.05, 0.2]},
+        {"group": "trained wdpo", "iteration": 2, "seeds": 1, "mean": -0.04, "ci95": None}]}
+    lines = render_markdown(rep).splitlines()
+    assert "| trained wdpo | 1 | 3 | 0.12 | [0.05, 0.2] |" in lines
+    assert "| trained wdpo | 2 | 1 | -0.04 | (one seed) |" in lines
 
 
 def test_fig2_contrast_skips_a_degenerate_split():
