@@ -357,8 +357,43 @@ def _claims_table(rep: dict, endpoint: str) -> list[str]:
     return lines
 
 
+PRECISION = 0.1
+"""The 95 % half-width at which an undecided comparison counts as measured: its interval is then narrow
+enough to state, together with the seeds that would decide it (docs/evaluation.md, 'Paired comparisons')."""
+
+
+def _half_width(v: tuple) -> float:
+    lo, hi = v[2]
+    return (hi - lo) / 2
+
+
+def _outcome_text(view: str, v: tuple) -> str:
+    """One view's outcome in a sentence: decided ones plainly, undecided ones with their half-width and the
+    seeds that would decide them."""
+    if v[0] != "undecided":
+        return f"{v[0]} ({view})"
+    more = f", ~{v[4]} seeds to decide" if v[4] else ""
+    return f"undecided ({view}: ±{_half_width(v):.3f}{more})"
+
+
+def _unmeasured(rep: dict) -> list[str]:
+    """The paper's claims' and the challengers' views on the primary endpoint that are neither decided nor
+    measured to ±PRECISION (or not run at all)."""
+    out = []
+    for claim, a, b in DECISIVE_CLAIMS[:6]:
+        p = _paired(rep, _label(rep, **a), _label(rep, **b), "success")
+        if p is None:
+            out.append(f"{claim}: not run")
+            continue
+        out += [f"{claim} ({v}, ±{_half_width(p[v]):.3f})" for v in VIEW_ORDER
+                if v in p and p[v][0] == "undecided" and _half_width(p[v]) > PRECISION]
+    return out
+
+
 def _decisive_summary(rep: dict) -> str:
-    """One mechanical sentence per paper claim on the primary endpoint: its outcomes in the four views."""
+    """Mechanical sentences: the seeds recorded; per paper claim, its outcomes in the four views on the primary
+    endpoint; which of the paper's and the challengers' views are neither decided nor measured to
+    ±PRECISION."""
     seeds = _decisive_seeds(rep)
     parts = []
     for claim, a, b in DECISIVE_CLAIMS[:4]:
@@ -366,12 +401,16 @@ def _decisive_summary(rep: dict) -> str:
         if p is None:
             parts.append(f"{claim}: not run")
         else:
-            parts.append(f"{claim}: " + ", ".join(f"{p[v][0]} ({v})" for v in VIEW_ORDER if v in p))
+            parts.append(f"{claim}: " + ", ".join(_outcome_text(v, p[v]) for v in VIEW_ORDER if v in p))
     few = (f" With fewer than {MIN_SEEDS} paired seeds every outcome is undecided by rule (docs/evaluation.md, "
            "'Paired comparisons'); the intervals show where the means stand so far." if len(seeds) < MIN_SEEDS else "")
-    return (f"{len(seeds)} of 10 planned seeds recorded (seeds {', '.join(map(str, seeds)) or 'none'})." + few +
+    open_ = _unmeasured(rep)
+    precision = (f" Every view of the paper's claims and of the challengers is decided or measured to ±{PRECISION:g} "
+                 "(95 % half-width)." if not open_ else
+                 f" Neither decided nor measured to ±{PRECISION:g} (95 % half-width): " + "; ".join(open_) + ".")
+    return (f"{len(seeds)} seeds recorded (seeds {', '.join(map(str, seeds)) or 'none'})." + few +
             " Held-out exact accuracy, paired by seed and prompt, margin "
-            f"{rep['margin']:g}: " + "; ".join(parts) + ".")
+            f"{rep['margin']:g}: " + "; ".join(parts) + "." + precision)
 
 
 def results_decisive() -> str:
@@ -449,8 +488,9 @@ def readme_headline() -> str:
 def decisive_headline() -> str:
     rep = _decisive()
     seeds = _decisive_seeds(rep)
-    lines = [f"The decisive experiment so far ([docs/results.md](docs/results.md#the-decisive-experiment); "
-             f"SmolLM2-135M-Instruct, built-in arithmetic task, {len(seeds)} of 10 seeds, iteration 0 + 5 "
+    so_far = " so far" if len(seeds) < MIN_SEEDS else ""
+    lines = [f"The decisive experiment{so_far} ([docs/results.md](docs/results.md#the-decisive-experiment); "
+             f"SmolLM2-135M-Instruct, built-in arithmetic task, {len(seeds)} seeds, iteration 0 + 5 "
              "OPTune iterations, 256 held-out prompts, 2-core CPU), held-out exact accuracy, paired by seed and "
              f"prompt, equivalence margin {rep['margin']:g}:"]
     for claim, a, b in DECISIVE_CLAIMS[:4] + DECISIVE_CLAIMS[9:]:

@@ -58,8 +58,17 @@ def test_decisive_block(render_docs, tmp_path):
     (tmp_path / "decisive" / "report").mkdir(parents=True)
     (tmp_path / "decisive" / "report" / "report.json").write_text(json.dumps(_report()))
     text = render_docs.results_decisive()
-    assert text.startswith("2 of 10 planned seeds recorded (seeds 1, 2). With fewer than 5 paired seeds every "
+    assert text.startswith("2 seeds recorded (seeds 1, 2). With fewer than 5 paired seeds every "
                            "outcome is undecided by rule")
+    # the summary sentence: decided views plainly, the one not run named in the precision list (the gold
+    # reward's undecided cells are not the primary endpoint, so they are not listed)
+    assert ("rho 0.5 keeps rho 1's quality (paper): equivalent (iterations), equivalent (tokens), equivalent "
+            "(time), equivalent (auc)") in text
+    assert "wDPO learns faster than DPO, rho 0.5 (paper; AUC is its endpoint): not run" in text
+    assert text.splitlines()[0].endswith(
+        "Neither decided nor measured to ±0.1 (95 % half-width): rho 0.3 keeps rho 1's quality (paper): not run; "
+        "wDPO learns faster than DPO, rho 0.5 (paper; AUC is its endpoint): not run; smallest_gap against "
+        "lowest-reward, rho 0.5 (challenger): not run; oldest against lowest-reward, rho 0.5 (challenger): not run.")
     from optune_nemo.analysis.stats import MIN_SEEDS
 
     assert render_docs.MIN_SEEDS == MIN_SEEDS
@@ -73,7 +82,8 @@ def test_decisive_block(render_docs, tmp_path):
     assert gold.count("undecided (+0.030 [-0.050, +0.110]; a ahead in 2 of 3; ~17 seeds to decide)") == 4
     assert "| rho=0.5 lowest_reward wdpo | 1.080x [1.010, 1.150] | 1.061x | 1.100x | 50.0 |" in lines
     head = render_docs.readme_headline()
-    assert "2 of 10 seeds" in head and "- lowest-reward beats random, rho 0.5 (paper): iterations: better" in head
+    assert head.startswith("The decisive experiment so far (") and "2 seeds" in head
+    assert "- lowest-reward beats random, rho 0.5 (paper): iterations: better" in head
     assert "rho 0.5 ran 1.06x faster than rho 1 end to end" in head
 
 
@@ -95,3 +105,23 @@ def test_headline_falls_back_to_the_recording_without_the_decisive_report(render
     monkeypatch.setattr(render_docs, "decisive_headline", lambda: pytest.fail("no decisive report"))
     (tmp_path / "report.json").write_text((REPO / "docs" / "results" / "report.json").read_text())
     assert "Small-scale reproduction" in render_docs.readme_headline()
+
+
+def test_decisive_summary_undecided_views_and_precision(render_docs, tmp_path):
+    # five seeds: an undecided view states its half-width and seeds to decide; a view wider than ±0.1 is listed,
+    # one at ±0.1 or narrower is not; the headline drops "so far"
+    rep = _report()
+    rep["runs"] = [{"setting": "rho=1 all wdpo", "seed": s, "completed": True, "fork_source": False}
+                   for s in range(1, 6)]
+    views = rep["paired"][0]["views"]
+    views["tokens"] = _view("undecided", 0.02, -0.07, 0.11, more=36)      # half-width 0.090: measured
+    views["time"] = _view("undecided", -0.01, -0.13, 0.104, more=80)      # half-width 0.117: not measured
+    (tmp_path / "decisive" / "report").mkdir(parents=True)
+    (tmp_path / "decisive" / "report" / "report.json").write_text(json.dumps(rep))
+    first = render_docs.results_decisive().splitlines()[0]
+    assert first.startswith("5 seeds recorded (seeds 1, 2, 3, 4, 5). Held-out exact accuracy")
+    assert ("rho 0.5 keeps rho 1's quality (paper): equivalent (iterations), undecided (tokens: ±0.090, ~36 seeds "
+            "to decide), undecided (time: ±0.117, ~80 seeds to decide), equivalent (auc);") in first
+    assert "rho 0.5 keeps rho 1's quality (paper) (time, ±0.117)" in first
+    assert "(tokens, ±" not in first
+    assert render_docs.readme_headline().startswith("The decisive experiment ([docs/results.md]")
