@@ -368,12 +368,13 @@ def _half_width(v: tuple) -> float:
 
 
 def _outcome_text(view: str, v: tuple) -> str:
-    """One view's outcome in a sentence: decided ones plainly, undecided ones with their half-width and the
-    seeds that would decide them."""
+    """One view's outcome in a sentence with its mean difference a - b and the seeds where a was ahead; an
+    undecided one adds its 95 % half-width and the seeds that would decide it."""
+    seeds = f"{v[5]} of {v[3]} seeds"
     if v[0] != "undecided":
-        return f"{v[0]} ({view})"
+        return f"{v[0]} ({view}: {v[1]:+.3f}, {seeds})"
     more = f", ~{v[4]} seeds to decide" if v[4] else ""
-    return f"undecided ({view}: ±{_half_width(v):.3f}{more})"
+    return f"undecided ({view}: {v[1]:+.3f} ± {_half_width(v):.3f}, {seeds}{more})"
 
 
 def _unmeasured(rep: dict) -> list[str]:
@@ -492,12 +493,15 @@ def decisive_headline() -> str:
     lines = [f"The decisive experiment{so_far} ([docs/results.md](docs/results.md#the-decisive-experiment); "
              f"SmolLM2-135M-Instruct, built-in arithmetic task, {len(seeds)} seeds, iteration 0 + 5 "
              "OPTune iterations, 256 held-out prompts, 2-core CPU), held-out exact accuracy, paired by seed and "
-             f"prompt, equivalence margin {rep['margin']:g}:"]
+             f"prompt, equivalence margin {rep['margin']:g}; per view the outcome for a against b, the mean "
+             "difference a - b (undecided: ± half the 95 % interval's width, and the seeds that would decide it) "
+             "and the seeds in which a was ahead:"]
     for claim, a, b in DECISIVE_CLAIMS[:4] + DECISIVE_CLAIMS[9:]:
         p = _paired(rep, _label(rep, **a), _label(rep, **b), "success")
-        text = "not run" if p is None else "; ".join(
-            f"{v}: {_view_text(p[v], signs=True)}" for v in VIEW_ORDER if v in p)
-        lines.append(f"- {claim}: {text}.")
+        if p is None:
+            lines.append(f"- {claim}: not run.")
+            continue
+        lines.append(f"- {claim}: " + ", ".join(_outcome_text(v, p[v]) for v in VIEW_ORDER if v in p) + ".")
     sp = next((s for s in rep["speedup"] if s["setting"] == _label(rep, 0.5, "lowest_reward")), None)
     if sp and sp.get("speedup_end_to_end"):
         lines.append(f"- rho 0.5 ran {sp['speedup_end_to_end']:.2f}x faster than rho 1 end to end (iteration 0 "

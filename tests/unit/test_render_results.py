@@ -62,8 +62,8 @@ def test_decisive_block(render_docs, tmp_path):
                            "outcome is undecided by rule")
     # the summary sentence: decided views plainly, the one not run named in the precision list (the gold
     # reward's undecided cells are not the primary endpoint, so they are not listed)
-    assert ("rho 0.5 keeps rho 1's quality (paper): equivalent (iterations), equivalent (tokens), equivalent "
-            "(time), equivalent (auc)") in text
+    assert ("rho 0.5 keeps rho 1's quality (paper): equivalent (iterations: -0.010, 2 of 3 seeds), equivalent "
+            "(tokens: -0.010, 2 of 3 seeds)") in text
     assert "wDPO learns faster than DPO, rho 0.5 (paper; AUC is its endpoint): not run" in text
     assert text.splitlines()[0].endswith(
         "Neither decided nor measured to ±0.1 (95 % half-width): rho 0.3 keeps rho 1's quality (paper): not run; "
@@ -83,7 +83,9 @@ def test_decisive_block(render_docs, tmp_path):
     assert "| rho=0.5 lowest_reward wdpo | 1.080x [1.010, 1.150] | 1.061x | 1.100x | 50.0 |" in lines
     head = render_docs.readme_headline()
     assert head.startswith("The decisive experiment so far (") and "2 seeds" in head
-    assert "- lowest-reward beats random, rho 0.5 (paper): iterations: better" in head
+    assert ("- lowest-reward beats random, rho 0.5 (paper): better (iterations: +0.080, 1 of 3 seeds), better "
+            "(tokens: +0.080, 1 of 3 seeds), better (time: +0.080, 1 of 3 seeds), better (auc: +0.080, 1 of 3 "
+            "seeds).") in head
     assert "rho 0.5 ran 1.06x faster than rho 1 end to end" in head
 
 
@@ -120,8 +122,9 @@ def test_decisive_summary_undecided_views_and_precision(render_docs, tmp_path):
     (tmp_path / "decisive" / "report" / "report.json").write_text(json.dumps(rep))
     first = render_docs.results_decisive().splitlines()[0]
     assert first.startswith("5 seeds recorded (seeds 1, 2, 3, 4, 5). Held-out exact accuracy")
-    assert ("rho 0.5 keeps rho 1's quality (paper): equivalent (iterations), undecided (tokens: ±0.090, ~36 seeds "
-            "to decide), undecided (time: ±0.117, ~80 seeds to decide), equivalent (auc);") in first
+    assert ("rho 0.5 keeps rho 1's quality (paper): equivalent (iterations: -0.010, 2 of 3 seeds), undecided "
+            "(tokens: +0.020 ± 0.090, 2 of 3 seeds, ~36 seeds to decide), undecided (time: -0.010 ± 0.117, 2 of 3 "
+            "seeds, ~80 seeds to decide), equivalent (auc: -0.010, 2 of 3 seeds);") in first
     assert "rho 0.5 keeps rho 1's quality (paper) (time, ±0.117)" in first
     assert "(tokens, ±" not in first
     assert render_docs.readme_headline().startswith("The decisive experiment ([docs/results.md]")
