@@ -7,7 +7,7 @@
 #   and, after the settings of seeds 1-5, n = 4 samples per regenerated prompt at rho = 1 and 0.5 (the n = 2 vs
 #   n = 4 comparison of docs/results.md, forked from the same iteration 0; five seeds, the fewest that decide).
 #   bash experiments/decisive.sh [ROOT] [-- extra overrides]
-# About 50 min a seed on the development CPU, 65 with the n = 4 forks (docs/results.md gives the measured
+# About 55 min a seed on the development CPU, 70 with the n = 4 forks (docs/results.md gives the measured
 # time), so the whole experiment spans several sittings: run it alone, under nice, and rerun the same command to go on; the
 # seeds finished so far are a complete paired design, and the report reads whatever is complete.
 # Environment: SEEDS (default "1 2 3 4 5 6 7 8 9 10"), ITERATIONS (default 6), SAMPLES_RHOS (the n = 4
